@@ -1,0 +1,131 @@
+"""Request statistics, rate limiting and fault injection of the simulator."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+FAULT_KINDS = ("html502", "error500", "truncated", "slow", "drop")
+
+# On gitlab.com the projects, groups and users APIs send no informational headers on a 429.
+BARE_429_ROUTES = frozenset({"projects_list", "project", "users_list", "user", "groups"})
+
+
+@dataclass
+class RouteBudget:
+    """At most ``limit`` requests per ``period_s`` on one route (like gitlab.com's listings)."""
+
+    limit: int
+    period_s: float
+
+    @classmethod
+    def parse(cls, text: str) -> tuple[str, RouteBudget]:
+        """``projects_list=2000/600`` -> ("projects_list", RouteBudget(2000, 600))."""
+        route, _, spec = text.partition("=")
+        limit, _, period = spec.partition("/")
+        return route.strip(), cls(int(limit), float(period or 1))
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """A refused request: what to send with the 429."""
+
+    name: str
+    limit: int
+    observed: int
+    reset_epoch: int
+    retry_after_s: int
+
+
+@dataclass
+class Stats:
+    """Counts per route and status, the busiest one-second window, token-in-query count."""
+
+    by_route_status: Counter[tuple[str, int]] = field(default_factory=Counter)
+    per_second: Counter[int] = field(default_factory=Counter)
+    token_in_query: int = 0
+    total: int = 0
+
+    def snapshot(self) -> dict[str, object]:
+        by_route: dict[str, dict[str, int]] = {}
+        for (route, status), n in sorted(self.by_route_status.items()):
+            by_route.setdefault(route, {})[str(status)] = n
+        return {
+            "total": self.total,
+            "by_route": by_route,
+            "max_per_second": max(self.per_second.values(), default=0),
+            "token_in_query": self.token_in_query,
+            "seconds": len(self.per_second),
+        }
+
+
+class Control:
+    """Mutable simulator switches plus the bookkeeping every request goes through."""
+
+    def __init__(
+        self,
+        rate_limit: float = 0.0,
+        route_budgets: dict[str, RouteBudget] | None = None,
+        fault_rate: float = 0.0,
+        fault_kinds: tuple[str, ...] = FAULT_KINDS,
+        slow_s: float = 2.0,
+        seed: int = 1,
+    ) -> None:
+        self.lock = threading.Lock()
+        self.rate_limit = rate_limit
+        self.route_budgets = route_budgets or {}
+        self.fault_rate = fault_rate
+        self.fault_kinds = fault_kinds
+        self.slow_s = slow_s
+        self.stats = Stats()
+        self._rng = random.Random(seed ^ 0x5EED)
+        self._second_counts: Counter[int] = Counter()
+        self._route_windows: dict[str, list[float]] = {}
+
+    def record(self, route: str, status: int, token_in_query: bool) -> None:
+        with self.lock:
+            self.stats.total += 1
+            self.stats.by_route_status[(route, status)] += 1
+            self.stats.per_second[int(time.time())] += 1
+            if token_in_query:
+                self.stats.token_in_query += 1
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            self.stats = Stats()
+
+    def throttle(self, route: str) -> Throttle | None:
+        """Count the request against the budgets; a Throttle when it is over one."""
+        now = time.time()
+        with self.lock:
+            if self.rate_limit > 0:
+                second = int(now)
+                self._second_counts[second] += 1
+                if len(self._second_counts) > 4:
+                    for old in [s for s in self._second_counts if s < second - 2]:
+                        del self._second_counts[old]
+                observed = self._second_counts[second]
+                if observed > self.rate_limit:
+                    return Throttle("throttle_authenticated_api", int(self.rate_limit),
+                                    observed, second + 1, 1)
+            budget = self.route_budgets.get(route)
+            if budget:
+                window = self._route_windows.setdefault(route, [])
+                cutoff = now - budget.period_s
+                while window and window[0] <= cutoff:
+                    window.pop(0)
+                if len(window) >= budget.limit:
+                    reset = window[0] + budget.period_s
+                    return Throttle(f"throttle_{route}", budget.limit, len(window) + 1,
+                                    int(reset) + 1, max(1, int(reset - now) + 1))
+                window.append(now)
+        return None
+
+    def pick_fault(self) -> str | None:
+        with self.lock:
+            if self.fault_rate <= 0 or self._rng.random() >= self.fault_rate:
+                return None
+            return self._rng.choice(self.fault_kinds)

@@ -1,0 +1,216 @@
+"""The simulated GitLab instance: projects, users and events, generated from a seed.
+
+Events are stored column-wise in compact arrays (a million events cost tens of megabytes) and
+rendered to GitLab's JSON shape only when served; the rendered bytes are cached per event.
+Event ids grow with ``created_at``, as they do in GitLab.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from array import array
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+from gitlab_producer.simulator.catalog import ACTIONS, ActionKind, render_event
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What to generate. Same spec and seed, same instance (timestamps are relative to start)."""
+
+    projects: int = 200
+    users: int = 50
+    events: int = 5_000
+    seed: int = 1
+    history_days: float = 3.0
+    hidden_share: float = 0.03
+    projectless_share: float = 0.05
+    activity_interval_s: float = 3600.0
+    host: str = "gitlab.example.com"
+
+
+def iso_ms(epoch_ms: int) -> str:
+    """GitLab's timestamp format: ``2017-02-09T10:43:19.667Z``."""
+    dt = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+class World:
+    """All simulated data plus the operations the HTTP layer needs. Thread-safe for appends."""
+
+    def __init__(self, spec: WorldSpec, now_ms: int | None = None) -> None:
+        self.spec = spec
+        self.lock = threading.Lock()
+        self.base_url = ""
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        rng = random.Random(spec.seed)
+        start = now - int(spec.history_days * DAY_MS)
+        self.start_ms = start
+        n_proj, n_users = max(1, spec.projects), max(1, spec.users)
+
+        self.project_created_ms = array(
+            "q", (start - rng.randrange(1, 400) * DAY_MS for _ in range(n_proj))
+        )
+        self.project_last_activity_ms = array("q", self.project_created_ms)
+        self.project_events: list[array[int]] = [array("i") for _ in range(n_proj)]
+        self.user_created_ms = array(
+            "q", (start - rng.randrange(1, 900) * DAY_MS for _ in range(n_users))
+        )
+        self.user_last_activity_ms = array("q", self.user_created_ms)
+        self.user_events: list[array[int]] = [array("i") for _ in range(n_users)]
+
+        self.ev_time = array("q")
+        self.ev_project = array("i")  # 0: the event belongs to no project
+        self.ev_author = array("i")
+        self.ev_action = array("b")
+        self.ev_hidden = bytearray()
+        self._rendered: list[bytes | None] = []
+        self._rng = rng
+
+        times = sorted(rng.randrange(start, now) for _ in range(spec.events))
+        for t in times:
+            self._append_random_event(t)
+
+    # -- generation -------------------------------------------------------------------------
+    def _pick_project(self) -> int:
+        if self._rng.random() < self.spec.projectless_share:
+            return 0
+        # Skewed activity: a few busy projects, a long tail of quiet ones.
+        return 1 + int(len(self.project_events) * self._rng.random() ** 2)
+
+    def _append_random_event(self, t_ms: int) -> int:
+        project = self._pick_project()
+        author = 1 + self._rng.randrange(len(self.user_events))
+        kinds = [i for i, a in enumerate(ACTIONS) if (project == 0) == a.projectless]
+        weights = [ACTIONS[i].weight for i in kinds]
+        action = self._rng.choices(kinds, weights)[0]
+        hidden = self._rng.random() < self.spec.hidden_share
+        return self._append(t_ms, project, author, action, hidden)
+
+    def _append(self, t_ms: int, project: int, author: int, action: int, hidden: bool) -> int:
+        idx = len(self.ev_time)
+        self.ev_time.append(t_ms)
+        self.ev_project.append(project)
+        self.ev_author.append(author)
+        self.ev_action.append(action)
+        self.ev_hidden.append(1 if hidden else 0)
+        self._rendered.append(None)
+        if project:
+            self.project_events[project - 1].append(idx)
+            last = self.project_last_activity_ms[project - 1]
+            # GitLab resets last_activity_at only when the stored value is older than the
+            # interval (Event::RESET_PROJECT_ACTIVITY_INTERVAL), so it lags by up to an hour.
+            if t_ms - last > self.spec.activity_interval_s * 1000:
+                self.project_last_activity_ms[project - 1] = t_ms
+        self.user_events[author - 1].append(idx)
+        day = t_ms - t_ms % DAY_MS
+        if day > self.user_last_activity_ms[author - 1]:
+            self.user_last_activity_ms[author - 1] = day
+        return idx
+
+    def add_events(
+        self,
+        count: int,
+        project_id: int | None = None,
+        author_id: int | None = None,
+        at_ms: int | None = None,
+    ) -> list[int]:
+        """Create ``count`` new visible events now (live mode and tests). Returns their ids."""
+        ids = []
+        with self.lock:
+            for _ in range(count):
+                t = at_ms if at_ms is not None else int(time.time() * 1000)
+                if self.ev_time and t < self.ev_time[-1]:
+                    t = self.ev_time[-1]  # ids and times grow together
+                if project_id is None and author_id is None:
+                    idx = self._append_random_event(t)
+                else:
+                    project = project_id if project_id is not None else self._pick_project()
+                    author = author_id or 1 + self._rng.randrange(len(self.user_events))
+                    kinds = [i for i, a in enumerate(ACTIONS) if (project == 0) == a.projectless]
+                    idx = self._append(t, project, author, self._rng.choice(kinds), False)
+                ids.append(idx + 1)
+        return ids
+
+    # -- queries ----------------------------------------------------------------------------
+    @property
+    def project_count(self) -> int:
+        return len(self.project_events)
+
+    @property
+    def user_count(self) -> int:
+        return len(self.user_events)
+
+    def event_ids_in(
+        self,
+        indices: array[int],
+        after: str | None,
+        before: str | None,
+        action: str | None,
+        target_type: str | None,
+    ) -> list[int]:
+        """Indices (ascending) of ``indices`` that pass GitLab's events filters (before paging)."""
+        lo, hi = 0, len(indices)
+        times = self.ev_time
+        if after:
+            # after=D: created_at > D.end_of_day, i.e. from D+1 00:00.
+            bound = _day_ms(after) + DAY_MS
+            lo = bisect_left(indices, bound, key=lambda i: times[i])
+        if before:
+            # before=D: created_at < D.beginning_of_day.
+            bound = _day_ms(before)
+            hi = bisect_left(indices, bound, lo, hi, key=lambda i: times[i])
+        selected = indices[lo:hi]
+        if action or target_type:
+            selected = array("i", (i for i in selected if _matches(ACTIONS[self.ev_action[i]],
+                                                                   action, target_type)))
+        return list(selected)
+
+    def render(self, idx: int) -> bytes:
+        """The event as GitLab's JSON bytes (cached)."""
+        cached = self._rendered[idx]
+        if cached is None:
+            author = self.ev_author[idx]
+            cached = orjson.dumps(render_event(
+                event_id=idx + 1,
+                action=ACTIONS[self.ev_action[idx]],
+                project_id=self.ev_project[idx] or None,
+                author_id=author,
+                created_at=iso_ms(self.ev_time[idx]),
+                host=self.spec.host,
+            ))
+            self._rendered[idx] = cached
+        return cached
+
+    def visible(self, idx: int) -> bool:
+        return not self.ev_hidden[idx]
+
+    def truth(self, since_id: int = 0) -> list[tuple[int, int | None, int]]:
+        """Every visible event: (id, project_id or None, author_id)."""
+        return [(i + 1, self.ev_project[i] or None, self.ev_author[i])
+                for i in range(since_id, len(self.ev_time)) if not self.ev_hidden[i]]
+
+    def events_in_range(self, since_ms: int, until_ms: int | None = None) -> int:
+        """How many visible events were created in ``[since_ms, until_ms)``."""
+        lo = bisect_left(self.ev_time, since_ms)
+        hi = len(self.ev_time) if until_ms is None else bisect_right(self.ev_time, until_ms - 1)
+        return sum(1 for i in range(lo, hi) if not self.ev_hidden[i])
+
+
+def _matches(kind: ActionKind, action: str | None, target_type: str | None) -> bool:
+    if action and kind.action_filter != action:
+        return False
+    return not (target_type and (kind.target_filter or "") != target_type)
+
+
+def _day_ms(date_text: str) -> int:
+    dt = datetime.strptime(date_text[:10], "%Y-%m-%d").replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
