@@ -164,8 +164,8 @@ def projects_list(req: ApiRequest) -> web.Response:
                                   "type of request"}, 405)
         per_page = per_page_of(q)
         chunk = rows[:per_page] if sort == "asc" else rows[::-1][:per_page]
-        cursor = {"id_after": str(chunk[-1])} if sort == "asc" else (
-            {"id_before": str(chunk[-1])} if chunk else {})
+        cursor = {} if not chunk else (
+            {"id_after": str(chunk[-1])} if sort == "asc" else {"id_before": str(chunk[-1])})
         headers = keyset_headers(chunk, per_page, base, q, **cursor)
         return web.Response(body=_list_body([_render_project(world, p, simple) for p in chunk]),
                             content_type=JSON, headers=headers)

@@ -1,0 +1,105 @@
+"""Command line: ``gitlab-producer run|check-config|demo|simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import orjson
+
+from gitlab_producer.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+from gitlab_producer.logs import configure
+
+EXIT_CONFIG = 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(Path(args.config))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gitlab_producer.service import Service
+
+    settings = _settings(args)
+    configure(settings.log_level)
+    if not settings.kafka_bootstrap_servers:
+        from gitlab_producer.logs import get_logger
+
+        get_logger("gitlab_producer.cli").warning(
+            "no_kafka", detail="KAFKA_BOOTSTRAP_SERVERS is empty: events go to OUTPUT_FILE",
+            output_file=settings.output_file)
+    return asyncio.run(Service(settings).run(once=args.once))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    sys.stdout.buffer.write(orjson.dumps(settings.redacted(), option=orjson.OPT_INDENT_2))
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gitlab_producer.demo import run_demo
+
+    return run_demo(rounds=args.rounds, out_dir=Path(args.out))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from gitlab_producer.simulator.main import simulate
+
+    return simulate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gitlab-producer", description="Stream GitLab events into Kafka.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="sync rounds forever (or one with --once)")
+    run.add_argument("--once", action="store_true", help="one complete round, then exit")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate and print the effective config")
+    check.set_defaults(func=cmd_check_config)
+    for p in (run, check):
+        p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="YAML config file")
+
+    demo = sub.add_parser("demo", help="the simulator plus the service on embedded defaults")
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--out", default="var/demo", help="folder for the demo's files")
+    demo.set_defaults(func=cmd_demo)
+
+    sim = sub.add_parser("simulate", help="serve a simulated GitLab API")
+    sim.add_argument("--projects", type=int, default=200)
+    sim.add_argument("--users", type=int, default=50)
+    sim.add_argument("--events", type=int, default=5000)
+    sim.add_argument("--history-days", type=float, default=3.0)
+    sim.add_argument("--port", type=int, default=8080)
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--token", default="sim-token")
+    sim.add_argument("--rate-limit", type=float, default=0.0, help="requests per second")
+    sim.add_argument("--route-limit", action="append", default=[],
+                     help="per-route budget such as projects_list=2000/600")
+    sim.add_argument("--faults", type=float, default=0.0, help="share of faulty answers")
+    sim.add_argument("--live-rate", type=float, default=0.0, help="new events per second")
+    sim.add_argument("--activity-interval", type=float, default=3600.0)
+    sim.add_argument("--hidden-share", type=float, default=0.03)
+    sim.add_argument("--seed", type=int, default=1)
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

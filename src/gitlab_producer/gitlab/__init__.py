@@ -1,0 +1,1 @@
+"""GitLab API access: client, pagination and the request budget."""

@@ -1,0 +1,234 @@
+"""The one place where the service meets GitLab's API.
+
+Rate limiting, ``Retry-After``, backoff with jitter and error translation all live here; code
+that lists projects or events never sleeps and never retries by itself. The token travels only
+in the ``PRIVATE-TOKEN`` header and never appears in a URL or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import orjson
+
+from gitlab_producer.gitlab.errors import (
+    BadRequestError,
+    FatalGitLabError,
+    GitLabError,
+    NotFoundError,
+    RetriesExhaustedError,
+)
+from gitlab_producer.gitlab.pagination import KeysetPaginator, OffsetPaginator, Paginator
+from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.logs import get_logger
+from gitlab_producer.metrics import Metrics
+
+log = get_logger(__name__)
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way worth another try."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A successful GitLab answer: the body (parsed JSON or raw bytes) and its headers."""
+
+    body: Any
+    headers: httpx.Headers
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with full jitter."""
+
+    max_retries: int = 6
+    rate_limit_retries: int = 30
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    throttle_base_s: float = 1.0
+    throttle_cap_s: float = 60.0
+
+    def backoff_s(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
+
+    def throttle_s(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.throttle_cap_s, self.throttle_base_s * 2**attempt)
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+class GitLabClient:
+    """Async GitLab REST v4 client sharing one :class:`RateLimiter` across all callers."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        limiter: RateLimiter,
+        metrics: Metrics | None = None,
+        timeout_s: float = 30.0,
+        policy: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 32,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._origin = urlparse(self.base_url).netloc
+        self.limiter = limiter
+        self.metrics = metrics or Metrics()
+        self.policy = policy or RetryPolicy()
+        self._rng = rng or random.Random()
+        self._throttle_streak = 0
+        self.reachable: bool | None = None  # None until the first answer
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url + "/",
+            headers={"PRIVATE-TOKEN": token, "Accept": "application/json",
+                     "User-Agent": "gitlab-producer"},
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> GitLabClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- single requests ------------------------------------------------------------------
+    async def get(self, path: str, params: Mapping[str, Any] | None = None,
+                  endpoint: str = "", raw: bool = False) -> Answer:
+        """GET ``path`` (relative to the base URL, or a same-origin absolute URL)."""
+        endpoint = endpoint or path
+        url = self._checked(path)
+        failures = throttles = 0
+        while True:
+            try:
+                return await self._attempt(url, params, endpoint, raw)
+            except _Retry as retry:
+                if retry.status == 429:
+                    throttles += 1
+                    if throttles > self.policy.rate_limit_retries:
+                        raise RetriesExhaustedError(
+                            f"{endpoint}: still rate limited after {throttles} tries", 429
+                        ) from None
+                    continue  # the pause is already set on the shared limiter
+                failures += 1
+                self.metrics.retries.labels(retry.reason).inc()
+                if failures > self.policy.max_retries:
+                    raise RetriesExhaustedError(
+                        f"{endpoint}: gave up after {failures} tries ({retry.reason})",
+                        retry.status) from None
+                delay = self.policy.backoff_s(failures - 1, self._rng)
+                log.info("gitlab_retry", endpoint=endpoint, reason=retry.reason,
+                         attempt=failures, delay_s=round(delay, 3))
+                await asyncio.sleep(delay)
+
+    def _checked(self, path: str) -> str:
+        if "://" in path:
+            # Only ever follow links back to the same GitLab: the token goes with them.
+            if urlparse(path).netloc != self._origin:
+                raise GitLabError(f"refusing to follow a link to another host: {path}")
+            return path
+        return path.lstrip("/")
+
+    async def _attempt(self, url: str, params: Mapping[str, Any] | None, endpoint: str,
+                       raw: bool) -> Answer:
+        waited = await self.limiter.acquire()
+        if waited:
+            self.metrics.rate_limit_wait.inc(waited)
+        started = time.perf_counter()
+        try:
+            response = await self._http.get(url, params=params)
+            content = response.content
+        except httpx.TimeoutException:
+            self.reachable = False
+            self.metrics.gitlab_requests.labels(endpoint, "timeout").inc()
+            raise _Retry("timeout") from None
+        except httpx.TransportError as exc:
+            self.reachable = False
+            self.metrics.gitlab_requests.labels(endpoint, "connection").inc()
+            raise _Retry(f"connection: {type(exc).__name__}") from None
+        finally:
+            self.metrics.gitlab_latency.labels(endpoint).observe(time.perf_counter() - started)
+        status = response.status_code
+        self.reachable = status < 500
+        self.metrics.gitlab_requests.labels(endpoint, str(status)).inc()
+        if status == 429:
+            self._on_throttle(response, endpoint)
+            raise _Retry("429", 429)
+        if status >= 500:
+            raise _Retry(f"status {status}", status)
+        if status in (401, 403):
+            raise FatalGitLabError(f"{endpoint}: GitLab answered {status}: check the token "
+                                   "and that its account can read the instance", status)
+        if status == 404:
+            raise NotFoundError(f"{endpoint}: not found", 404)
+        if status >= 400:
+            raise BadRequestError(f"{endpoint}: GitLab answered {status}: {content[:200]!r}",
+                                  status)
+        if raw:
+            return Answer(content, response.headers)
+        if "json" not in response.headers.get("content-type", ""):
+            raise _Retry("not json", status)
+        try:
+            return Answer(orjson.loads(content), response.headers)
+        except orjson.JSONDecodeError:
+            raise _Retry("bad json", status) from None
+
+    def _on_throttle(self, response: httpx.Response, endpoint: str) -> None:
+        self.metrics.throttled.inc()
+        pause = None
+        retry_after = response.headers.get("retry-after", "")
+        reset = response.headers.get("ratelimit-reset", "")
+        if retry_after.isdigit():
+            pause = float(retry_after)
+        elif reset.isdigit():
+            pause = max(0.0, float(reset) - time.time())
+        if pause is None:
+            # gitlab.com's projects and users APIs send no headers with their 429s.
+            self._throttle_streak += 1
+            pause = self.policy.throttle_s(self._throttle_streak - 1, self._rng)
+        else:
+            self._throttle_streak = 0
+            pause += self._rng.uniform(0, 0.25)
+        self.limiter.pause(pause)
+        self.metrics.rate_limit_wait.inc(pause)
+        log.warning("gitlab_throttled", endpoint=endpoint, pause_s=round(pause, 3))
+
+    # -- pagination -----------------------------------------------------------------------
+    async def pages(self, path: str, params: Mapping[str, Any], endpoint: str = "",
+                    keyset: bool = False) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every page of a list, following the pagination headers to the end."""
+        paginator: Paginator = KeysetPaginator() if keyset else OffsetPaginator()
+        query: dict[str, Any] | None = dict(params)
+        target = path
+        while True:
+            answer = await self.get(target, query, endpoint)
+            if not isinstance(answer.body, list):
+                raise BadRequestError(f"{endpoint or path}: expected a list")
+            yield answer.body
+            nxt = paginator.next_page(answer.headers)
+            if nxt is None:
+                return
+            if nxt.url is not None:
+                target, query = nxt.url, None
+            else:
+                query = {**params, "page": nxt.page}

@@ -1,0 +1,51 @@
+"""One request budget for the whole process: ``OPERATIONS_PER_SECOND``, evenly spaced.
+
+Requests are given start slots ``1 / rate`` seconds apart, so no one-second window holds more
+than the budget and a busy service uses all of it. A 429 pauses every caller until GitLab's
+reset time (or our own backoff when GitLab sends no header).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+class RateLimiter:
+    """Evenly spaced request slots plus a shared pause."""
+
+    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_second <= 0:
+            raise ValueError("per_second must be positive")
+        self.interval_s = 1.0 / per_second
+        self._clock = clock
+        self._next_slot = 0.0
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> float:
+        """Wait for a slot; returns the seconds waited."""
+        waited = 0.0
+        while True:
+            async with self._lock:
+                now = self._clock()
+                slot = max(now, self._next_slot, self._paused_until)
+                self._next_slot = slot + self.interval_s
+            if slot > now:
+                await asyncio.sleep(slot - now)
+                waited += slot - now
+            # A pause that began while this caller slept applies to it too.
+            if self._clock() >= self._paused_until:
+                return waited
+
+    def pause(self, seconds: float) -> None:
+        """Stop everyone for ``seconds`` (GitLab said 429)."""
+        until = self._clock() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            self._next_slot = max(self._next_slot, until)
+
+    @property
+    def paused_for_s(self) -> float:
+        return max(0.0, self._paused_until - self._clock())

@@ -1,0 +1,1 @@
+"""HTTP endpoints of the service: operations (metrics, health, log level) and webhooks."""

@@ -1,0 +1,113 @@
+"""Operations endpoints: Prometheus metrics, health, readiness and the run-time log level.
+
+- ``GET  :METRICS_PORT/<METRICS_URL>``: Prometheus text format
+- ``GET  :METRICS_PORT/healthz``: the process is alive
+- ``GET  :METRICS_PORT/readyz``: GitLab, store and sink reachable, last round recent enough
+- ``PUT  :LOG_PORT/log_level`` with form body ``level=debug|info|warning|error``
+- ``GET  :LOG_PORT/log_level``
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gitlab_producer.logs import LEVELS, LogControl, get_logger
+from gitlab_producer.metrics import Metrics
+
+log = get_logger(__name__)
+Check = Callable[[], Awaitable[str | None]]  # None when fine, else what is wrong
+
+
+@dataclass
+class OpsState:
+    """What the endpoints read."""
+
+    metrics: Metrics
+    logs: LogControl
+    checks: dict[str, Check]
+
+
+STATE_KEY = web.AppKey("ops", OpsState)
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[STATE_KEY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = request.app[STATE_KEY].checks
+    names = list(checks)
+    results = await asyncio.gather(*(_bounded(checks[n]) for n in names))
+    problems = {n: r for n, r in zip(names, results, strict=True) if r}
+    status = 200 if not problems else 503
+    return web.json_response({"ready": not problems, "problems": problems}, status=status)
+
+
+async def _bounded(check: Check) -> str | None:
+    try:
+        async with asyncio.timeout(5):
+            return await check()
+    except TimeoutError:
+        return "timed out"
+    except Exception as exc:  # a failing check is a finding, not a crash
+        return f"{type(exc).__name__}: {exc}"
+
+
+async def get_level(request: web.Request) -> web.Response:
+    return web.json_response({"level": request.app[STATE_KEY].logs.level})
+
+
+async def put_level(request: web.Request) -> web.Response:
+    form = await request.post()
+    level = str(form.get("level", "")).strip().lower()
+    if level not in LEVELS:
+        return web.json_response(
+            {"error": f"level must be one of: {', '.join(LEVELS)}"}, status=400)
+    request.app[STATE_KEY].logs.level = level
+    log.warning("log_level_changed", level=level)
+    return web.json_response({"level": level})
+
+
+def build_ops_app(state: OpsState, metrics_url: str | None, log_level: bool) -> web.Application:
+    """An app with the metrics/health routes (when ``metrics_url``) and/or the log level."""
+    app = web.Application()
+    app[STATE_KEY] = state
+    if metrics_url is not None:
+        app.router.add_get("/" + metrics_url.strip("/"), metrics_view)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+    if log_level:
+        app.router.add_get("/log_level", get_level)
+        app.router.add_put("/log_level", put_level)
+    return app
+
+
+async def start_ops(state: OpsState, host: str, metrics_port: int, metrics_url: str,
+                    log_port: int) -> list[web.AppRunner]:
+    """Serve the endpoints; one server when both ports are the same. Port 0: disabled."""
+    plans: list[tuple[int, str | None, bool]] = []
+    if metrics_port and metrics_port == log_port:
+        plans.append((metrics_port, metrics_url, True))
+    else:
+        if metrics_port:
+            plans.append((metrics_port, metrics_url, False))
+        if log_port:
+            plans.append((log_port, None, True))
+    runners = []
+    for port, url, with_level in plans:
+        runner = web.AppRunner(build_ops_app(state, url, with_level), access_log=None,
+                               handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        runners.append(runner)
+    return runners

@@ -1,0 +1,80 @@
+"""JSON logs (structlog) with a level that can be changed while the service runs.
+
+Known secrets are scrubbed from every log line as a last line of defence; code never logs
+them on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+
+
+class LogControl:
+    """The current level and the secrets to scrub; shared by the logger and the HTTP API."""
+
+    def __init__(self, level: str = "info") -> None:
+        self.level = level
+        self._secrets: list[str] = []
+
+    @property
+    def level(self) -> str:
+        return self._level
+
+    @level.setter
+    def level(self, value: str) -> None:
+        if value not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}")
+        self._level = value
+        self._threshold = LEVELS[value]
+
+    def add_secret(self, secret: str) -> None:
+        if secret and len(secret) >= 4:
+            self._secrets.append(secret)
+
+    def filter(self, _: Any, method: str, event: MutableMapping[str, Any]
+               ) -> MutableMapping[str, Any]:
+        if LEVELS.get(method, logging.INFO) < self._threshold:
+            raise structlog.DropEvent
+        return event
+
+    def scrub(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if self._secrets:
+            for key, value in event.items():
+                if isinstance(value, str):
+                    for secret in self._secrets:
+                        value = value.replace(secret, "***")
+                    event[key] = value
+        return event
+
+
+CONTROL = LogControl()
+
+
+def configure(level: str = "info") -> LogControl:
+    """Set up JSON logging to stderr at ``level``."""
+    CONTROL.level = level
+    structlog.configure(
+        processors=[
+            CONTROL.filter,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            CONTROL.scrub,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    return CONTROL
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,59 @@
+"""Every Prometheus metric of the service, in one place (``gitlab_producer_`` prefix)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The service's metrics on their own registry (one per service instance)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.gitlab_requests = Counter(
+            "gitlab_producer_gitlab_requests_total", "GitLab API requests by endpoint and status",
+            ["endpoint", "status"], registry=r)
+        self.gitlab_latency = Histogram(
+            "gitlab_producer_gitlab_request_duration_seconds", "GitLab API request latency",
+            ["endpoint"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.rate_limit_wait = Counter(
+            "gitlab_producer_rate_limit_wait_seconds_total",
+            "Time spent waiting for the request budget or a 429 pause", registry=r)
+        self.throttled = Counter(
+            "gitlab_producer_gitlab_throttled_total", "429 answers from GitLab", registry=r)
+        self.retries = Counter(
+            "gitlab_producer_gitlab_retries_total", "Retried GitLab requests by reason",
+            ["reason"], registry=r)
+        self.events_fetched = Counter(
+            "gitlab_producer_events_fetched_total", "Events read from GitLab", ["source"],
+            registry=r)
+        self.events_produced = Counter(
+            "gitlab_producer_events_produced_total", "Events acknowledged by the sink", ["kind"],
+            registry=r)
+        self.events_duplicate = Counter(
+            "gitlab_producer_events_skipped_duplicate_total",
+            "Events skipped because they were already sent", registry=r)
+        self.delivery_failures = Counter(
+            "gitlab_producer_delivery_failures_total", "Messages the sink failed to deliver",
+            registry=r)
+        self.round_duration = Histogram(
+            "gitlab_producer_round_duration_seconds", "Duration of sync rounds", ["outcome"],
+            registry=r, buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+        self.rounds = Counter(
+            "gitlab_producer_rounds_total", "Sync rounds by outcome", ["outcome"], registry=r)
+        self.last_success = Gauge(
+            "gitlab_producer_last_successful_round_timestamp_seconds",
+            "Unix time when the last successful round started", registry=r)
+        self.queue_depth = Gauge(
+            "gitlab_producer_queue_depth", "Entities waiting to be synced", ["queue"], registry=r)
+        self.newest_event_age = Gauge(
+            "gitlab_producer_newest_delivered_event_age_seconds",
+            "Age of the newest delivered event when it was acknowledged", registry=r)
+        self.entities_synced = Counter(
+            "gitlab_producer_entities_synced_total", "Projects or users whose events were read",
+            ["kind"], registry=r)
+        self.entity_failures = Counter(
+            "gitlab_producer_entity_failures_total", "Projects or users that failed in a round",
+            ["kind"], registry=r)

@@ -1,0 +1,42 @@
+"""``gitlab-producer simulate``: serve a simulated GitLab until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import time
+
+from gitlab_producer.simulator.control import Control, RouteBudget
+from gitlab_producer.simulator.server import Simulator, serve
+from gitlab_producer.simulator.world import World, WorldSpec
+
+
+def simulate(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    world = World(WorldSpec(
+        projects=args.projects, users=args.users, events=args.events, seed=args.seed,
+        history_days=args.history_days, activity_interval_s=args.activity_interval,
+        hidden_share=args.hidden_share))
+    budgets = dict(RouteBudget.parse(text) for text in args.route_limit)
+    control = Control(rate_limit=args.rate_limit, route_budgets=budgets,
+                      fault_rate=args.faults, seed=args.seed)
+    sim = Simulator(world, control, args.token, args.live_rate)
+
+    async def main() -> None:
+        runner = await serve(sim, args.host, args.port)
+        print(f"simulated GitLab ready at http://{args.host}:{args.port}/api/v4 "
+              f"({len(world.ev_time)} events, {world.project_count} projects, "
+              f"{world.user_count} users, built in {time.perf_counter() - started:.1f} s)",
+              flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+    return 0

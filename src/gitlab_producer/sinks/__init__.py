@@ -1,0 +1,19 @@
+"""Sinks: Kafka in production, a JSON-lines file or stdout on a machine without Kafka."""
+
+from __future__ import annotations
+
+from gitlab_producer.config import Settings
+from gitlab_producer.sinks.base import DeliveryError, Message, Sink
+from gitlab_producer.sinks.file import FileSink
+
+__all__ = ["DeliveryError", "FileSink", "Message", "Sink", "open_sink"]
+
+
+def open_sink(settings: Settings, topic: str | None = None) -> Sink:
+    """Kafka when ``KAFKA_BOOTSTRAP_SERVERS`` is set, else the file sink."""
+    name = topic or settings.kafka_topic
+    if settings.kafka_bootstrap_servers:
+        from gitlab_producer.sinks.kafka import KafkaSink, kafka_config
+
+        return KafkaSink(kafka_config(settings), name)
+    return FileSink(settings.output_file, name)

@@ -1,0 +1,59 @@
+"""JSON-lines sink for machines without Kafka: a file (appended, flushed per batch) or stdout.
+
+Each line is ``{"topic", "key", "headers", "value"}`` with the event JSON as ``value``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+from gitlab_producer.sinks.base import DeliveryError, Message
+
+
+class FileSink:
+    """Writes messages as JSON lines; ``path`` ``-`` means stdout."""
+
+    def __init__(self, path: str, topic: str) -> None:
+        self.topic = topic
+        self._lock = asyncio.Lock()
+        if path == "-":
+            self._out: IO[bytes] = sys.stdout.buffer
+            self._owned = False
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._out = open(path, "ab")  # noqa: SIM115 - lives as long as the sink
+            self._owned = True
+
+    def _line(self, message: Message) -> bytes:
+        return orjson.dumps({
+            "topic": self.topic,
+            "key": message.key.decode(),
+            "headers": {k: v.decode() for k, v in message.headers},
+            "value": orjson.Fragment(message.value),
+        }) + b"\n"
+
+    async def send(self, messages: Sequence[Message]) -> None:
+        data = b"".join(self._line(m) for m in messages)
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self._write, data)
+            except OSError as exc:
+                raise DeliveryError(f"file sink: {exc}") from exc
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._out.flush()
+
+    async def ping(self) -> None:
+        if self._out.closed:
+            raise DeliveryError("file sink is closed")
+
+    async def close(self) -> None:
+        if self._owned and not self._out.closed:
+            self._out.close()

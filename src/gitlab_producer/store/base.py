@@ -1,0 +1,71 @@
+"""What the sync needs to remember: which events were sent, and how far each entity got.
+
+Two implementations share this contract: Redis (``REDIS_ADDRESS`` set) and an embedded SQLite
+file (the default, for one machine).
+
+Meaning of the dedup TTL (``CACHE_TTL`` minutes): an event id is marked only after the sink
+acknowledged the event, and the mark lives that long. Re-reads reach back at most
+``SYNC_OVERLAP`` seconds behind an entity's cursor, which the configuration keeps shorter than
+the TTL, so a mark never expires while its event can still be re-read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """How far one project or user was synced.
+
+    ``synced_at``: Unix time at which the last complete read of its events began; every event
+    created before it (less the overlap) was delivered. ``activity``: the activity marker GitLab
+    showed then (``last_activity_at`` of a project, ``last_activity_on`` of a user).
+    """
+
+    synced_at: float
+    activity: str
+
+    def dumps(self) -> bytes:
+        return orjson.dumps([self.synced_at, self.activity])
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> Cursor:
+        synced_at, activity = orjson.loads(raw)
+        return cls(float(synced_at), str(activity))
+
+
+class StoreError(Exception):
+    """The store could not be reached or answered wrongly."""
+
+
+class Store(Protocol):
+    """Dedup marks, per-entity cursors and a little service metadata."""
+
+    async def unseen(self, event_ids: Sequence[int]) -> list[int]:
+        """The ids among ``event_ids`` not marked as sent."""
+
+    async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
+        """Mark ids as sent for ``ttl_s`` seconds (call only after the sink acknowledged)."""
+
+    async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
+        """Stored cursors of ``kind`` (``project`` or ``user``) for the given ids."""
+
+    async def save_cursors(self, kind: str, cursors: Mapping[int, Cursor]) -> None:
+        """Store cursors (after every event they cover was acknowledged)."""
+
+    async def get_meta(self, key: str) -> str | None:
+        """A metadata value such as the start of the last successful round."""
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Store a metadata value."""
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreError` when the store cannot be reached."""
+
+    async def close(self) -> None:
+        """Release connections."""

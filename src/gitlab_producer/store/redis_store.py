@@ -1,0 +1,97 @@
+"""Redis store: one key per sent event (``SET EX``), a hash of cursors per kind, a meta hash.
+
+Key layout (``prefix`` is ``REDIS_KEY_PREFIX``):
+
+- ``{prefix}event:{id}`` = ``1``, expiring after ``CACHE_TTL`` minutes (seed 000: "ID - true")
+- ``{prefix}cursor:{kind}`` hash: entity id -> ``[synced_at, activity]``
+- ``{prefix}meta`` hash: service metadata (``last_round_started``, ``since``)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gitlab_producer.store.base import Cursor, StoreError
+
+
+class RedisStore:
+    """The :class:`~gitlab_producer.store.base.Store` contract on Redis."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "gitlab-producer:") -> None:
+        self._redis = client
+        self.prefix = prefix
+
+    @classmethod
+    def from_address(cls, address: str, password: str = "", db: int = 0,
+                     prefix: str = "gitlab-producer:") -> RedisStore:
+        host, _, port = address.removeprefix("redis://").rpartition(":")
+        client = aioredis.Redis(host=host, port=int(port), password=password or None, db=db,
+                                socket_timeout=10, socket_connect_timeout=5)
+        return cls(client, prefix)
+
+    def _event_key(self, event_id: int) -> str:
+        return f"{self.prefix}event:{event_id}"
+
+    async def unseen(self, event_ids: Sequence[int]) -> list[int]:
+        if not event_ids:
+            return []
+        try:
+            found = await self._redis.mget([self._event_key(i) for i in event_ids])
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+        return [i for i, value in zip(event_ids, found, strict=True) if value is None]
+
+    async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
+        if not event_ids:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for event_id in event_ids:
+                    pipe.set(self._event_key(event_id), b"1", ex=ttl_s)
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
+    async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
+        if not entity_ids:
+            return {}
+        try:
+            raw = await self._redis.hmget(f"{self.prefix}cursor:{kind}",
+                                          [str(i) for i in entity_ids])
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+        return {i: Cursor.loads(v) for i, v in zip(entity_ids, raw, strict=True) if v}
+
+    async def save_cursors(self, kind: str, cursors: Mapping[int, Cursor]) -> None:
+        if not cursors:
+            return
+        try:
+            await self._redis.hset(f"{self.prefix}cursor:{kind}",
+                                   mapping={str(k): c.dumps() for k, c in cursors.items()})
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
+    async def get_meta(self, key: str) -> str | None:
+        try:
+            value = await self._redis.hget(f"{self.prefix}meta", key)
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def set_meta(self, key: str, value: str) -> None:
+        try:
+            await self._redis.hset(f"{self.prefix}meta", key, value)
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._redis.aclose()

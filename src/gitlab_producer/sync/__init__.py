@@ -1,0 +1,1 @@
+"""Sync rounds: discovery, event reading, exactly-once delivery, completeness windows."""

@@ -1,0 +1,94 @@
+"""Exactly-once delivery of event pages: check marks, claim, produce, acknowledge, mark.
+
+An event id is marked as sent only after the sink acknowledged it. Project and user event
+lists overlap, and both may hold the same new event at the same moment: the first task to see
+it claims it, and any other task waits for that claim's outcome instead of producing it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from gitlab_producer.metrics import Metrics
+from gitlab_producer.sinks.base import DeliveryError, Message, Sink
+from gitlab_producer.store.base import Store
+
+
+def to_message(event: dict[str, Any], instance: bytes) -> Message:
+    """The Kafka record of an event: keyed by project (author when it has no project)."""
+    project_id = event.get("project_id")
+    owner = project_id if project_id is not None else event.get("author_id")
+    return Message(
+        key=str(owner).encode(),
+        value=orjson.dumps(event),
+        headers=(
+            ("event_id", str(event["id"]).encode()),
+            ("kind", b"project" if project_id is not None else b"user"),
+            ("source", instance),
+        ),
+    )
+
+
+class Deliverer:
+    """Sends the unsent events of a page and marks them once acknowledged."""
+
+    def __init__(self, store: Store, sink: Sink, ttl_s: int, metrics: Metrics,
+                 instance: str) -> None:
+        self.store = store
+        self.sink = sink
+        self.ttl_s = ttl_s
+        self.metrics = metrics
+        self._instance = instance.encode()
+        self._claims: dict[int, asyncio.Future[None]] = {}
+
+    async def deliver(self, events: Sequence[dict[str, Any]]) -> int:
+        """Deliver what was not sent yet; returns how many this call produced."""
+        if not events:
+            return 0
+        by_id = {int(e["id"]): e for e in events}
+        waits = [self._claims[i] for i in by_id if i in self._claims]
+        candidates = [i for i in by_id if i not in self._claims]
+        fresh = await self.store.unseen(candidates) if candidates else []
+        # Claims may have appeared while the store answered.
+        waits += [self._claims[i] for i in fresh if i in self._claims]
+        fresh = [i for i in fresh if i not in self._claims]
+        self.metrics.events_duplicate.inc(len(by_id) - len(fresh) - len(waits))
+        loop = asyncio.get_running_loop()
+        claim: asyncio.Future[None] = loop.create_future()
+        for event_id in fresh:
+            self._claims[event_id] = claim
+        try:
+            if fresh:
+                await self._send([by_id[i] for i in fresh])
+            claim.set_result(None)
+        except BaseException as exc:
+            claim.set_exception(DeliveryError(f"delivery by another task failed: {exc}"))
+            claim.exception()  # retrieved here so an unwaited claim never warns
+            raise
+        finally:
+            for event_id in fresh:
+                self._claims.pop(event_id, None)
+        for other in waits:
+            await asyncio.shield(other)
+        return len(fresh)
+
+    async def _send(self, events: list[dict[str, Any]]) -> None:
+        messages = [to_message(e, self._instance) for e in events]
+        try:
+            await self.sink.send(messages)
+        except DeliveryError:
+            self.metrics.delivery_failures.inc(len(messages))
+            raise
+        await self.store.mark_sent([int(e["id"]) for e in events], self.ttl_s)
+        for message in messages:
+            kind = message.headers[1][1].decode()
+            self.metrics.events_produced.labels(kind).inc()
+        newest = max(events, key=lambda e: int(e["id"]))
+        created = datetime.fromisoformat(str(newest["created_at"]))
+        self.metrics.newest_event_age.set(max(0.0, time.time() - created.timestamp()))

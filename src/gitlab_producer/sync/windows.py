@@ -1,0 +1,88 @@
+"""Which entities to read and from when: the completeness rules, as pure functions.
+
+GitLab facts they rest on:
+
+- ``Project#last_activity_at`` moves only when the stored value is older than an hour
+  (``PROJECT_ACTIVITY_LAG``), so after a new event it may still show a time up to an hour old;
+  but any event created more than that lag after it *would* have moved it.
+- ``User#last_activity_on`` is a date: activity later on the same day does not change it.
+- Events' ``after``/``before`` filters take whole days (``after=D`` starts at D+1 00:00).
+- Event ids and ``created_at`` grow together; an event may become visible a little after its
+  ``created_at`` (``SYNC_OVERLAP`` re-reads that far behind each cursor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from gitlab_producer.store.base import Cursor
+
+DAY_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class WindowRules:
+    """The margins from the settings, in seconds."""
+
+    overlap_s: float = 300.0
+    project_lag_s: float = 3600.0
+    user_resync_s: float = 600.0
+
+
+def parse_time(text: str) -> float:
+    """GitLab's ISO 8601 timestamp -> Unix seconds."""
+    return datetime.fromisoformat(text).timestamp()
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def after_param(lower_ts: float) -> str:
+    """The ``after`` date that returns every event created at or after ``lower_ts``."""
+    day = datetime.fromtimestamp(lower_ts, UTC).date() - timedelta(days=1)
+    return day.isoformat()
+
+
+def project_listing_after(rules: WindowRules, last_round_start: float | None,
+                          since: float) -> float:
+    """``last_activity_after`` for discovery: every project with an event since the last
+    successful round began has ``last_activity_at`` later than this."""
+    base = last_round_start if last_round_start is not None else since
+    return base - rules.project_lag_s - rules.overlap_s
+
+
+def project_needs_sync(rules: WindowRules, cursor: Cursor | None, last_activity_at: str) -> bool:
+    """Read a listed project's events unless its cursor provably covers everything."""
+    if cursor is None or cursor.activity != last_activity_at:
+        return True
+    # Unchanged last_activity_at: new events can only lie within the lag after it.
+    settled_at = parse_time(last_activity_at) + rules.project_lag_s + rules.overlap_s
+    return cursor.synced_at < settled_at
+
+
+def user_needs_sync(rules: WindowRules, cursor: Cursor | None, last_activity_on: str | None,
+                    since: float, now: float) -> bool:
+    """Read a user's events when its activity date is new, or its day may still hold unread
+    events (then at most every ``user_resync_s``, and once more after the day ended)."""
+    if not last_activity_on:
+        # Without an administrator token GitLab hides last_activity_on: re-read periodically.
+        return cursor is None or now - cursor.synced_at >= rules.user_resync_s
+    day_end = datetime.combine(date.fromisoformat(last_activity_on[:10]),
+                               datetime.min.time(), UTC).timestamp() + DAY_S
+    if day_end <= since:
+        return False
+    if cursor is None or cursor.activity != last_activity_on:
+        return True
+    settled_at = day_end + rules.overlap_s
+    if cursor.synced_at >= settled_at:
+        return False
+    return now >= settled_at or now - cursor.synced_at >= rules.user_resync_s
+
+
+def lower_bound(rules: WindowRules, cursor: Cursor | None, since: float) -> float:
+    """Oldest ``created_at`` worth reading for an entity."""
+    if cursor is None:
+        return since
+    return max(since, cursor.synced_at - rules.overlap_s)
