@@ -134,9 +134,9 @@ class Service:
                     await asyncio.wait_for(self.stop.wait(), delay)
         finally:
             await self._shutdown(client, store, sink, runners)
-        if once:
+        if once and not self.stop.is_set():
             return 0 if result is not None and result.ok else 1
-        return 0
+        return 0  # stopped by a signal: a clean stop
 
     async def _one_round(self, sync_round: SyncRound) -> RoundResult:
         task = asyncio.create_task(sync_round.run())

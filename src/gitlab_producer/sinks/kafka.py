@@ -105,7 +105,7 @@ class KafkaSink:
         for index, message in enumerate(messages):
             while True:
                 try:
-                    produce(self.topic, message.value, message.key, headers=message.headers,
+                    produce(self.topic, message.value, message.key, headers=list(message.headers),
                             on_delivery=batch.on_delivery)
                     break
                 except BufferError:

@@ -92,14 +92,14 @@ class SyncRound:
 
     async def _discover(self, kind: str, listing_after: float,
                         queue: asyncio.Queue[Work | None], result: RoundResult) -> None:
-        try:
-            if kind == "project":
-                result.queued[kind] = await discover_projects(self.ctx, listing_after, queue)
-            else:
-                result.queued[kind] = await discover_users(self.ctx, queue)
-        finally:
-            for _ in range(self.concurrency):
-                await queue.put(None)
+        if kind == "project":
+            result.queued[kind] = await discover_projects(self.ctx, listing_after, queue)
+        else:
+            result.queued[kind] = await discover_users(self.ctx, queue)
+        # Not in a `finally`: after a failure the task group cancels the readers, and a put
+        # into their full queue would wait forever.
+        for _ in range(self.concurrency):
+            await queue.put(None)
 
     async def _reader(self, queue: asyncio.Queue[Work | None], result: RoundResult) -> None:
         ctx = self.ctx
@@ -122,7 +122,9 @@ class SyncRound:
                 log.info("entity_gone", kind=work.kind, id=work.entity_id)
             except FatalGitLabError:
                 raise
-            except RECOVERABLE as exc:
+            except Exception as exc:  # one entity's failure must not stop the others
                 result.failed[work.kind] += 1
                 ctx.metrics.entity_failures.labels(work.kind).inc()
-                log.warning("entity_failed", kind=work.kind, id=work.entity_id, error=str(exc))
+                known = isinstance(exc, RECOVERABLE)
+                log.warning("entity_failed", kind=work.kind, id=work.entity_id,
+                            error=f"{type(exc).__name__}: {exc}", exc_info=not known)

