@@ -50,7 +50,7 @@ def event_ids(messages: list[object]) -> Counter[int]:
 def test_every_event_once_despite_faults_and_429s(
     service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str
 ) -> None:
-    with running_simulator(SPEC, fault_rate=0.08, rate_limit=150.0, slow_s=6.0) as sim:
+    with running_simulator(SPEC, fault_rate=0.08, rate_limit=40.0, slow_s=6.0) as sim:
         topic = configure(service_env, sim.url, sim.sim.world.start_ms, broker, redis_address,
                           redis_prefix)
         first = service_env.run("run", "--once", timeout_s=240)

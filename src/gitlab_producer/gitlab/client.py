@@ -62,10 +62,10 @@ class RetryPolicy:
     throttle_cap_s: float = 60.0
 
     def backoff_s(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
+        return rng.uniform(0, min(self.cap_s, self.base_s * 2.0**attempt))
 
     def throttle_s(self, attempt: int, rng: random.Random) -> float:
-        ceiling = min(self.throttle_cap_s, self.throttle_base_s * 2**attempt)
+        ceiling = min(self.throttle_cap_s, self.throttle_base_s * 2.0**attempt)
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 

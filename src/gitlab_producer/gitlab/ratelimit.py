@@ -1,15 +1,21 @@
 """One request budget for the whole process: ``OPERATIONS_PER_SECOND``, evenly spaced.
 
-Requests are given start slots ``1 / rate`` seconds apart, so no one-second window holds more
-than the budget and a busy service uses all of it. A 429 pauses every caller until GitLab's
-reset time (or our own backoff when GitLab sends no header).
+Requests are given start slots ``1 / rate`` seconds apart, and never more than ``rate``
+starts fall within one second (a sliding window with a small guard, so float rounding or a
+little network jitter cannot squeeze an extra request into a second). A busy service uses all
+of it. A 429 pauses every caller until GitLab's reset time (or our own backoff when GitLab
+sends no header).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 from collections.abc import Callable
+
+WINDOW_GUARD_S = 0.005
 
 
 class RateLimiter:
@@ -22,6 +28,7 @@ class RateLimiter:
         self._clock = clock
         self._next_slot = 0.0
         self._paused_until = 0.0
+        self._recent: deque[float] = deque(maxlen=max(1, math.floor(per_second)))
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> float:
@@ -31,6 +38,9 @@ class RateLimiter:
             async with self._lock:
                 now = self._clock()
                 slot = max(now, self._next_slot, self._paused_until)
+                if len(self._recent) == self._recent.maxlen:
+                    slot = max(slot, self._recent[0] + 1.0 + WINDOW_GUARD_S)
+                self._recent.append(slot)
                 self._next_slot = slot + self.interval_s
             if slot > now:
                 await asyncio.sleep(slot - now)

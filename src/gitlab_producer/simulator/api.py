@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import unquote
 
 import orjson
@@ -128,7 +129,7 @@ def _project_rows(world: World, q: dict[str, str]) -> list[int]:
             and (before is None or activity[pid - 1] < before)]
 
 
-def _project_sort_key(world: World, order: str) -> Callable[[int], object]:
+def _project_sort_key(world: World, order: str) -> Callable[[int], Any]:
     if order in ("created_at",):
         return lambda pid: (world.project_created_ms[pid - 1], pid)
     if order in ("updated_at", "last_activity_at"):
@@ -208,7 +209,7 @@ def _render_user(world: World, uid: int) -> bytes:
                                   iso_ms(last)[:10], world.spec.host))
 
 
-def _user_key(order: str) -> Callable[[int], object]:
+def _user_key(order: str) -> Callable[[int], Any]:
     if order in ("name", "username"):
         return lambda uid: (f"user{uid}", uid)
     return lambda uid: uid

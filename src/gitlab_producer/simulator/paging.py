@@ -75,16 +75,19 @@ def offset_page(
         "X-Next-Page": str(page + 1) if has_next else "",
         "X-Prev-Page": str(page - 1) if page > 1 else "",
     }
+    def link(to_page: int, rel: str) -> str:
+        return f'<{_url(base, query, page=str(to_page), per_page=str(per_page))}>; rel="{rel}"'
+
     links = []
     if page > 1:
-        links.append(f'<{_url(base, query, page=str(page - 1), per_page=str(per_page))}>; rel="prev"')
+        links.append(link(page - 1, "prev"))
     if has_next:
-        links.append(f'<{_url(base, query, page=str(page + 1), per_page=str(per_page))}>; rel="next"')
-    links.append(f'<{_url(base, query, page="1", per_page=str(per_page))}>; rel="first"')
+        links.append(link(page + 1, "next"))
+    links.append(link(1, "first"))
     if total <= COUNT_LIMIT:
         headers["X-Total"] = str(total)
         headers["X-Total-Pages"] = str(pages)
-        links.append(f'<{_url(base, query, page=str(pages), per_page=str(per_page))}>; rel="last"')
+        links.append(link(pages, "last"))
     headers["Link"] = ", ".join(links)
     return OffsetPage(start, max(start, stop), headers)
 

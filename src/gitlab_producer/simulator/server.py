@@ -26,16 +26,13 @@ HTML_502 = (b"<!DOCTYPE html>\n<html><head><title>GitLab is not responding (502)
             b"<body><h1>502</h1><p>Whoops, GitLab is taking too much time to respond.</p>"
             b"</body></html>\n")
 
-SIM_KEY = web.AppKey("simulator", "Simulator")
-
-
 @dataclass
 class Simulator:
     """A world, its switches, the accepted token and the live-mode rate."""
 
     world: World
     control: Control
-    token: str = "sim-token"
+    token: str = "sim-token"  # noqa: S105 - the simulator's documented default
     live_rate: float = 0.0
     _live_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -64,6 +61,9 @@ class Simulator:
             if whole:
                 carry -= whole
                 self.world.add_events(whole)
+
+
+SIM_KEY = web.AppKey("simulator", Simulator)
 
 
 def _throttled(route: str, throttle: Throttle) -> web.Response:

@@ -53,7 +53,7 @@ class SQLiteStore:
             return []
 
         def query(db: sqlite3.Connection) -> set[int]:
-            now, found = time.time(), set()
+            now, found = time.time(), set[int]()
             for start in range(0, len(event_ids), CHUNK):
                 chunk = list(event_ids[start:start + CHUNK])
                 marks = ",".join("?" * len(chunk))

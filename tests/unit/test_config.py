@@ -1,0 +1,115 @@
+"""Configuration: YAML defaults, environment overrides under seed 000's names, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gitlab_producer.config import ConfigError, load_settings
+from gitlab_producer.sinks.kafka import kafka_config
+
+SEED_000_NAMES = (
+    "SCHEDULING_POLL_INTERVAL", "GITLAB_BASE_URL", "GITLAB_PRIVATE_TOKEN",
+    "GITLAB_PER_PAGE_PAGINATION", "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC", "KAFKA_LOGIN",
+    "KAFKA_PASSWORD", "CACHE_TTL", "OPERATIONS_PER_SECOND", "METRICS_PORT", "METRICS_URL",
+    "REDIS_ADDRESS", "REDIS_PASSWORD", "LOG_PORT", "LOG_LEVEL")
+
+REQUIRED = {"gitlab_base_url": "https://gitlab.test/api/v4", "gitlab_private_token": "t0ken"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "conf.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_config_file_loads() -> None:
+    settings = load_settings(Path(__file__).parents[2] / "configs" / "conf.yaml")
+    assert settings.gitlab_per_page_pagination == 100
+    assert settings.redacted()["GITLAB_PRIVATE_TOKEN"] == "***"
+
+
+def test_every_seed_variable_overrides_the_file(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "GITLAB_BASE_URL: https://file.test/api/v4\n"
+                           "GITLAB_PRIVATE_TOKEN: from-file\nOPERATIONS_PER_SECOND: 1\n")
+    values = {"SCHEDULING_POLL_INTERVAL": "7", "GITLAB_BASE_URL": "https://env.test/api/v4",
+              "GITLAB_PRIVATE_TOKEN": "from-env", "GITLAB_PER_PAGE_PAGINATION": "10",
+              "KAFKA_BOOTSTRAP_SERVERS": "k1:9092,k2:9092", "KAFKA_TOPIC": "t",
+              "KAFKA_LOGIN": "user", "KAFKA_PASSWORD": "pass", "CACHE_TTL": "60",
+              "OPERATIONS_PER_SECOND": "3", "METRICS_PORT": "9100", "METRICS_URL": "m",
+              "REDIS_ADDRESS": "redis:6379", "REDIS_PASSWORD": "pw", "LOG_PORT": "8003",
+              "LOG_LEVEL": "debug"}
+    assert set(values) == set(SEED_000_NAMES)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings(path)
+    assert (s.scheduling_poll_interval, s.gitlab_base_url, s.gitlab_per_page_pagination) == (
+        7, "https://env.test/api/v4", 10)
+    assert s.gitlab_private_token.get_secret_value() == "from-env"
+    assert (s.kafka_bootstrap_servers, s.kafka_topic, s.kafka_login) == ("k1:9092,k2:9092", "t",
+                                                                         "user")
+    assert (s.cache_ttl, s.operations_per_second, s.metrics_port, s.metrics_url) == (
+        60, 3, 9100, "m")
+    assert (s.redis_address, s.log_port, s.log_level) == ("redis:6379", 8003, "debug")
+    assert s.redis_password.get_secret_value() == "pw"
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("gitlab_per_page_pagination", 101, "GITLAB_PER_PAGE_PAGINATION"),
+    ("gitlab_base_url", "gitlab.test", "GITLAB_BASE_URL"),
+    ("gitlab_base_url", "https://g.test/api/v4?private_token=x", "GITLAB_BASE_URL"),
+    ("operations_per_second", 0, "OPERATIONS_PER_SECOND"),
+    ("log_level", "loud", "LOG_LEVEL"),
+    ("cache_ttl", 1, "CACHE_TTL"),  # one minute is shorter than the 300 s overlap
+    ("redis_address", "redis", "REDIS_ADDRESS"),
+])
+def test_bad_values_name_their_variable(field: str, value: object, named: str) -> None:
+    with pytest.raises(ConfigError, match=named) as caught:
+        load_settings(None, **{**REQUIRED, field: value})
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="GITLAB_URL: unknown setting"):
+        load_settings(write(tmp_path, "GITLAB_URL: x\n"))
+
+
+def test_broken_yaml_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read") as caught:
+        load_settings(write(tmp_path, "a: [unclosed\n"))
+    assert "\n" not in str(caught.value)
+
+
+def test_sync_since_accepts_dates_and_times() -> None:
+    day = load_settings(None, **REQUIRED, sync_since="2026-03-01")
+    assert day.sync_since is not None and day.sync_since.isoformat() == "2026-03-01T00:00:00+00:00"
+    moment = load_settings(None, **REQUIRED, sync_since="2026-03-01T10:30:00")
+    assert moment.sync_since is not None and moment.sync_since.hour == 10
+
+
+def test_kafka_client_configuration_plain_and_sasl() -> None:
+    plain = kafka_config(load_settings(None, **REQUIRED, kafka_bootstrap_servers="k:9092"))
+    assert plain["enable.idempotence"] is True and plain["acks"] == "all"
+    assert "sasl.mechanism" not in plain and "security.protocol" not in plain
+    for mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        sasl = kafka_config(load_settings(
+            None, **REQUIRED, kafka_bootstrap_servers="k:9092", kafka_login="u",
+            kafka_password="p", kafka_sasl_mechanism=mechanism))
+        assert (sasl["sasl.mechanism"], sasl["sasl.username"], sasl["sasl.password"]) == (
+            mechanism, "u", "p")
+        assert sasl["security.protocol"] == "SASL_SSL"
+    local = kafka_config(load_settings(None, **REQUIRED, kafka_bootstrap_servers="k:9092",
+                                       kafka_login="u", kafka_security_protocol="SASL_PLAINTEXT"))
+    assert local["security.protocol"] == "SASL_PLAINTEXT"
+
+
+def test_the_config_librdkafka_accepts() -> None:
+    from confluent_kafka import Producer
+
+    settings = load_settings(None, **REQUIRED, kafka_bootstrap_servers="127.0.0.1:1",
+                             kafka_login="u", kafka_password="p",
+                             kafka_sasl_mechanism="SCRAM-SHA-512",
+                             kafka_security_protocol="SASL_PLAINTEXT")
+    Producer(kafka_config(settings)).flush(0)  # raises on any key librdkafka does not know

@@ -1,0 +1,118 @@
+"""Both stores honour one contract; delivery marks only acknowledged events, once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from gitlab_producer.metrics import Metrics
+from gitlab_producer.sinks.base import DeliveryError, Message
+from gitlab_producer.store import Cursor, RedisStore, SQLiteStore, Store
+from gitlab_producer.sync.delivery import Deliverer, to_message
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        made: Store = SQLiteStore(tmp_path / "state.sqlite3")
+    else:
+        address = request.getfixturevalue("redis_address")
+        made = RedisStore.from_address(address, prefix=request.getfixturevalue("redis_prefix"))
+    yield made
+    await made.close()
+
+
+async def test_marks_and_ttl(store: Store) -> None:
+    assert await store.unseen([1, 2, 3]) == [1, 2, 3]
+    await store.mark_sent([2], ttl_s=60)
+    await store.mark_sent([3], ttl_s=1)
+    assert await store.unseen([1, 2, 3]) == [1]
+    await asyncio.sleep(1.1)
+    assert await store.unseen([1, 2, 3]) == [1, 3]  # the short mark expired
+
+
+async def test_cursors_and_meta(store: Store) -> None:
+    await store.save_cursors("project", {5: Cursor(100.5, "2026-01-01T00:00:00.000Z")})
+    await store.save_cursors("user", {5: Cursor(7.0, "2026-01-01")})
+    assert await store.cursors("project", [5, 6]) == {
+        5: Cursor(100.5, "2026-01-01T00:00:00.000Z")}
+    assert (await store.cursors("user", [5]))[5].activity == "2026-01-01"
+    assert await store.get_meta("since") is None
+    await store.set_meta("since", "123.0")
+    assert await store.get_meta("since") == "123.0"
+    await store.ping()
+
+
+async def test_many_ids_in_one_call(store: Store) -> None:
+    ids = list(range(1, 2501))
+    await store.mark_sent(ids[::2], ttl_s=60)
+    assert await store.unseen(ids) == ids[1::2]
+
+
+async def test_sqlite_survives_restart(tmp_path: Path) -> None:
+    first = SQLiteStore(tmp_path / "s.sqlite3")
+    await first.mark_sent([9], ttl_s=60)
+    await first.save_cursors("project", {1: Cursor(1.0, "a")})
+    await first.close()
+    second = SQLiteStore(tmp_path / "s.sqlite3")
+    assert await second.unseen([9]) == []
+    assert await second.cursors("project", [1]) == {1: Cursor(1.0, "a")}
+    await second.close()
+
+
+class RecordingSink:
+    def __init__(self, fail: bool = False, delay_s: float = 0.0) -> None:
+        self.sent: list[Message] = []
+        self.fail = fail
+        self.delay_s = delay_s
+
+    async def send(self, messages: Sequence[Message]) -> None:
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise DeliveryError("broker down")
+        self.sent.extend(messages)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def event(event_id: int, project_id: int | None = 1) -> dict[str, object]:
+    return {"id": event_id, "project_id": project_id, "author_id": 4,
+            "created_at": "2026-01-01T00:00:00.000Z"}
+
+
+async def test_overlapping_lists_deliver_each_event_once(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.sqlite3")
+    sink = RecordingSink(delay_s=0.05)
+    deliverer = Deliverer(store, sink, 3600, Metrics(), "gitlab.test")
+    a = [event(i) for i in range(1, 11)]
+    b = [event(i) for i in range(5, 16)]
+    produced = await asyncio.gather(deliverer.deliver(a), deliverer.deliver(b))
+    assert sum(produced) == 15
+    assert sorted(int(m.headers[0][1]) for m in sink.sent) == list(range(1, 16))
+    assert await deliverer.deliver(a + b) == 0
+    await store.close()
+
+
+async def test_failed_delivery_marks_nothing_and_fails_waiters(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.sqlite3")
+    deliverer = Deliverer(store, RecordingSink(fail=True, delay_s=0.05), 3600, Metrics(), "g")
+    results = await asyncio.gather(deliverer.deliver([event(1), event(2)]),
+                                   deliverer.deliver([event(2)]), return_exceptions=True)
+    assert all(isinstance(r, DeliveryError) for r in results)
+    assert await store.unseen([1, 2]) == [1, 2]
+    await store.close()
+
+
+def test_message_contract() -> None:
+    message = to_message({"id": 7, "project_id": None, "author_id": 4, "x": "ü"}, b"gl.test")
+    assert message.key == b"4"  # the author keys events outside projects
+    assert dict(message.headers) == {"event_id": b"7", "kind": b"user", "source": b"gl.test"}
+    project = to_message({"id": 8, "project_id": 3, "author_id": 4}, b"gl.test")
+    assert project.key == b"3" and dict(project.headers)["kind"] == b"project"
