@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint build package bench clean
+.PHONY: demo test lint build package bench clean redis-server-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
