@@ -116,6 +116,7 @@ class SyncRound:
                 cursor = await read_events(ctx, work, select)
                 await ctx.store.save_cursors(work.kind, {work.entity_id: cursor})
                 result.synced[work.kind] += 1
+                log.debug("entity_synced", kind=work.kind, id=work.entity_id)
             except Interrupted:
                 log.info("entity_interrupted", kind=work.kind, id=work.entity_id)
             except NotFoundError:
