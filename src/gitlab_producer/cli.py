@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--live-rate", type=float, default=0.0, help="new events per second")
     sim.add_argument("--activity-interval", type=float, default=3600.0)
     sim.add_argument("--hidden-share", type=float, default=0.03)
+    sim.add_argument("--quiet-minutes", type=float, default=0.0,
+                     help="the generated history ends this long before start-up")
     sim.add_argument("--seed", type=int, default=1)
     sim.set_defaults(func=cmd_simulate)
     return parser

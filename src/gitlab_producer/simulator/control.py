@@ -59,6 +59,7 @@ class Stats:
             "max_per_second": max(self.per_second.values(), default=0),
             "token_in_query": self.token_in_query,
             "seconds": len(self.per_second),
+            "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
         }
 
 

@@ -18,7 +18,7 @@ def simulate(args: argparse.Namespace) -> int:
     world = World(WorldSpec(
         projects=args.projects, users=args.users, events=args.events, seed=args.seed,
         history_days=args.history_days, activity_interval_s=args.activity_interval,
-        hidden_share=args.hidden_share))
+        hidden_share=args.hidden_share, quiet_s=args.quiet_minutes * 60))
     budgets = dict(RouteBudget.parse(text) for text in args.route_limit)
     control = Control(rate_limit=args.rate_limit, route_budgets=budgets,
                       fault_rate=args.faults, seed=args.seed)

@@ -141,8 +141,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 async def truth(request: web.Request) -> web.Response:
     sim = request.app[SIM_KEY]
     since = int(request.query.get("since_id", 0))
+    hidden = request.query.get("hidden") == "1"
     with sim.world.lock:
-        rows = sim.world.truth(since)
+        rows: list[tuple[int, ...]] = list(sim.world.truth(since, hidden))  # type: ignore[arg-type]
+        if request.query.get("times") == "1":
+            rows = [(*row, sim.world.ev_time[row[0] - 1]) for row in rows]
     return web.Response(body=orjson.dumps({"events": rows, "count": len(rows)}),
                         content_type="application/json")
 
@@ -151,7 +154,8 @@ async def stats(request: web.Request) -> web.Response:
     sim = request.app[SIM_KEY]
     with sim.control.lock:
         snapshot = sim.control.stats.snapshot()
-    snapshot["events"] = len(sim.world.ev_time)
+    snapshot.update({"events": len(sim.world.ev_time), "projects": sim.world.project_count,
+                     "users": sim.world.user_count})
     return web.Response(body=orjson.dumps(snapshot), content_type="application/json")
 
 

@@ -34,6 +34,7 @@ class WorldSpec:
     hidden_share: float = 0.03
     projectless_share: float = 0.05
     activity_interval_s: float = 3600.0
+    quiet_s: float = 0.0  # the generated history ends this long before start-up
     host: str = "gitlab.example.com"
 
 
@@ -75,7 +76,8 @@ class World:
         self._rendered: list[bytes | None] = []
         self._rng = rng
 
-        times = sorted(rng.randrange(start, now) for _ in range(spec.events))
+        end = now - int(spec.quiet_s * 1000)
+        times = sorted(rng.randrange(start, max(start + 1, end)) for _ in range(spec.events))
         for t in times:
             self._append_random_event(t)
 
@@ -193,10 +195,11 @@ class World:
     def visible(self, idx: int) -> bool:
         return not self.ev_hidden[idx]
 
-    def truth(self, since_id: int = 0) -> list[tuple[int, int | None, int]]:
-        """Every visible event: (id, project_id or None, author_id)."""
+    def truth(self, since_id: int = 0, hidden: bool = False
+              ) -> list[tuple[int, int | None, int]]:
+        """Every visible event (with ``hidden``: every event): (id, project_id, author_id)."""
         return [(i + 1, self.ev_project[i] or None, self.ev_author[i])
-                for i in range(since_id, len(self.ev_time)) if not self.ev_hidden[i]]
+                for i in range(since_id, len(self.ev_time)) if hidden or not self.ev_hidden[i]]
 
     def events_in_range(self, since_ms: int, until_ms: int | None = None) -> int:
         """How many visible events were created in ``[since_ms, until_ms)``."""

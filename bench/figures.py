@@ -1,0 +1,250 @@
+"""Each benchmark figure: how it is measured, against the simulator, Redis and a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from bench.harness import (
+    broker,
+    consume_ids,
+    pages_lower_bound,
+    per_entity_requests,
+    run_service,
+    service_env,
+    simulator,
+)
+
+Figure = dict[str, Any]
+
+
+def _since(days: float) -> str:
+    return datetime.fromtimestamp(time.time() - days * 86400 - 60, UTC).isoformat()
+
+
+def catch_up(projects: int = 2000, users: int = 500, events: int = 300_000) -> list[Figure]:
+    """First round over a fresh instance, no rate cap: throughput, API cost, CPU, then an
+    idle round; and the raw producer ceiling on the same broker with the same messages."""
+    figures: list[Figure] = []
+    with simulator(projects, users, events, history_days=3) as sim, broker() as kafka:
+        topic = f"bench-{uuid.uuid4().hex[:6]}"
+        env = service_env(sim, kafka, topic, _since(3.1))
+        first = run_service(env, "--once")
+        assert first.code == 0, first.log[-2000:]
+        served = sim.stats()
+        truth = sim.get("/_simulator/truth")["count"]
+        ids, _ = consume_ids(kafka.bootstrap, topic, truth)
+        rate = truth / first.wall_s
+        bound = pages_lower_bound(sim)
+        lower = sum(bound.values())
+        figures += [
+            {"figure": "catch-up throughput", "value": round(rate), "unit": "events/s",
+             "limit": ">= 20000", "ratio": round(rate / 20000, 2),
+             "detail": f"{truth} events in {first.wall_s:.1f} s (process start to exit); "
+                       f"in Kafka: {len(ids)} distinct, {sum(ids.values()) - len(ids)} repeats"},
+            {"figure": "API cost, first round", "value": served["total"], "unit": "requests",
+             "limit": f"<= 1.05 x {lower}", "ratio": round(served["total"] / lower, 3),
+             "detail": f"lower bound {bound}; made {per_entity_requests(served)}"},
+            {"figure": "CPU per 10,000 events", "value": round(first.cpu_s / truth * 10_000, 2),
+             "unit": "CPU s", "limit": "reported", "ratio": None,
+             "detail": f"{first.cpu_s:.1f} CPU s for {truth} events; peak RSS "
+                       f"{first.peak_rss_mb:.0f} MB"},
+        ]
+        sim.reset_stats()
+        idle = run_service(env, "--once")
+        made = per_entity_requests(sim.stats())
+        figures.append({
+            "figure": "API cost, idle round (busy instance)",
+            "value": made["project_events"] + made["user_events"], "unit": "per-entity requests",
+            "limit": "0", "ratio": None,
+            "detail": f"{made}; history runs up to start-up, so projects whose last_activity_at "
+                      "is under an hour old are re-read (GitLab would not show a second event "
+                      f"in that hour); exit {idle.code}"})
+        ceiling = raw_producer_ceiling(kafka.bootstrap, sim, truth)
+        figures.append({"figure": "raw producer ceiling", "value": round(ceiling),
+                        "unit": "events/s", "limit": "reported", "ratio": None,
+                        "detail": "bare confluent-kafka loop, same broker, same messages"})
+        figures.append({"figure": "catch-up / raw ceiling", "value": round(rate / ceiling, 3),
+                        "unit": "", "limit": ">= 0.30", "ratio": round(rate / ceiling / 0.3, 2),
+                        "detail": ""})
+    return figures
+
+
+def raw_producer_ceiling(bootstrap: str, sim: Any, count: int) -> float:
+    """Messages per second a bare producer loop reaches with the same event bodies."""
+    from confluent_kafka import Producer
+
+    rows = sim.get("/_simulator/truth")["events"][:count]
+    bodies = []
+    with httpx.Client(base_url=f"{sim.url}/api/v4",
+                      headers={"PRIVATE-TOKEN": "sim-token"}) as client:
+        page = client.get("/users/1/events", params={"per_page": 100}).json()
+    template = [orjson.dumps(e) for e in page] or [b"{}"]
+    bodies = [template[i % len(template)] for i in range(len(rows))]
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+                         "acks": "all", "linger.ms": 5, "batch.num.messages": 10000,
+                         "queue.buffering.max.messages": 200000})
+    topic = f"raw-{uuid.uuid4().hex[:6]}"
+    producer.produce(topic, b"{}")
+    producer.flush(30)
+    started = time.perf_counter()
+    for (event_id, project, author), body in zip(rows, bodies, strict=True):
+        while True:
+            try:
+                producer.produce(topic, body, str(project or author).encode(),
+                                 headers=[("event_id", str(event_id).encode())])
+                break
+            except BufferError:
+                producer.poll(0.01)
+        producer.poll(0)
+    producer.flush(120)
+    return len(rows) / (time.perf_counter() - started)
+
+
+def quiet_costs(projects: int = 10_000, users: int = 2_000, events: int = 100_000) -> list[Figure]:
+    """On an instance whose last activity is two hours old: the idle round, and the round
+    after one new event in one project."""
+    with simulator(projects, users, events, history_days=3, quiet_minutes=120) as sim:
+        env = service_env(sim, None, "quiet", _since(3.1), OUTPUT_FILE="/dev/null")
+        assert run_service(env, "--once").code == 0
+        sim.reset_stats()
+        assert run_service(env, "--once").code == 0
+        idle = per_entity_requests(sim.stats())
+        listing = idle["projects_list"] + idle["users_list"]
+        quiet_project = projects  # the skew leaves the highest ids quietest
+        sim.post("/_simulator/events", {"count": 1, "project_id": quiet_project})
+        sim.reset_stats()
+        assert run_service(env, "--once").code == 0
+        one = per_entity_requests(sim.stats())
+        one_total = sum(one.values())
+        one_listing = one["projects_list"] + one["users_list"]
+    return [
+        {"figure": "API cost, idle round (quiet instance)",
+         "value": idle["project_events"] + idle["user_events"],
+         "unit": "per-entity requests", "limit": "0",
+         "ratio": 1.0 if idle["project_events"] + idle["user_events"] == 0 else None,
+         "detail": f"{idle}; {listing} listing pages"},
+        {"figure": "API cost, one new event", "value": one_total, "unit": "requests",
+         "limit": f"<= {one_listing} + 2", "ratio": round(one_total / (one_listing + 2), 3),
+         "detail": f"{one} (one of {projects} projects, {users} users)"},
+    ]
+
+
+def rate_cap(ops: int = 50, seconds: float = 20.0) -> list[Figure]:
+    with simulator(3000, 500, 200_000, history_days=2) as sim:
+        env = service_env(sim, None, "cap", _since(2.1), OUTPUT_FILE="/dev/null",
+                          OPERATIONS_PER_SECOND=str(ops))
+        run_service(env, "--once", stop_after_s=seconds)
+        per_second = {int(k): v for k, v in sim.stats()["per_second"].items()}
+    full = sorted(per_second)[1:-1]  # the first and last seconds are partial
+    used = sum(per_second[s] for s in full) / (ops * len(full))
+    peak = max(per_second.values())
+    return [
+        {"figure": "rate cap: busiest second", "value": peak, "unit": "requests",
+         "limit": f"<= {ops}", "ratio": round(peak / ops, 3),
+         "detail": f"{ops} ops/s for {seconds:.0f} s; per second: {list(per_second.values())}"},
+        {"figure": "rate cap: budget used", "value": round(used, 3), "unit": "",
+         "limit": ">= 0.95", "ratio": round(used / 0.95, 3),
+         "detail": f"over {len(full)} full seconds"},
+    ]
+
+
+def memory(scales: tuple[tuple[int, int, int], ...] = (
+        (10_000, 2_000, 100_000), (100_000, 20_000, 1_000_000))) -> list[Figure]:
+    figures = []
+    for projects, users, events in scales:
+        with simulator(projects, users, events, history_days=3) as sim, broker() as kafka:
+            sim_rss = _rss_of(sim.proc.pid)
+            env = service_env(sim, kafka, f"mem-{uuid.uuid4().hex[:6]}", _since(3.1))
+            result = run_service(env, "--once", timeout_s=3600)
+            figures.append({
+                "figure": f"memory, {projects:,}/{users:,}/{events:,}",
+                "value": round(result.peak_rss_mb), "unit": "MB peak RSS",
+                "limit": "<= 250", "ratio": round(result.peak_rss_mb / 250, 3),
+                "detail": f"first round {result.wall_s:.0f} s, exit {result.code}; simulator "
+                          f"started in {sim.ready_s:.1f} s using {sim_rss:.0f} MB"})
+    return figures
+
+
+def _rss_of(pid: int) -> float:
+    from bench.harness import peak_rss_mb
+
+    return peak_rss_mb(pid)
+
+
+def tail_latency(rate: float = 100.0, poll_s: float = 5.0, seconds: float = 60.0
+                 ) -> list[Figure]:
+    with simulator(2000, 500, 20_000, history_days=1) as sim, broker() as kafka:
+        topic = f"lat-{uuid.uuid4().hex[:6]}"
+        env = service_env(sim, kafka, topic, _since(1.1),
+                          SCHEDULING_POLL_INTERVAL=str(poll_s), OPERATIONS_PER_SECOND="200")
+        assert run_service(env, "--once").code == 0
+        first_live = sim.stats()["events"] + 1
+        sim.post("/_simulator/settings", {"live_rate": rate})
+        run_service(env, stop_after_s=seconds + 2 * poll_s, timeout_s=seconds * 4)
+        sim.post("/_simulator/settings", {"live_rate": 0})
+        times = {row[0]: row[3] for row in sim.get("/_simulator/truth", times="1",
+                                                    since_id=first_live - 1)["events"]}
+        _, stamps = consume_ids(kafka.bootstrap, topic, 0, timeout_s=60)
+    delays = sorted((ts - times[i]) / 1000 for ts, i in stamps if i in times)
+    p99 = delays[int(len(delays) * 0.99) - 1] if delays else math.inf
+    return [{"figure": "tail latency (live, p99)", "value": round(p99, 2), "unit": "s",
+             "limit": f"<= {poll_s + 1:.0f}", "ratio": round(p99 / (poll_s + 1), 3),
+             "detail": f"{len(delays)} live events at {rate:.0f}/s, poll {poll_s:.0f} s; "
+                       f"p50 {statistics.median(delays):.2f} s, max {delays[-1]:.2f} s"}]
+
+
+def simulator_throughput(seconds: float = 10.0, concurrency: int = 32) -> list[Figure]:
+    with simulator(2000, 500, 300_000, history_days=3) as sim:
+        busy = sorted(range(1, 51))
+        count = asyncio.run(_hammer(sim.url, busy, seconds, concurrency))
+        size = len(httpx.get(f"{sim.url}/api/v4/projects/1/events?per_page=100",
+                             headers={"PRIVATE-TOKEN": "sim-token"}).json())
+    rate = count / seconds
+    return [{"figure": "simulator: 100-event pages served", "value": round(rate),
+             "unit": "requests/s", "limit": ">= 1500", "ratio": round(rate / 1500, 2),
+             "detail": f"{concurrency} concurrent aiohttp clients in another process-free "
+                       f"loop, {seconds:.0f} s, {size} events per page"}]
+
+
+async def _hammer(url: str, projects: list[int], seconds: float, concurrency: int) -> int:
+    import aiohttp
+
+    done = 0
+    deadline = time.monotonic() + seconds
+    headers = {"PRIVATE-TOKEN": "sim-token"}
+
+    async def worker(n: int, session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        i = n
+        while time.monotonic() < deadline:
+            pid = projects[i % len(projects)]
+            async with session.get(f"{url}/api/v4/projects/{pid}/events",
+                                   params={"per_page": "100", "page": str(1 + i % 5)}) as r:
+                await r.read()
+            done += 1
+            i += concurrency
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
+        await asyncio.gather(*(worker(n, session) for n in range(concurrency)))
+    return done
+
+
+def simulator_size() -> list[Figure]:
+    with simulator(100_000, 20_000, 1_000_000, history_days=3) as sim:
+        rss = _rss_of(sim.proc.pid)
+    return [
+        {"figure": "simulator start, 100k/20k/1M", "value": round(sim.ready_s, 1), "unit": "s",
+         "limit": "< 15", "ratio": round(sim.ready_s / 15, 2), "detail": ""},
+        {"figure": "simulator memory after start", "value": round(rss), "unit": "MB",
+         "limit": "< 1500", "ratio": round(rss / 1500, 2), "detail": ""},
+    ]
