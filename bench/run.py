@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import figures  # noqa: E402
-from bench.harness import OUT, save_json  # noqa: E402
+from bench import figures
+from bench.harness import OUT, save_json
 
 ALL = ("catch_up", "quiet_costs", "rate_cap", "memory", "tail_latency", "simulator_throughput",
        "simulator_size")

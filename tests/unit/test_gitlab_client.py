@@ -1,13 +1,15 @@
 """GitLab client: status -> behaviour table, backoff, 429 handling, pagination, token hygiene.
 
-Unit tests on httpx's MockTransport (no network, no sleeping: the retry policy's delays are 0).
+Unit tests on a scripted transport (no network, no sleeping: the retry policy's delays are 0);
+the real aiohttp transport is exercised against the simulator at the end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from urllib.parse import parse_qs, urlparse
 
-import httpx
+import orjson
 import pytest
 
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
@@ -20,6 +22,12 @@ from gitlab_producer.gitlab.errors import (
 )
 from gitlab_producer.gitlab.pagination import KeysetPaginator, OffsetPaginator, parse_link
 from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.gitlab.transport import (
+    AiohttpTransport,
+    RawResponse,
+    TransportFailure,
+    TransportTimeout,
+)
 
 BASE = "https://gitlab.test/api/v4"
 FAST = RetryPolicy(max_retries=3, rate_limit_retries=3, base_s=0, cap_s=0, throttle_base_s=0,
@@ -27,48 +35,75 @@ FAST = RetryPolicy(max_retries=3, rate_limit_retries=3, base_s=0, cap_s=0, throt
 JSON = {"content-type": "application/json"}
 
 
-def make_client(handler: Callable[[httpx.Request], httpx.Response],
-                policy: RetryPolicy = FAST) -> GitLabClient:
+def answer(status: int, body: object = None, text: str | None = None, html: str | None = None,
+           headers: dict[str, str] | None = None) -> RawResponse:
+    if html is not None:
+        return RawResponse(status, {"content-type": "text/html", **(headers or {})},
+                           html.encode())
+    if text is not None:
+        return RawResponse(status, {"content-type": "text/plain", **(headers or {})},
+                           text.encode())
+    return RawResponse(status, {**JSON, **(headers or {})}, orjson.dumps(body))
+
+
+class ScriptedTransport:
+    """Answers each GET from a function of the URL; records what was asked."""
+
+    def __init__(self, handler: Callable[[str], RawResponse]) -> None:
+        self.handler = handler
+        self.urls: list[str] = []
+
+    async def get(self, url: str) -> RawResponse:
+        self.urls.append(url)
+        return self.handler(url)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def make_client(handler: Callable[[str], RawResponse],
+                policy: RetryPolicy = FAST) -> tuple[GitLabClient, ScriptedTransport]:
+    transport = ScriptedTransport(handler)
     return GitLabClient(BASE, "tok-secret", RateLimiter(10_000), timeout_s=1, policy=policy,
-                        transport=httpx.MockTransport(handler))
+                        transport=transport), transport
 
 
-def scripted(*responses: httpx.Response | Exception) -> tuple[
-        Callable[[httpx.Request], httpx.Response], list[httpx.Request]]:
-    seen: list[httpx.Request] = []
+def scripted(*responses: RawResponse | Exception) -> Callable[[str], RawResponse]:
     queue = list(responses)
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
+    def handler(_: str) -> RawResponse:
         item = queue.pop(0) if len(queue) > 1 else queue[0]
         if isinstance(item, Exception):
             raise item
         return item
 
-    return handler, seen
+    return handler
 
 
-OK = httpx.Response(200, json=[{"id": 1}])
+def query(url: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlparse(url).query).items()}
 
 
-@pytest.mark.parametrize("first,retried", [
-    (httpx.Response(500, json={"message": "500"}), True),
-    (httpx.Response(502, html="<html>502</html>"), True),
-    (httpx.Response(503, text="unavailable"), True),
-    (httpx.Response(200, content=b'[{"id": 1', headers=JSON), True),  # truncated JSON
-    (httpx.Response(200, html="<html>login</html>"), True),  # HTML instead of JSON
-    (httpx.ReadTimeout("slow"), True),
-    (httpx.ConnectError("refused"), True),
-    (httpx.RemoteProtocolError("dropped"), True),
-    (httpx.Response(429, text="Retry later"), True),
+OK = answer(200, [{"id": 1}])
+
+
+@pytest.mark.parametrize("first", [
+    answer(500, {"message": "500"}),
+    answer(502, html="<html>502</html>"),
+    answer(503, text="unavailable"),
+    RawResponse(200, JSON, b'[{"id": 1'),  # truncated JSON
+    answer(200, html="<html>login</html>"),  # HTML instead of JSON
+    TransportTimeout("slow"),
+    TransportFailure("ConnectionRefusedError"),
+    TransportFailure("ServerDisconnectedError"),
+    answer(429, text="Retry later"),
 ])
-async def test_retriable_answers_are_retried(first: httpx.Response | Exception,
-                                             retried: bool) -> None:
-    handler, seen = scripted(first, OK)
-    async with make_client(handler) as client:
-        answer = await client.get("projects")
-    assert answer.body == [{"id": 1}]
-    assert len(seen) == 2 if retried else 1
+async def test_retriable_answers_are_retried(first: RawResponse | Exception) -> None:
+    client, transport = make_client(scripted(first, OK))
+    got = await client.get("projects")
+    assert got.body == [{"id": 1}]
+    assert len(transport.urls) == 2
+    await client.aclose()
 
 
 @pytest.mark.parametrize("status,error", [
@@ -77,88 +112,76 @@ async def test_retriable_answers_are_retried(first: httpx.Response | Exception,
 ])
 async def test_non_retriable_statuses_raise_at_once(status: int,
                                                     error: type[GitLabError]) -> None:
-    handler, seen = scripted(httpx.Response(status, json={"message": "x"}))
-    async with make_client(handler) as client:
-        with pytest.raises(error):
-            await client.get("projects")
-    assert len(seen) == 1
+    client, transport = make_client(scripted(answer(status, {"message": "x"})))
+    with pytest.raises(error):
+        await client.get("projects")
+    assert len(transport.urls) == 1
 
 
 async def test_retries_are_bounded_then_reported() -> None:
-    handler, seen = scripted(httpx.Response(502, html="<html/>"))
-    async with make_client(handler) as client:
-        with pytest.raises(RetriesExhaustedError, match="gave up after 4 tries"):
-            await client.get("projects")
-    assert len(seen) == FAST.max_retries + 1
+    client, transport = make_client(scripted(answer(502, html="<html/>")))
+    with pytest.raises(RetriesExhaustedError, match="gave up after 4 tries"):
+        await client.get("projects")
+    assert len(transport.urls) == FAST.max_retries + 1
 
 
 async def test_429_pauses_everyone_for_retry_after() -> None:
-    handler, _ = scripted(httpx.Response(429, text="Retry later", headers={"Retry-After": "7"}),
-                          OK)
-    client = make_client(handler)
+    client, _ = make_client(scripted(
+        answer(429, text="Retry later", headers={"retry-after": "7"}), OK))
     paused: list[float] = []
     client.limiter.pause = paused.append  # type: ignore[method-assign]
     await client.get("projects/1/events")
     assert len(paused) == 1 and 7 <= paused[0] <= 7.25
-    await client.aclose()
 
 
 async def test_429_without_headers_backs_off_on_its_own() -> None:
-    handler, _ = scripted(httpx.Response(429, text="Retry later"),
-                          httpx.Response(429, text="Retry later"), OK)
     policy = RetryPolicy(base_s=0, cap_s=0, throttle_base_s=2, throttle_cap_s=60)
-    client = make_client(handler, policy)
+    client, _ = make_client(scripted(answer(429, text="Retry later"),
+                                     answer(429, text="Retry later"), OK), policy)
     paused: list[float] = []
     client.limiter.pause = paused.append  # type: ignore[method-assign]
     await client.get("projects")
     assert 1 <= paused[0] <= 2 and 2 <= paused[1] <= 4  # grows without a header to follow
-    await client.aclose()
 
 
-async def test_token_only_in_the_header() -> None:
-    handler, seen = scripted(OK)
-    async with make_client(handler) as client:
-        await client.get("projects", {"per_page": 5})
-    request = seen[0]
-    assert request.headers["PRIVATE-TOKEN"] == "tok-secret"
-    assert "tok-secret" not in str(request.url)
+async def test_token_never_in_the_url() -> None:
+    client, transport = make_client(scripted(OK))
+    await client.get("projects", {"per_page": 5})
+    assert transport.urls == [f"{BASE}/projects?per_page=5"]
+    assert "tok-secret" not in transport.urls[0]
 
 
 async def test_links_to_another_host_are_refused() -> None:
-    handler, seen = scripted(OK)
-    async with make_client(handler) as client:
-        with pytest.raises(GitLabError, match="another host"):
-            await client.get("https://evil.test/api/v4/projects?page=2")
-    assert not seen
+    client, transport = make_client(scripted(OK))
+    with pytest.raises(GitLabError, match="another host"):
+        await client.get("https://evil.test/api/v4/projects?page=2")
+    assert not transport.urls
 
 
 async def test_pages_follow_headers_past_short_and_empty_pages() -> None:
     pages = {
-        "1": httpx.Response(200, json=[{"id": 3}], headers={"x-next-page": "2"}),
-        "2": httpx.Response(200, json=[], headers={"x-next-page": "3"}),
-        "3": httpx.Response(200, json=[{"id": 1}], headers={"x-next-page": ""}),
+        "1": answer(200, [{"id": 3}], headers={"x-next-page": "2"}),
+        "2": answer(200, [], headers={"x-next-page": "3"}),
+        "3": answer(200, [{"id": 1}], headers={"x-next-page": ""}),
     }
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return pages[request.url.params.get("page", "1")]
-
-    async with make_client(handler) as client:
-        got = [page async for page in client.pages("projects/1/events", {"per_page": 2})]
+    client, _ = make_client(lambda url: pages[query(url).get("page", "1")])
+    got = [page async for page in client.pages("projects/1/events", {"per_page": 2})]
     assert got == [[{"id": 3}], [], [{"id": 1}]]
 
 
-async def test_keyset_pages_follow_the_next_link() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        after = request.url.params.get("id_after")
-        if after is None:
-            link = f'<{BASE}/projects?pagination=keyset&id_after=2>; rel="next"'
-            return httpx.Response(200, json=[{"id": 1}, {"id": 2}], headers={"link": link})
-        return httpx.Response(200, json=[])
+async def test_keyset_pages_follow_the_next_link_exactly() -> None:
+    link = f"{BASE}/users?pagination=keyset&cursor=eyJpZCI6Nn0%3D"
 
-    async with make_client(handler) as client:
-        got = [page async for page in client.pages("projects", {"pagination": "keyset"},
-                                                   keyset=True)]
-    assert got == [[{"id": 1}, {"id": 2}], []]
+    def handler(url: str) -> RawResponse:
+        if "cursor" not in url:
+            return answer(200, [{"id": 1}], headers={"link": f'<{link}>; rel="next"'})
+        assert url == link  # followed as given, not rebuilt or re-encoded
+        return answer(200, [])
+
+    client, _ = make_client(handler)
+    got = [page async for page in client.pages("users", {"pagination": "keyset"},
+                                               keyset=True)]
+    assert got == [[{"id": 1}], []]
 
 
 def test_paginators_read_headers_and_refuse_loops() -> None:
@@ -172,3 +195,25 @@ def test_paginators_read_headers_and_refuse_loops() -> None:
     assert keyset.next_page({"link": link}).url == "https://g/api/v4/projects?id_after=9"  # type: ignore[union-attr]
     assert keyset.next_page({}) is None
     assert parse_link(None) == {}
+
+
+async def test_aiohttp_transport_maps_failures() -> None:
+    from gitlab_producer.simulator.server import running_simulator
+    from gitlab_producer.simulator.world import WorldSpec
+
+    spec = WorldSpec(projects=2, users=2, events=10)
+    for kind, error in (("drop", TransportFailure), ("slow", TransportTimeout)):
+        with running_simulator(spec, fault_rate=1.0, fault_kinds=(kind,), slow_s=2.0) as sim:
+            transport = AiohttpTransport({"PRIVATE-TOKEN": "sim-token"}, 0.5, 4)
+            with pytest.raises(error):
+                await transport.get(f"{sim.url}/api/v4/projects/1/events")
+            await transport.aclose()
+    with running_simulator(spec) as sim:
+        transport = AiohttpTransport({"PRIVATE-TOKEN": "sim-token"}, 5, 4)
+        ok = await transport.get(f"{sim.url}/api/v4/projects/1/events?per_page=5")
+        assert ok.status == 200 and ok.headers["x-per-page"] == "5"
+        await transport.aclose()
+    refused = AiohttpTransport({}, 2, 1)
+    with pytest.raises(TransportFailure):
+        await refused.get("http://127.0.0.1:1/api/v4/projects")
+    await refused.aclose()

@@ -13,9 +13,8 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlencode, urlparse
 
-import httpx
 import orjson
 
 from gitlab_producer.gitlab.errors import (
@@ -27,6 +26,13 @@ from gitlab_producer.gitlab.errors import (
 )
 from gitlab_producer.gitlab.pagination import KeysetPaginator, OffsetPaginator, Paginator
 from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.gitlab.transport import (
+    AiohttpTransport,
+    RawResponse,
+    Transport,
+    TransportFailure,
+    TransportTimeout,
+)
 from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
 
@@ -47,7 +53,7 @@ class Answer:
     """A successful GitLab answer: the body (parsed JSON or raw bytes) and its headers."""
 
     body: Any
-    headers: httpx.Headers
+    headers: Mapping[str, str]  # lower-cased names
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class GitLabClient:
         metrics: Metrics | None = None,
         timeout_s: float = 30.0,
         policy: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
         max_connections: int = 32,
         rng: random.Random | None = None,
     ) -> None:
@@ -92,16 +98,9 @@ class GitLabClient:
         self._rng = rng or random.Random()
         self._throttle_streak = 0
         self.reachable: bool | None = None  # None until the first answer
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url + "/",
-            headers={"PRIVATE-TOKEN": token, "Accept": "application/json",
-                     "User-Agent": "gitlab-producer"},
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-            transport=transport,
-            follow_redirects=False,
-        )
+        self._http: Transport = transport or AiohttpTransport(
+            {"PRIVATE-TOKEN": token, "Accept": "application/json",
+             "User-Agent": "gitlab-producer"}, timeout_s, max_connections)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -117,11 +116,11 @@ class GitLabClient:
                   endpoint: str = "", raw: bool = False) -> Answer:
         """GET ``path`` (relative to the base URL, or a same-origin absolute URL)."""
         endpoint = endpoint or path
-        url = self._checked(path)
+        url = self._url(path, params)
         failures = throttles = 0
         while True:
             try:
-                return await self._attempt(url, params, endpoint, raw)
+                return await self._attempt(url, endpoint, raw)
             except _Retry as retry:
                 if retry.status == 429:
                     throttles += 1
@@ -141,34 +140,37 @@ class GitLabClient:
                          attempt=failures, delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
 
-    def _checked(self, path: str) -> str:
+    def _url(self, path: str, params: Mapping[str, Any] | None) -> str:
+        """The full, encoded URL; ``path`` is relative and already encoded, or a link."""
         if "://" in path:
             # Only ever follow links back to the same GitLab: the token goes with them.
             if urlparse(path).netloc != self._origin:
                 raise GitLabError(f"refusing to follow a link to another host: {path}")
-            return path
-        return path.lstrip("/")
+            url = path
+        else:
+            url = f"{self.base_url}/{path.lstrip('/')}"
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params)
+        return url
 
-    async def _attempt(self, url: str, params: Mapping[str, Any] | None, endpoint: str,
-                       raw: bool) -> Answer:
+    async def _attempt(self, url: str, endpoint: str, raw: bool) -> Answer:
         waited = await self.limiter.acquire()
         if waited:
             self.metrics.rate_limit_wait.inc(waited)
         started = time.perf_counter()
         try:
-            response = await self._http.get(url, params=params)
-            content = response.content
-        except httpx.TimeoutException:
+            response = await self._http.get(url)
+        except TransportTimeout:
             self.reachable = False
             self.metrics.gitlab_requests.labels(endpoint, "timeout").inc()
             raise _Retry("timeout") from None
-        except httpx.TransportError as exc:
+        except TransportFailure as exc:
             self.reachable = False
             self.metrics.gitlab_requests.labels(endpoint, "connection").inc()
-            raise _Retry(f"connection: {type(exc).__name__}") from None
+            raise _Retry(f"connection: {exc}") from None
         finally:
             self.metrics.gitlab_latency.labels(endpoint).observe(time.perf_counter() - started)
-        status = response.status_code
+        status, content = response.status, response.body
         self.reachable = status < 500
         self.metrics.gitlab_requests.labels(endpoint, str(status)).inc()
         if status == 429:
@@ -193,7 +195,7 @@ class GitLabClient:
         except orjson.JSONDecodeError:
             raise _Retry("bad json", status) from None
 
-    def _on_throttle(self, response: httpx.Response, endpoint: str) -> None:
+    def _on_throttle(self, response: RawResponse, endpoint: str) -> None:
         self.metrics.throttled.inc()
         pause = None
         retry_after = response.headers.get("retry-after", "")

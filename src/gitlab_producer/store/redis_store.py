@@ -5,6 +5,10 @@ Key layout (``prefix`` is ``REDIS_KEY_PREFIX``):
 - ``{prefix}event:{id}`` = ``1``, expiring after ``CACHE_TTL`` minutes (seed 000: "ID - true")
 - ``{prefix}cursor:{kind}`` hash: entity id -> ``[synced_at, activity]``
 - ``{prefix}meta`` hash: service metadata (``last_round_started``, ``since``)
+
+A page of marks is written by one small Lua script (one round trip, one command to parse)
+rather than a pipeline of ``SET``s: on Redis Cluster the event keys of a page would span slots,
+so this store targets a standalone Redis (or Sentinel).
 """
 
 from __future__ import annotations
@@ -12,9 +16,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gitlab_producer.store.base import Cursor, StoreError
+
+# KEYS: event keys; ARGV[1]: TTL in seconds. SET key 1 EX ttl for each.
+MARK_SCRIPT = """
+local ttl = ARGV[1]
+for _, key in ipairs(KEYS) do
+  redis.call('SET', key, '1', 'EX', ttl)
+end
+return #KEYS
+"""
 
 
 class RedisStore:
@@ -23,6 +37,7 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "gitlab-producer:") -> None:
         self._redis = client
         self.prefix = prefix
+        self._mark: AsyncScript = client.register_script(MARK_SCRIPT)
 
     @classmethod
     def from_address(cls, address: str, password: str = "", db: int = 0,
@@ -48,10 +63,7 @@ class RedisStore:
         if not event_ids:
             return
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for event_id in event_ids:
-                    pipe.set(self._event_key(event_id), b"1", ex=ttl_s)
-                await pipe.execute()
+            await self._mark(keys=[self._event_key(i) for i in event_ids], args=[ttl_s])
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
 

@@ -86,9 +86,11 @@ class Deliverer:
             self.metrics.delivery_failures.inc(len(messages))
             raise
         await self.store.mark_sent([int(e["id"]) for e in events], self.ttl_s)
-        for message in messages:
-            kind = message.headers[1][1].decode()
-            self.metrics.events_produced.labels(kind).inc()
+        in_projects = sum(1 for e in events if e.get("project_id") is not None)
+        if in_projects:
+            self.metrics.events_produced.labels("project").inc(in_projects)
+        if in_projects < len(events):
+            self.metrics.events_produced.labels("user").inc(len(events) - in_projects)
         newest = max(events, key=lambda e: int(e["id"]))
         created = datetime.fromisoformat(str(newest["created_at"]))
         self.metrics.newest_event_age.set(max(0.0, time.time() - created.timestamp()))
