@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gitlab_producer.gitlab.events import Event, decode_events
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store import Cursor, RedisStore, SQLiteStore, Store
@@ -82,9 +83,9 @@ class RecordingSink:
         return None
 
 
-def event(event_id: int, project_id: int | None = 1) -> dict[str, object]:
-    return {"id": event_id, "project_id": project_id, "author_id": 4,
-            "created_at": "2026-01-01T00:00:00.000Z"}
+def event(event_id: int, project_id: int | None = 1) -> Event:
+    return Event(event_id, project_id, 4, 1_767_225_600.0,
+                 b'{"id":%d,"created_at":"2026-01-01T00:00:00.000Z"}' % event_id)
 
 
 async def test_overlapping_lists_deliver_each_event_once(tmp_path: Path) -> None:
@@ -111,8 +112,22 @@ async def test_failed_delivery_marks_nothing_and_fails_waiters(tmp_path: Path) -
 
 
 def test_message_contract() -> None:
-    message = to_message({"id": 7, "project_id": None, "author_id": 4, "x": "ü"}, b"gl.test")
+    first = (b'{"id": 7, "project_id": null, "author_id": 4, "x": "\\u00fc",'
+             b' "created_at": "2026-01-01T10:00:00.123Z"}')
+    second = b'{"id":8,"project_id":3,"author_id":4,"created_at":"2026-01-01T10:00:01.000Z"}'
+    user_event, project_event = decode_events(b"[" + first + b",\n " + second + b"]")
+    message = to_message(user_event, b"gl.test")
     assert message.key == b"4"  # the author keys events outside projects
     assert dict(message.headers) == {"event_id": b"7", "kind": b"user", "source": b"gl.test"}
-    project = to_message({"id": 8, "project_id": 3, "author_id": 4}, b"gl.test")
+    # The value is the event's bytes exactly as GitLab sent them, escapes and spacing kept.
+    assert message.value == first
+    project = to_message(project_event, b"gl.test")
     assert project.key == b"3" and dict(project.headers)["kind"] == b"project"
+    assert project_event.created_ts == 1_767_261_601.0
+
+
+def test_pages_that_are_not_event_arrays_are_refused() -> None:
+    for body in (b'[{"id": 1', b"<html>502</html>", b'{"message": "x"}',
+                 b'[{"id": "x", "created_at": "2026-01-01T00:00:00Z"}]'):
+        with pytest.raises(ValueError):
+            decode_events(body)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlparse
@@ -37,6 +37,14 @@ from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
 
 log = get_logger(__name__)
+Decoder = Callable[[bytes], Any]  # raises ValueError on a body it cannot read
+
+
+def decode_json_list(body: bytes) -> list[Any]:
+    data = orjson.loads(body)
+    if not isinstance(data, list):
+        raise ValueError("expected a JSON array")
+    return data
 
 
 class _Retry(Exception):
@@ -113,14 +121,17 @@ class GitLabClient:
 
     # -- single requests ------------------------------------------------------------------
     async def get(self, path: str, params: Mapping[str, Any] | None = None,
-                  endpoint: str = "", raw: bool = False) -> Answer:
-        """GET ``path`` (relative to the base URL, or a same-origin absolute URL)."""
+                  endpoint: str = "", raw: bool = False, decode: Decoder = orjson.loads
+                  ) -> Answer:
+        """GET ``path`` (relative to the base URL, or a same-origin absolute URL). The body is
+        decoded by ``decode`` (JSON by default; ``raw`` keeps bytes); a body that does not
+        decode is retried like a 5xx, since GitLab's proxies send truncated or HTML pages."""
         endpoint = endpoint or path
         url = self._url(path, params)
         failures = throttles = 0
         while True:
             try:
-                return await self._attempt(url, endpoint, raw)
+                return await self._attempt(url, endpoint, raw, decode)
             except _Retry as retry:
                 if retry.status == 429:
                     throttles += 1
@@ -153,7 +164,7 @@ class GitLabClient:
             url += ("&" if "?" in url else "?") + urlencode(params)
         return url
 
-    async def _attempt(self, url: str, endpoint: str, raw: bool) -> Answer:
+    async def _attempt(self, url: str, endpoint: str, raw: bool, decode: Decoder) -> Answer:
         waited = await self.limiter.acquire()
         if waited:
             self.metrics.rate_limit_wait.inc(waited)
@@ -191,8 +202,8 @@ class GitLabClient:
         if "json" not in response.headers.get("content-type", ""):
             raise _Retry("not json", status)
         try:
-            return Answer(orjson.loads(content), response.headers)
-        except orjson.JSONDecodeError:
+            return Answer(decode(content), response.headers)
+        except ValueError:
             raise _Retry("bad json", status) from None
 
     def _on_throttle(self, response: RawResponse, endpoint: str) -> None:
@@ -217,15 +228,15 @@ class GitLabClient:
 
     # -- pagination -----------------------------------------------------------------------
     async def pages(self, path: str, params: Mapping[str, Any], endpoint: str = "",
-                    keyset: bool = False) -> AsyncIterator[list[dict[str, Any]]]:
+                    keyset: bool = False,
+                    decode: Callable[[bytes], list[Any]] = decode_json_list,
+                    ) -> AsyncIterator[list[Any]]:
         """Every page of a list, following the pagination headers to the end."""
         paginator: Paginator = KeysetPaginator() if keyset else OffsetPaginator()
         query: dict[str, Any] | None = dict(params)
         target = path
         while True:
-            answer = await self.get(target, query, endpoint)
-            if not isinstance(answer.body, list):
-                raise BadRequestError(f"{endpoint or path}: expected a list")
+            answer = await self.get(target, query, endpoint, decode=decode)
             yield answer.body
             nxt = paginator.next_page(answer.headers)
             if nxt is None:

@@ -10,26 +10,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
 
-import orjson
-
+from gitlab_producer.gitlab.events import Event
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message, Sink
 from gitlab_producer.store.base import Store
 
 
-def to_message(event: dict[str, Any], instance: bytes) -> Message:
+def to_message(event: Event, instance: bytes) -> Message:
     """The Kafka record of an event: keyed by project (author when it has no project)."""
-    project_id = event.get("project_id")
-    owner = project_id if project_id is not None else event.get("author_id")
+    owner = event.project_id if event.project_id is not None else event.author_id
     return Message(
         key=str(owner).encode(),
-        value=orjson.dumps(event),
+        value=event.raw,
         headers=(
-            ("event_id", str(event["id"]).encode()),
-            ("kind", b"project" if project_id is not None else b"user"),
+            ("event_id", str(event.id).encode()),
+            ("kind", b"project" if event.project_id is not None else b"user"),
             ("source", instance),
         ),
     )
@@ -47,11 +43,11 @@ class Deliverer:
         self._instance = instance.encode()
         self._claims: dict[int, asyncio.Future[None]] = {}
 
-    async def deliver(self, events: Sequence[dict[str, Any]]) -> int:
+    async def deliver(self, events: Sequence[Event]) -> int:
         """Deliver what was not sent yet; returns how many this call produced."""
         if not events:
             return 0
-        by_id = {int(e["id"]): e for e in events}
+        by_id = {e.id: e for e in events}
         waits = [self._claims[i] for i in by_id if i in self._claims]
         candidates = [i for i in by_id if i not in self._claims]
         fresh = await self.store.unseen(candidates) if candidates else []
@@ -78,19 +74,18 @@ class Deliverer:
             await asyncio.shield(other)
         return len(fresh)
 
-    async def _send(self, events: list[dict[str, Any]]) -> None:
+    async def _send(self, events: list[Event]) -> None:
         messages = [to_message(e, self._instance) for e in events]
         try:
             await self.sink.send(messages)
         except DeliveryError:
             self.metrics.delivery_failures.inc(len(messages))
             raise
-        await self.store.mark_sent([int(e["id"]) for e in events], self.ttl_s)
-        in_projects = sum(1 for e in events if e.get("project_id") is not None)
+        await self.store.mark_sent([e.id for e in events], self.ttl_s)
+        in_projects = sum(1 for e in events if e.project_id is not None)
         if in_projects:
             self.metrics.events_produced.labels("project").inc(in_projects)
         if in_projects < len(events):
             self.metrics.events_produced.labels("user").inc(len(events) - in_projects)
-        newest = max(events, key=lambda e: int(e["id"]))
-        created = datetime.fromisoformat(str(newest["created_at"]))
-        self.metrics.newest_event_age.set(max(0.0, time.time() - created.timestamp()))
+        newest = max(events, key=lambda e: e.id)
+        self.metrics.newest_event_age.set(max(0.0, time.time() - newest.created_ts))

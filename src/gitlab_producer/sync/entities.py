@@ -6,9 +6,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from gitlab_producer.gitlab.client import GitLabClient
+from gitlab_producer.gitlab.events import Event, decode_events
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.store.base import Cursor, Store
 from gitlab_producer.sync.delivery import Deliverer
@@ -17,12 +17,11 @@ from gitlab_producer.sync.windows import (
     after_param,
     iso,
     lower_bound,
-    parse_time,
     project_needs_sync,
     user_needs_sync,
 )
 
-Events = list[dict[str, Any]]
+Events = list[Event]
 
 
 class Interrupted(Exception):
@@ -99,16 +98,16 @@ async def read_events(ctx: SyncContext, work: Work,
     path = f"{work.kind}s/{work.entity_id}/events"
     params = {"after": after_param(lower), "sort": "desc", "per_page": ctx.per_page}
     fetched = ctx.metrics.events_fetched.labels(work.kind)
-    async for page in ctx.client.pages(path, params, f"{work.kind}s/:id/events"):
+    async for page in ctx.client.pages(path, params, f"{work.kind}s/:id/events",
+                                       decode=decode_events):
         fetched.inc(len(page))
-        times = [parse_time(str(e["created_at"])) for e in page]
-        wanted = [e for e, t in zip(page, times, strict=True) if t >= lower]
+        wanted = [e for e in page if e.created_ts >= lower]
         if wanted and select is not None:
             wanted = await select(wanted)
         await ctx.deliverer.deliver(wanted)
         # Newest first: once a page reaches below the bound, the rest is older still.
         # (A short or empty page says nothing; only the headers end the list.)
-        if times and min(times) < lower:
+        if page and min(e.created_ts for e in page) < lower:
             break
         if ctx.stop.is_set():
             raise Interrupted(f"{work.kind} {work.entity_id}")
@@ -121,13 +120,12 @@ def covered_by_projects(ctx: SyncContext) -> Callable[[Events], Awaitable[Events
     same event is not re-sent from a user's list after its dedup mark expired."""
 
     async def select(events: Events) -> Events:
-        pids = sorted({int(e["project_id"]) for e in events if e.get("project_id")})
+        pids = sorted({e.project_id for e in events if e.project_id is not None})
         cursors = await ctx.store.cursors("project", pids)
         keep = []
         for event in events:
-            cursor = cursors.get(int(event["project_id"])) if event.get("project_id") else None
-            if cursor is None or parse_time(str(event["created_at"])) >= (
-                    cursor.synced_at - ctx.rules.overlap_s):
+            cursor = cursors.get(event.project_id) if event.project_id is not None else None
+            if cursor is None or event.created_ts >= cursor.synced_at - ctx.rules.overlap_s:
                 keep.append(event)
         return keep
 

@@ -1,0 +1,45 @@
+"""Event pages: each event's raw JSON bytes, plus the four fields the sync needs.
+
+The page is split into per-event byte slices without building dictionaries (msgspec's
+``Raw``), and only ``id``, ``project_id``, ``author_id`` and ``created_at`` are decoded. The
+bytes GitLab sent are what goes to Kafka: the message value is the event exactly as returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import msgspec
+
+
+class _Head(msgspec.Struct):
+    id: int
+    created_at: datetime
+    project_id: int | None = None
+    author_id: int | None = None
+
+
+_PAGE = msgspec.json.Decoder(list[msgspec.Raw])
+_HEAD = msgspec.json.Decoder(_Head)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event: what the sync reads of it, and its original JSON."""
+
+    id: int
+    project_id: int | None
+    author_id: int | None
+    created_ts: float
+    raw: bytes
+
+
+def decode_events(body: bytes) -> list[Event]:
+    """A page of events; raises ValueError on anything but a JSON array of events."""
+    events = []
+    for raw in _PAGE.decode(body):
+        head = _HEAD.decode(raw)
+        events.append(Event(head.id, head.project_id, head.author_id,
+                            head.created_at.timestamp(), bytes(raw)))
+    return events
