@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.events import Event, decode_events
@@ -38,6 +38,33 @@ class Work:
     cursor: Cursor | None
 
 
+class ProjectCursors:
+    """Project cursors as this process last saw them, for the user-list filter.
+
+    Only this process writes cursors, and a cached cursor can only be older than the stored
+    one, so a stale entry makes the filter keep an event (dedup then decides), never drop one.
+    """
+
+    def __init__(self, store: Store, max_entries: int = 200_000) -> None:
+        self._store = store
+        self._known: dict[int, Cursor | None] = {}
+        self._max = max_entries
+
+    async def get(self, project_ids: set[int]) -> dict[int, Cursor | None]:
+        missing = [p for p in project_ids if p not in self._known]
+        if missing:
+            if len(self._known) + len(missing) > self._max:
+                self._known.clear()
+            found = await self._store.cursors("project", missing)
+            for pid in missing:
+                self._known[pid] = found.get(pid)
+        return {p: self._known[p] for p in project_ids}
+
+    def saved(self, project_id: int, cursor: Cursor) -> None:
+        if project_id in self._known or len(self._known) < self._max:
+            self._known[project_id] = cursor
+
+
 @dataclass
 class SyncContext:
     """What every process of a round shares."""
@@ -50,6 +77,15 @@ class SyncContext:
     per_page: int
     since: float
     stop: asyncio.Event
+    project_cursors: ProjectCursors = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.project_cursors = ProjectCursors(self.store)
+
+    async def save_cursor(self, work: Work, cursor: Cursor) -> None:
+        await self.store.save_cursors(work.kind, {work.entity_id: cursor})
+        if work.kind == "project":
+            self.project_cursors.saved(work.entity_id, cursor)
 
 
 async def discover_projects(ctx: SyncContext, listing_after: float,
@@ -120,8 +156,8 @@ def covered_by_projects(ctx: SyncContext) -> Callable[[Events], Awaitable[Events
     same event is not re-sent from a user's list after its dedup mark expired."""
 
     async def select(events: Events) -> Events:
-        pids = sorted({e.project_id for e in events if e.project_id is not None})
-        cursors = await ctx.store.cursors("project", pids)
+        cursors = await ctx.project_cursors.get(
+            {e.project_id for e in events if e.project_id is not None})
         keep = []
         for event in events:
             cursor = cursors.get(event.project_id) if event.project_id is not None else None

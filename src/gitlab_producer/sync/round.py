@@ -114,7 +114,7 @@ class SyncRound:
             try:
                 select = covered_by_projects(ctx) if work.kind == "user" else None
                 cursor = await read_events(ctx, work, select)
-                await ctx.store.save_cursors(work.kind, {work.entity_id: cursor})
+                await ctx.save_cursor(work, cursor)
                 result.synced[work.kind] += 1
                 log.debug("entity_synced", kind=work.kind, id=work.entity_id)
             except Interrupted:
