@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 
@@ -42,6 +43,11 @@ def sha_for(*parts: object) -> str:
 
 
 def author_json(user_id: int, host: str) -> dict[str, Any]:
+    return dict(_author(user_id, host))
+
+
+@lru_cache(maxsize=65_536)
+def _author(user_id: int, host: str) -> dict[str, Any]:
     digest = hashlib.md5(f"user{user_id}".encode(), usedforsecurity=False).hexdigest()
     return {
         "name": f"User {user_id}",
@@ -76,7 +82,7 @@ def render_event(
         "author_id": author_id,
         "target_title": None if target_id is None else f"Target {target_id} of event {event_id}",
         "created_at": created_at,
-        "author": author_json(author_id, host),
+        "author": _author(author_id, host),
         "imported": False,
         "imported_from": "none",
         "author_username": f"user{author_id}",
@@ -100,7 +106,7 @@ def render_event(
             "type": None,
             "body": f"Comment from event {event_id}",
             "attachment": None,
-            "author": author_json(author_id, host),
+            "author": _author(author_id, host),
             "created_at": created_at,
             "updated_at": created_at,
             "system": False,
