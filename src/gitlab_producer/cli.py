@@ -60,6 +60,33 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    from gitlab_producer.capture import CaptureRefused
+    from gitlab_producer.gitlab.errors import GitLabError
+    from gitlab_producer.service import Service
+
+    settings = _settings(args)
+    configure(settings.log_level)
+
+    async def main() -> int:
+        service = Service(settings)
+        client = service._client()
+        capturer = service.capturer(client)
+        try:
+            stored = await capturer.capture(args.project, args.ref, args.as_user)
+        except (CaptureRefused, GitLabError) as exc:
+            print(f"capture refused or failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await capturer.sink.close()
+            await client.aclose()
+        for item in stored:
+            print(orjson.dumps(item.__dict__).decode())
+        return 0
+
+    return run_async(main())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gitlab_producer.demo import run_demo
 
@@ -85,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
     for p in (run, check):
         p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="YAML config file")
+
+    capture = sub.add_parser("capture", help="store a project's configured files at a commit")
+    capture.add_argument("--project", required=True, help="project id or full path")
+    capture.add_argument("--ref", required=True, help="commit SHA (or branch)")
+    capture.add_argument("--as-user", default=None, help="capture on behalf of this user")
+    capture.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="YAML config file")
+    capture.set_defaults(func=cmd_capture)
 
     demo = sub.add_parser("demo", help="the simulator plus the service on embedded defaults")
     demo.add_argument("--rounds", type=int, default=3)

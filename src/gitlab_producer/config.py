@@ -13,11 +13,36 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("configs/conf.yaml")
 LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ArtifactRule(BaseModel):
+    """Artifacts of a job to keep when that job succeeds at a captured commit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    job: str = Field(min_length=1)
+
+
+class CaptureRule(BaseModel):
+    """Files and artifacts to capture when someone pushes to ``branch`` of ``project``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    project: str = Field(min_length=1, description="numeric id or full path")
+    branch: str | None = Field(None, description="default: the project's default branch")
+    files: tuple[str, ...] = ()
+    artifacts: tuple[ArtifactRule, ...] = ()
 
 
 class ConfigError(Exception):
@@ -68,6 +93,17 @@ class Settings(BaseSettings):
     source_instance: str = Field("", description="instance name in message headers")
     shutdown_grace: float = Field(8.0, ge=0, description="seconds to finish in-flight work")
 
+    # -- real-time path: webhooks and captured files ------------------------------------------
+    webhook_port: int = Field(0, ge=0, le=65535, description="0: no webhook receiver")
+    webhook_secret: SecretStr = SecretStr("")
+    webhook_signing_token: SecretStr = SecretStr("")
+    webhook_max_body: int = Field(25 * 1024 * 1024, ge=1024)
+    webhook_max_skew: float = Field(300.0, gt=0, description="seconds a signature stays valid")
+    kafka_webhook_topic: str = Field("", description="default: <KAFKA_TOPIC>.hooks")
+    kafka_artifact_topic: str = Field("", description="default: <KAFKA_TOPIC>.artifacts")
+    artifact_store_url: str = "file://var/artifacts"
+    capture_rules: tuple[CaptureRule, ...] = ()
+
     @field_validator("gitlab_base_url")
     @classmethod
     def _url(cls, value: str) -> str:
@@ -117,6 +153,21 @@ class Settings(BaseSettings):
                              "would be sent twice")
         return self
 
+    @model_validator(mode="after")
+    def _webhooks_need_a_secret(self) -> Settings:
+        if self.webhook_port and not self.webhook_secret.get_secret_value():
+            raise ValueError("WEBHOOK_SECRET: must be set when WEBHOOK_PORT is, or anyone "
+                             "could post events")
+        return self
+
+    @property
+    def webhook_topic(self) -> str:
+        return self.kafka_webhook_topic or f"{self.kafka_topic}.hooks"
+
+    @property
+    def artifact_topic(self) -> str:
+        return self.kafka_artifact_topic or f"{self.kafka_topic}.artifacts"
+
     @property
     def instance(self) -> str:
         return self.source_instance or urlparse(self.gitlab_base_url).netloc
@@ -128,9 +179,10 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets masked, under their variable names."""
         out: dict[str, Any] = {}
-        for name, value in self.model_dump(mode="json").items():
+        for name, value in self.model_dump(mode="json", exclude={"capture_rules"}).items():
             secret = isinstance(getattr(self, name), SecretStr)
             out[name.upper()] = ("***" if value else "") if secret else value
+        out["CAPTURE_RULES"] = [rule.model_dump(mode="json") for rule in self.capture_rules]
         return out
 
     @classmethod
@@ -172,6 +224,6 @@ def load_settings(path: Path | None = DEFAULT_CONFIG_PATH, **overrides: Any) -> 
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]).upper() or "CONFIG"
         message = str(error["msg"]).removeprefix("Value error, ")
-        if message.startswith(("CACHE_TTL:",)):
+        if message.startswith(("CACHE_TTL:", "WEBHOOK_SECRET:")):
             raise ConfigError(message) from exc
         raise ConfigError(f"{where}: {message}") from exc

@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from gitlab_producer.capture import ArtifactStore, Capturer, capture_endpoint
 from gitlab_producer.config import Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.http.ops import OpsState, start_ops
+from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks import Sink, open_sink
@@ -97,6 +99,35 @@ class Service:
         log.info("stopping", signal=sig.name)
         self.stop.set()
 
+    def capturer(self, client: GitLabClient) -> Capturer:
+        s = self.settings
+        return Capturer(client, ArtifactStore(s.artifact_store_url),
+                        open_sink(s, s.artifact_topic), s.capture_rules, s.instance)
+
+    async def _start_webhooks(self, client: GitLabClient, store: Store
+                              ) -> tuple[list[web.AppRunner], list[Sink]]:
+        """The webhook receiver (and captures it triggers), when WEBHOOK_PORT is set."""
+        s = self.settings
+        if not s.webhook_port:
+            return [], []
+        capturer = self.capturer(client)
+        if s.capture_rules:
+            await capturer.check_access()
+        hook_sink = open_sink(s, s.webhook_topic)
+        receiver = WebhookReceiver(
+            WebhookConfig(s.webhook_secret.get_secret_value(),
+                          s.webhook_signing_token.get_secret_value(), s.webhook_max_skew,
+                          s.cache_ttl * 60, s.instance),
+            store, hook_sink, self.metrics,
+            capturer.on_hook if s.capture_rules else None)
+        app = build_webhook_app(receiver, s.webhook_max_body,
+                                capture_endpoint(capturer, s.webhook_secret.get_secret_value()))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, self.ops_host, s.webhook_port).start()
+        log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic)
+        return [runner], [hook_sink, capturer.sink]
+
     async def run(self, once: bool = False, max_rounds: int | None = None,
                   on_round: Callable[[RoundResult], Awaitable[None]] | None = None) -> int:
         """Run rounds until stopped (one with ``once``, at most ``max_rounds``); returns the
@@ -107,10 +138,13 @@ class Service:
         sink = open_sink(s)
         client = self._client()
         runners: list[web.AppRunner] = []
+        extra_sinks: list[Sink] = []
         result: RoundResult | None = None
         try:
             runners = await start_ops(self._ready_checks(client, store, sink), self.ops_host,
                                       s.metrics_port, s.metrics_url, s.log_port)
+            hook_runners, extra_sinks = await self._start_webhooks(client, store)
+            runners += hook_runners
             since = await self._since(store)
             ctx = SyncContext(
                 client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance),
@@ -133,7 +167,7 @@ class Service:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), delay)
         finally:
-            await self._shutdown(client, store, sink, runners)
+            await self._shutdown(client, store, [sink, *extra_sinks], runners)
         if once and not self.stop.is_set():
             return 0 if result is not None and result.ok else 1
         return 0  # stopped by a signal: a clean stop
@@ -163,10 +197,11 @@ class Service:
                  duration_s=round(result.duration_s, 3), error=result.error or None)
         return result
 
-    async def _shutdown(self, client: GitLabClient, store: Store, sink: Sink,
+    async def _shutdown(self, client: GitLabClient, store: Store, sinks: list[Sink],
                         runners: list[web.AppRunner]) -> None:
-        for closer in (sink.close, client.aclose, store.close,
-                       *(r.cleanup for r in runners)):
+        # Stop answering first, then flush what was produced, then release the rest.
+        for closer in (*(r.cleanup for r in runners), *(s.close for s in sinks),
+                       client.aclose, store.close):
             try:
                 await closer()
             except Exception as exc:  # keep closing the rest

@@ -52,6 +52,12 @@ class Store(Protocol):
     async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
         """Mark ids as sent for ``ttl_s`` seconds (call only after the sink acknowledged)."""
 
+    async def unseen_keys(self, namespace: str, keys: Sequence[str]) -> list[str]:
+        """Like :meth:`unseen` for string keys in their own namespace (webhook deliveries)."""
+
+    async def mark_keys(self, namespace: str, keys: Sequence[str], ttl_s: int) -> None:
+        """Like :meth:`mark_sent` for string keys."""
+
     async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
         """Stored cursors of ``kind`` (``project`` or ``user``) for the given ids."""
 

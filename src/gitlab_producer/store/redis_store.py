@@ -3,6 +3,7 @@
 Key layout (``prefix`` is ``REDIS_KEY_PREFIX``):
 
 - ``{prefix}event:{id}`` = ``1``, expiring after ``CACHE_TTL`` minutes (seed 000: "ID - true")
+- ``{prefix}{namespace}:{key}`` = ``1``, the same for string keys (``hook:<Idempotency-Key>``)
 - ``{prefix}cursor:{kind}`` hash: entity id -> ``[synced_at, activity]``
 - ``{prefix}meta`` hash: service metadata (``last_round_started``, ``since``)
 
@@ -47,25 +48,36 @@ class RedisStore:
                                 socket_timeout=10, socket_connect_timeout=5)
         return cls(client, prefix)
 
-    def _event_key(self, event_id: int) -> str:
-        return f"{self.prefix}event:{event_id}"
-
-    async def unseen(self, event_ids: Sequence[int]) -> list[int]:
-        if not event_ids:
+    async def _unseen(self, keys: list[str]) -> list[bool]:
+        if not keys:
             return []
         try:
-            found = await self._redis.mget([self._event_key(i) for i in event_ids])
+            found = await self._redis.mget(keys)
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
-        return [i for i, value in zip(event_ids, found, strict=True) if value is None]
+        return [value is None for value in found]
 
-    async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
-        if not event_ids:
+    async def _set_marks(self, keys: list[str], ttl_s: int) -> None:
+        if not keys:
             return
         try:
-            await self._mark(keys=[self._event_key(i) for i in event_ids], args=[ttl_s])
+            await self._mark(keys=keys, args=[ttl_s])
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
+
+    async def unseen(self, event_ids: Sequence[int]) -> list[int]:
+        fresh = await self._unseen([f"{self.prefix}event:{i}" for i in event_ids])
+        return [i for i, new in zip(event_ids, fresh, strict=True) if new]
+
+    async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
+        await self._set_marks([f"{self.prefix}event:{i}" for i in event_ids], ttl_s)
+
+    async def unseen_keys(self, namespace: str, keys: Sequence[str]) -> list[str]:
+        fresh = await self._unseen([f"{self.prefix}{namespace}:{k}" for k in keys])
+        return [k for k, new in zip(keys, fresh, strict=True) if new]
+
+    async def mark_keys(self, namespace: str, keys: Sequence[str], ttl_s: int) -> None:
+        await self._set_marks([f"{self.prefix}{namespace}:{k}" for k in keys], ttl_s)
 
     async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
         if not entity_ids:

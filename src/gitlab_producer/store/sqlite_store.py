@@ -23,6 +23,8 @@ CREATE TABLE IF NOT EXISTS sent (id INTEGER PRIMARY KEY, expires_at REAL NOT NUL
 CREATE TABLE IF NOT EXISTS cursors (kind TEXT NOT NULL, id INTEGER NOT NULL,
     synced_at REAL NOT NULL, activity TEXT NOT NULL, PRIMARY KEY (kind, id));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keyed (namespace TEXT NOT NULL, key TEXT NOT NULL,
+    expires_at REAL NOT NULL, PRIMARY KEY (namespace, key));
 """
 PURGE_EVERY_S = 300.0
 CHUNK = 500  # SQLite's bound-parameter limit is generous, but stay well below it
@@ -79,6 +81,27 @@ class SQLiteStore:
                     self._last_purge = now
 
         await self._run(write)
+
+    async def unseen_keys(self, namespace: str, keys: Sequence[str]) -> list[str]:
+        def query(db: sqlite3.Connection) -> set[str]:
+            now = time.time()
+            return {k for k in keys if db.execute(
+                "SELECT 1 FROM keyed WHERE namespace = ? AND key = ? AND expires_at > ?",
+                (namespace, k, now)).fetchone()}
+
+        seen = await self._run(query) if keys else set()
+        return [k for k in keys if k not in seen]
+
+    async def mark_keys(self, namespace: str, keys: Sequence[str], ttl_s: int) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
+            with db:
+                db.executemany("INSERT OR REPLACE INTO keyed (namespace, key, expires_at) "
+                               "VALUES (?, ?, ?)", [(namespace, k, now + ttl_s) for k in keys])
+                db.execute("DELETE FROM keyed WHERE expires_at <= ?", (now,))
+
+        if keys:
+            await self._run(write)
 
     async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
         if not entity_ids:

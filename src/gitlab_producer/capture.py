@@ -1,0 +1,229 @@
+"""Files and build artifacts captured at an exact commit (seed 003), stored under
+``<ARTIFACT_STORE_URL>/<project_id>/<commit_sha>/<path>`` through fsspec.
+
+- A push to a rule's branch captures the rule's files at the pushed commit (repository files
+  API, the path URL-encoded exactly once: ``lib%2Fclass.rb``).
+- A successful job named in a rule captures that job's artifacts archive, stored as
+  ``<project_id>/<sha>/artifacts/<job>.zip``.
+- Writes are atomic (a temporary name, then a rename; object stores put whole objects) and
+  what is already stored is skipped. Each stored file is announced on
+  ``KAFKA_ARTIFACT_TOPIC`` with project, commit, path, size, sha256 and URL.
+- A capture on behalf of a GitLab user proceeds only if that user is a member of the project
+  with at least Reporter access (the service account may see more than the user may).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import fsspec
+import orjson
+from aiohttp import web
+from fsspec.implementations.local import LocalFileSystem
+
+from gitlab_producer.config import CaptureRule
+from gitlab_producer.gitlab.client import GitLabClient
+from gitlab_producer.gitlab.errors import GitLabError
+from gitlab_producer.logs import get_logger
+from gitlab_producer.sinks.base import Message, Sink
+
+log = get_logger(__name__)
+REPORTER = 20
+
+
+class CaptureRefused(Exception):
+    """The requesting user may not read the project."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One file in the artifact store."""
+
+    project_id: int
+    commit: str
+    path: str
+    size: int
+    sha256: str
+    url: str
+    skipped: bool
+
+
+class ArtifactStore:
+    """Atomic, idempotent writes under a base URL (``file://``, ``s3://``, ``hdfs://``, ...)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.base_url)
+
+    def url_of(self, project_id: int, commit: str, path: str) -> str:
+        return f"{self.base_url}/{project_id}/{commit}/{path}"
+
+    def _write(self, target: str, data: bytes) -> bool:
+        if self.fs.exists(target):
+            return False
+        parent = target.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if isinstance(self.fs, LocalFileSystem):
+            temp = f"{parent}/.{uuid.uuid4().hex}.partial"
+            self.fs.pipe_file(temp, data)
+            self.fs.mv(temp, target)
+        else:
+            self.fs.pipe_file(target, data)  # object stores publish whole objects only
+        return True
+
+    async def put(self, project_id: int, commit: str, path: str, data: bytes) -> Stored:
+        target = f"{self.root.rstrip('/')}/{project_id}/{commit}/{path}"
+        written = await asyncio.to_thread(self._write, target, data)
+        return Stored(project_id, commit, path, len(data), hashlib.sha256(data).hexdigest(),
+                      self.url_of(project_id, commit, path), not written)
+
+
+def file_url(project_id: int, path: str) -> str:
+    """The repository files URL with the path encoded exactly once (``/`` -> ``%2F``)."""
+    return f"projects/{project_id}/repository/files/{quote(path, safe='')}/raw"
+
+
+class Capturer:
+    """Runs captures for push and job hooks, the CLI and HTTP requests."""
+
+    def __init__(self, client: GitLabClient, store: ArtifactStore, sink: Sink,
+                 rules: tuple[CaptureRule, ...], instance: str) -> None:
+        self.client = client
+        self.store = store
+        self.sink = sink
+        self.rules = rules
+        self.instance = instance
+        self._ids: dict[str, int] = {}
+
+    async def project_id(self, project: str) -> int:
+        if project.isdigit():
+            return int(project)
+        if project not in self._ids:
+            answer = await self.client.get(f"projects/{quote(project, safe='')}",
+                                           endpoint="projects/:id")
+            self._ids[project] = int(answer.body["id"])
+        return self._ids[project]
+
+    async def access_level(self, project_id: int, username: str | None = None) -> int:
+        """``username``'s access level in the project (the service account's when None)."""
+        if username is None:
+            me = await self.client.get("user", endpoint="user")
+            username = str(me.body["username"])
+        async for page in self.client.pages(f"projects/{project_id}/members/all",
+                                            {"per_page": 100}, "projects/:id/members/all"):
+            for member in page:
+                if member.get("username") == username:
+                    return int(member.get("access_level", 0))
+        return 0
+
+    async def check_access(self) -> dict[str, bool]:
+        """At start: can the service account read each configured project?"""
+        result = {}
+        for rule in self.rules:
+            try:
+                level = await self.access_level(await self.project_id(rule.project))
+            except GitLabError as exc:
+                log.error("capture_project_unreadable", project=rule.project, error=str(exc))
+                result[rule.project] = False
+                continue
+            result[rule.project] = level >= REPORTER
+            if level < REPORTER:
+                log.error("capture_project_unreadable", project=rule.project,
+                          detail="the service account needs Reporter or higher there")
+        return result
+
+    async def _rule_for(self, project_id: int) -> CaptureRule | None:
+        for rule in self.rules:
+            if await self.project_id(rule.project) == project_id:
+                return rule
+        return None
+
+    async def capture_files(self, project_id: int, commit: str, paths: tuple[str, ...],
+                            as_user: str | None = None) -> list[Stored]:
+        if as_user is not None and await self.access_level(project_id, as_user) < REPORTER:
+            log.warning("capture_refused", project=project_id, user=as_user)
+            raise CaptureRefused(f"{as_user} is not a Reporter (or higher) of {project_id}")
+        stored = []
+        for path in paths:
+            answer = await self.client.get(file_url(project_id, path), {"ref": commit},
+                                           "projects/:id/repository/files/:path/raw", raw=True)
+            stored.append(await self.store.put(project_id, commit, path, answer.body))
+        await self._announce(stored)
+        return stored
+
+    async def capture_artifacts(self, project_id: int, commit: str, job_id: int,
+                                job_name: str) -> Stored:
+        answer = await self.client.get(f"projects/{project_id}/jobs/{job_id}/artifacts",
+                                       endpoint="projects/:id/jobs/:id/artifacts", raw=True)
+        stored = await self.store.put(project_id, commit, f"artifacts/{job_name}.zip",
+                                      answer.body)
+        await self._announce([stored])
+        return stored
+
+    async def _announce(self, stored: list[Stored]) -> None:
+        fresh = [s for s in stored if not s.skipped]
+        await self.sink.send([Message(
+            str(s.project_id).encode(),
+            orjson.dumps({"project_id": s.project_id, "commit": s.commit, "path": s.path,
+                          "size": s.size, "sha256": s.sha256, "url": s.url}),
+            (("source", self.instance.encode()),)) for s in fresh])
+
+    async def capture(self, project: str, ref: str, as_user: str | None = None
+                      ) -> list[Stored]:
+        """The configured files of ``project`` at commit ``ref`` (CLI and HTTP)."""
+        project_id = await self.project_id(project)
+        rule = await self._rule_for(project_id)
+        if rule is None:
+            raise CaptureRefused(f"no capture rule for project {project}")
+        return await self.capture_files(project_id, ref, rule.files, as_user)
+
+    async def on_hook(self, payload: dict[str, Any]) -> None:
+        """Push to a rule's branch -> files at that commit; successful rule job -> artifacts."""
+        try:
+            kind = payload.get("object_kind")
+            project_id = int(payload.get("project_id") or payload.get("project", {}).get("id"))
+            rule = await self._rule_for(project_id)
+            if rule is None:
+                return
+            if kind == "push" and rule.files:
+                branch = rule.branch or payload.get("project", {}).get("default_branch")
+                if payload.get("ref") == f"refs/heads/{branch}" and payload.get("checkout_sha"):
+                    await self.capture_files(project_id, payload["checkout_sha"], rule.files)
+            elif (kind == "build" and payload.get("build_status") == "success"
+                  and payload.get("build_name") in {a.job for a in rule.artifacts}):
+                await self.capture_artifacts(project_id, payload["sha"],
+                                             int(payload["build_id"]), payload["build_name"])
+        except (GitLabError, OSError, ValueError, TypeError) as exc:
+            log.warning("capture_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def capture_endpoint(capturer: Capturer, secret: str
+                     ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``POST /capture`` ``{"project", "ref", "as_user"}``, authenticated like webhooks."""
+
+    async def handle(request: web.Request) -> web.Response:
+        token = request.headers.get("X-Gitlab-Token", "")
+        if not secret or not hmac.compare_digest(token.encode(), secret.encode()):
+            return web.json_response({"error": "bad token"}, status=401)
+        try:
+            body = orjson.loads(await request.read())
+            project, ref = str(body["project"]), str(body["ref"])
+            as_user = body.get("as_user")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return web.json_response({"error": "expected project and ref"}, status=400)
+        try:
+            stored = await capturer.capture(project, ref, as_user)
+        except CaptureRefused as exc:
+            return web.json_response({"error": str(exc)}, status=403)
+        except GitLabError as exc:
+            return web.json_response({"error": str(exc)}, status=502)
+        return web.json_response({"stored": [s.__dict__ for s in stored]})
+
+    return handle

@@ -1,0 +1,194 @@
+"""GitLab webhook and system hook receiver: ``POST /webhooks/gitlab`` on ``WEBHOOK_PORT``.
+
+An answer of 200 means Kafka acknowledged the payload; anything else makes GitLab retry
+(GitLab gives up after 10 s and disables hooks that keep failing, so this stays fast).
+
+- ``X-Gitlab-Token`` must equal ``WEBHOOK_SECRET`` (constant-time compare): else 401.
+- With ``WEBHOOK_SIGNING_TOKEN``, GitLab's ``webhook-signature`` (HMAC-SHA256 over
+  ``"{webhook-id}.{webhook-timestamp}.{body}"``, ``v1,<base64>``) must match and the timestamp
+  must be within ``WEBHOOK_MAX_SKEW``: else 401.
+- Bodies over ``WEBHOOK_MAX_BODY`` get 413, malformed JSON 400; nothing is produced for them.
+- Retries carry the same ``Idempotency-Key`` (GitLab 17.4+; ``X-Gitlab-Webhook-UUID`` is new on
+  every request): a repeat is acknowledged without producing again. Older GitLab sends no key;
+  then the key is the SHA-256 of the event header and body, so a byte-identical retry is still
+  recognised (two genuinely identical payloads within ``CACHE_TTL`` would count as one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import Counter
+
+from gitlab_producer.logs import get_logger
+from gitlab_producer.metrics import Metrics
+from gitlab_producer.sinks.base import DeliveryError, Message, Sink
+from gitlab_producer.store.base import Store, StoreError
+
+log = get_logger(__name__)
+HOOK_NAMESPACE = "hook"
+
+# X-Gitlab-Event values GitLab documents; anything else is forwarded flagged as unknown.
+KNOWN_EVENTS = frozenset({
+    "Push Hook", "Tag Push Hook", "Issue Hook", "Confidential Issue Hook", "Note Hook",
+    "Confidential Note Hook", "Merge Request Hook", "Wiki Page Hook", "Pipeline Hook",
+    "Job Hook", "Deployment Hook", "Feature Flag Hook", "Release Hook", "Emoji Hook",
+    "Resource Access Token Hook", "Member Hook", "Subgroup Hook", "Project Hook",
+    "Vulnerability Hook", "System Hook", "Work Item Hook",
+})
+
+OnPush = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class WebhookConfig:
+    """What the receiver needs from the settings."""
+
+    secret: str
+    signing_token: str
+    max_skew_s: float
+    ttl_s: int
+    instance: str
+
+
+def _owner(payload: dict[str, Any]) -> str:
+    """Partition key: project id, else group id, else user id."""
+    for path in (("project_id",), ("project", "id"), ("group", "group_id"), ("group_id",),
+                 ("user_id",), ("user", "id")):
+        value: Any = payload
+        for step in path:
+            value = value.get(step) if isinstance(value, dict) else None
+        if value is not None:
+            return str(value)
+    return "none"
+
+
+def verify_signature(token: str, webhook_id: str, timestamp: str, body: bytes,
+                     signature_header: str, max_skew_s: float, now: float) -> bool:
+    """GitLab's signed webhooks (the Standard Webhooks scheme)."""
+    try:
+        sent_at = int(timestamp)
+    except ValueError:
+        return False
+    if abs(now - sent_at) > max_skew_s:
+        return False
+    key = token.removeprefix("whsec_")
+    try:
+        secret = base64.b64decode(key) if token.startswith("whsec_") else key.encode()
+    except ValueError:
+        return False
+    expected = base64.b64encode(hmac.new(
+        secret, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()).decode()
+    candidates = [part.split(",", 1)[1] for part in signature_header.split()
+                  if part.startswith("v1,")]
+    return any(hmac.compare_digest(expected, c) for c in candidates)
+
+
+class WebhookReceiver:
+    """Checks, deduplicates and produces webhook deliveries."""
+
+    def __init__(self, config: WebhookConfig, store: Store, sink: Sink, metrics: Metrics,
+                 on_hook: OnPush | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.sink = sink
+        self.on_hook = on_hook
+        self.hooks = Counter("gitlab_producer_webhooks_total", "Webhook deliveries by kind and "
+                             "answer", ["kind", "status"], registry=metrics.registry)
+        self._claims: dict[str, asyncio.Future[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _answer(self, kind: str, status: int, text: str) -> web.Response:
+        self.hooks.labels(kind, str(status)).inc()
+        return web.json_response({"status": text}, status=status)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        event = request.headers.get("X-Gitlab-Event", "")
+        kind = event if event in KNOWN_EVENTS else "unknown"
+        token = request.headers.get("X-Gitlab-Token", "")
+        if not hmac.compare_digest(token.encode(), self.config.secret.encode()):
+            return self._answer(kind, 401, "bad token")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._answer(kind, 413, "body too large")
+        if self.config.signing_token and not verify_signature(
+                self.config.signing_token, request.headers.get("webhook-id", ""),
+                request.headers.get("webhook-timestamp", ""), body,
+                request.headers.get("webhook-signature", ""), self.config.max_skew_s,
+                time.time()):
+            return self._answer(kind, 401, "bad signature")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return self._answer(kind, 400, "malformed JSON")
+        if not isinstance(payload, dict):
+            return self._answer(kind, 400, "expected a JSON object")
+        key = request.headers.get("Idempotency-Key") or hashlib.sha256(
+            event.encode() + b"\n" + body).hexdigest()
+        try:
+            produced = await self._deliver_once(key, self._message(request, event, kind, key,
+                                                                   payload, body))
+        except (DeliveryError, StoreError) as exc:
+            log.warning("webhook_not_delivered", kind=kind, error=str(exc))
+            return self._answer(kind, 503, "not delivered, retry")
+        if produced and self.on_hook is not None:
+            task = asyncio.create_task(self.on_hook(payload))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return self._answer(kind, 200, "delivered" if produced else "duplicate")
+
+    def _message(self, request: web.Request, event: str, kind: str, key: str,
+                 payload: dict[str, Any], body: bytes) -> Message:
+        name = payload.get("object_kind") or payload.get("event_name") or ""
+        headers = [("event", event.encode()), ("object_kind", str(name).encode()),
+                   ("idempotency_key", key.encode()), ("source", self.config.instance.encode())]
+        for header, field in (("X-Gitlab-Webhook-UUID", "hook_uuid"),
+                              ("X-Gitlab-Event-UUID", "event_uuid"),
+                              ("X-Gitlab-Instance", "gitlab_instance")):
+            if header in request.headers:
+                headers.append((field, request.headers[header].encode()))
+        if kind == "unknown":
+            headers.append(("unknown", b"1"))
+        return Message(_owner(payload).encode(), body, tuple(headers))
+
+    async def _deliver_once(self, key: str, message: Message) -> bool:
+        """Produce unless this key was delivered before; True when this call produced."""
+        waiting = self._claims.get(key)
+        if waiting is not None:
+            await asyncio.shield(waiting)
+            return False
+        if not await self.store.unseen_keys(HOOK_NAMESPACE, [key]):
+            return False
+        claim: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._claims[key] = claim
+        try:
+            await self.sink.send([message])
+            await self.store.mark_keys(HOOK_NAMESPACE, [key], self.config.ttl_s)
+            claim.set_result(None)
+        except BaseException as exc:
+            claim.set_exception(DeliveryError(str(exc)))
+            claim.exception()
+            raise
+        finally:
+            self._claims.pop(key, None)
+        return True
+
+
+def build_webhook_app(receiver: WebhookReceiver, max_body: int,
+                      capture: Callable[[web.Request], Awaitable[web.Response]] | None = None
+                      ) -> web.Application:
+    app = web.Application(client_max_size=max_body)
+    app.router.add_post("/webhooks/gitlab", receiver.handle)
+    if capture is not None:
+        app.router.add_post("/capture", capture)
+    return app
