@@ -248,3 +248,55 @@ def simulator_size() -> list[Figure]:
         {"figure": "simulator memory after start", "value": round(rss), "unit": "MB",
          "limit": "< 1500", "ratio": round(rss / 1500, 2), "detail": ""},
     ]
+
+
+def webhook_latency(rate: float = 500.0, seconds: float = 10.0) -> list[Figure]:
+    """Hooks posted at ``rate`` per second to the running service; time to its 200 (which
+    it sends only after Kafka acknowledged)."""
+    from bench.harness import free_port, run_service_background, wait_port
+
+    port = free_port()
+    with simulator(100, 50, 1000, history_days=1) as sim, broker() as kafka:
+        env = service_env(sim, kafka, f"hooks-{uuid.uuid4().hex[:6]}", _since(1.1),
+                          WEBHOOK_PORT=str(port), WEBHOOK_SECRET="bench-secret",
+                          SCHEDULING_POLL_INTERVAL="600")
+        with run_service_background(env):
+            wait_port(port)
+            latencies, statuses = asyncio.run(_post_hooks(port, rate, seconds))
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    ok = statuses.count(200)
+    return [{"figure": "webhook hook-to-ack p99", "value": round(p99 * 1000, 1), "unit": "ms",
+             "limit": "< 20", "ratio": round(p99 * 1000 / 20, 2),
+             "detail": f"{len(latencies)} push-sized hooks at {rate:.0f}/s for {seconds:.0f} s, "
+                       f"{ok} answered 200; p50 {statistics.median(latencies) * 1000:.1f} ms"}]
+
+
+async def _post_hooks(port: int, rate: float, seconds: float) -> tuple[list[float], list[int]]:
+    import aiohttp
+
+    body = orjson.dumps({"object_kind": "push", "project_id": 1, "ref": "refs/heads/dev",
+                         "commits": [{"id": "a" * 40, "message": "m" * 200}] * 3})
+    latencies: list[float] = []
+    statuses: list[int] = []
+
+    async def one(session: aiohttp.ClientSession, n: int) -> None:
+        headers = {"X-Gitlab-Token": "bench-secret", "X-Gitlab-Event": "Push Hook",
+                   "Idempotency-Key": f"bench-{n}", "Content-Type": "application/json"}
+        started = time.perf_counter()
+        async with session.post(f"http://127.0.0.1:{port}/webhooks/gitlab", data=body,
+                                headers=headers) as response:
+            await response.read()
+            statuses.append(response.status)
+        latencies.append(time.perf_counter() - started)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as session:
+        tasks = []
+        start = time.perf_counter()
+        for n in range(int(rate * seconds)):
+            delay = start + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(session, n)))
+        await asyncio.gather(*tasks)
+    return latencies, statuses

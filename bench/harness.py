@@ -172,6 +172,23 @@ def run_service(env: dict[str, str], *args: str, timeout_s: float = 1800,
                          log_path.read_text(errors="replace"))
 
 
+@contextlib.contextmanager
+def run_service_background(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``gitlab-producer run`` in the background, stopped with SIGTERM on exit."""
+    OUT.mkdir(exist_ok=True)
+    with (OUT / f"service-{uuid.uuid4().hex[:6]}.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gitlab_producer", "run"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def consume_ids(bootstrap: str, topic: str, expected: int, timeout_s: float = 300
                 ) -> tuple[Counter[int], list[tuple[int, int]]]:
     """Event ids in ``topic`` (with repeats) and (kafka timestamp ms, event id) pairs."""
