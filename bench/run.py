@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import figures
 from bench.harness import OUT, save_json
 
-ALL = ("catch_up", "quiet_costs", "rate_cap", "memory", "tail_latency", "simulator_throughput",
+ALL = ("catch_up", "quiet_costs", "rate_cap", "memory", "tail_latency", "tail_latency_uncapped",
+       "simulator_throughput",
        "simulator_size", "webhook_latency")
 
 
