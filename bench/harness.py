@@ -22,6 +22,26 @@ import httpx
 import orjson
 
 OUT = Path(__file__).parent / "out"
+REDIS_ADDRESS = os.environ.get("BENCH_REDIS", "127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "14"))
+REDIS_PREFIX = "gp-bench-"
+
+
+def clean_redis() -> int:
+    """Delete every key the benchmarks wrote (their own database, their own prefix)."""
+    import redis
+
+    host, _, port = REDIS_ADDRESS.rpartition(":")
+    client = redis.Redis(host=host, port=int(port), db=REDIS_DB)
+    deleted, batch = 0, []
+    for key in client.scan_iter(f"{REDIS_PREFIX}*", count=10_000):
+        batch.append(key)
+        if len(batch) >= 5_000:
+            deleted += client.delete(*batch)
+            batch = []
+    if batch:
+        deleted += client.delete(*batch)
+    return deleted
 
 
 def free_port() -> int:
@@ -137,8 +157,8 @@ def service_env(sim: Simulator, kafka: Broker | None, topic: str, since: str,
         "GITLAB_BASE_URL": f"{sim.url}/api/v4", "GITLAB_PRIVATE_TOKEN": "sim-token",
         "SYNC_SINCE": since, "KAFKA_TOPIC": topic,
         "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap if kafka else "",
-        "REDIS_ADDRESS": os.environ.get("BENCH_REDIS", "127.0.0.1:6379"),
-        "REDIS_KEY_PREFIX": f"gp-bench-{uuid.uuid4().hex[:8]}:",
+        "REDIS_ADDRESS": REDIS_ADDRESS, "REDIS_DB": str(REDIS_DB),
+        "REDIS_KEY_PREFIX": f"{REDIS_PREFIX}{uuid.uuid4().hex[:8]}:",
         "METRICS_PORT": "0", "LOG_PORT": "0", "LOG_LEVEL": "warning",
         "OPERATIONS_PER_SECOND": "1000000", "STATE_PATH": str(OUT / "state.sqlite3"),
     })

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import figures
-from bench.harness import OUT, save_json
+from bench.harness import OUT, clean_redis, save_json
 
 ALL = ("catch_up", "quiet_costs", "rate_cap", "memory", "tail_latency", "tail_latency_uncapped",
        "simulator_throughput",
@@ -41,7 +41,10 @@ def main(names: list[str]) -> None:
     for name in chosen:
         started = time.perf_counter()
         print(f"== {name}", flush=True)
-        found = getattr(figures, name)()
+        try:
+            found = getattr(figures, name)()
+        finally:
+            print(f"   (removed {clean_redis()} benchmark keys from Redis)", flush=True)
         for row in found:
             print(f"   {row['figure']}: {row['value']} {row['unit']} (limit {row['limit']})",
                   flush=True)

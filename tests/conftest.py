@@ -24,6 +24,7 @@ from gitlab_producer.config import Settings
 from gitlab_producer.simulator.server import free_port
 
 CONFIG_NAMES = [name.upper() for name in Settings.model_fields]
+TEST_REDIS_DB = 13  # tests keep to their own database, and to their own prefix within it
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +71,7 @@ def redis_prefix(redis_address: str) -> Iterator[str]:
     prefix = f"gp-test-{uuid.uuid4().hex[:10]}:"
     yield prefix
     host, _, port = redis_address.rpartition(":")
-    client = redis.Redis(host=host, port=int(port))
+    client = redis.Redis(host=host, port=int(port), db=TEST_REDIS_DB)
     keys = list(client.scan_iter(f"{prefix}*", count=1000))
     if keys:
         client.delete(*keys)
@@ -177,6 +178,6 @@ def service_env(tmp_path: Path) -> ServiceRun:
         "STATE_PATH": str(tmp_path / "state.sqlite3"),
         "OUTPUT_FILE": str(tmp_path / "events.jsonl"),
         "SCHEDULING_POLL_INTERVAL": "1", "OPERATIONS_PER_SECOND": "500",
-        "LOG_LEVEL": "info", "GITLAB_TIMEOUT": "5",
+        "LOG_LEVEL": "info", "GITLAB_TIMEOUT": "5", "REDIS_DB": str(TEST_REDIS_DB),
     })
     return ServiceRun(env, tmp_path)

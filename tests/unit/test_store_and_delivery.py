@@ -13,6 +13,7 @@ from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store import Cursor, RedisStore, SQLiteStore, Store
 from gitlab_producer.sync.delivery import Deliverer, to_message
+from tests.conftest import TEST_REDIS_DB
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -21,7 +22,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         made: Store = SQLiteStore(tmp_path / "state.sqlite3")
     else:
         address = request.getfixturevalue("redis_address")
-        made = RedisStore.from_address(address, prefix=request.getfixturevalue("redis_prefix"))
+        made = RedisStore.from_address(address, db=TEST_REDIS_DB,
+                                       prefix=request.getfixturevalue("redis_prefix"))
     yield made
     await made.close()
 
