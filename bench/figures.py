@@ -259,7 +259,7 @@ def simulator_size() -> list[Figure]:
 def webhook_latency(rate: float = 500.0, seconds: float = 10.0) -> list[Figure]:
     """Hooks posted at ``rate`` per second to the running service; time to its 200 (which
     it sends only after Kafka acknowledged)."""
-    from bench.harness import free_port, run_service_background, wait_port
+    from bench.harness import free_port, run_service_background, wait_for_port
 
     port = free_port()
     with simulator(100, 50, 1000, history_days=1) as sim, broker() as kafka:
@@ -267,7 +267,7 @@ def webhook_latency(rate: float = 500.0, seconds: float = 10.0) -> list[Figure]:
                           WEBHOOK_PORT=str(port), WEBHOOK_SECRET="bench-secret",
                           SCHEDULING_POLL_INTERVAL="600")
         with run_service_background(env):
-            wait_port(port)
+            wait_for_port(port)
             latencies, statuses = asyncio.run(_post_hooks(port, rate, seconds))
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1]

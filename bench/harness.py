@@ -7,7 +7,6 @@ import contextlib
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,10 @@ from typing import Any
 
 import httpx
 import orjson
+
+from gitlab_producer.simulator.server import free_port, wait_for_port
+
+__all__ = ["free_port", "wait_for_port"]
 
 OUT = Path(__file__).parent / "out"
 REDIS_ADDRESS = os.environ.get("BENCH_REDIS", "127.0.0.1:6379")
@@ -42,21 +45,6 @@ def clean_redis() -> int:
     if batch:
         deleted += client.delete(*batch)
     return deleted
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"port {port} not open after {timeout_s} s")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -111,11 +99,17 @@ def simulator(projects: int, users: int, events: int, **options: Any) -> Iterato
             raise RuntimeError(f"simulator did not start: {line!r}")
         yield Simulator(f"http://127.0.0.1:{port}", proc, time.perf_counter() - started)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 @dataclass
@@ -134,7 +128,7 @@ def broker() -> Iterator[Broker]:
                              "--advertised-listener-url", url],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(port)
+        wait_for_port(port, 60)
         yield Broker(f"127.0.0.1:{port}", proc)
     finally:
         proc.terminate()
@@ -202,11 +196,7 @@ def run_service_background(env: dict[str, str]) -> Iterator[subprocess.Popen[byt
         try:
             yield proc
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
 
 def consume_ids(bootstrap: str, topic: str, expected: int, timeout_s: float = 300

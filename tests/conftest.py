@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 import redis
 
 from gitlab_producer.config import Settings
-from gitlab_producer.simulator.server import free_port
+from gitlab_producer.simulator.server import free_port, wait_for_port
 
 CONFIG_NAMES = [name.upper() for name in Settings.model_fields]
 TEST_REDIS_DB = 13  # tests keep to their own database, and to their own prefix within it
@@ -32,15 +31,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No setting of the developer's shell may leak into a test."""
     for name in CONFIG_NAMES:
         monkeypatch.delenv(name, raising=False)
-
-
-def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
 # -- Redis ------------------------------------------------------------------------------------

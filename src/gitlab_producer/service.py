@@ -113,7 +113,7 @@ class Service:
         capturer = self.capturer(client)
         if s.capture_rules:
             await capturer.check_access()
-        hook_sink = open_sink(s, s.webhook_topic)
+        hook_sink = open_sink(s, s.webhook_topic, low_latency=True)
         receiver = WebhookReceiver(
             WebhookConfig(s.webhook_secret.get_secret_value(),
                           s.webhook_signing_token.get_secret_value(), s.webhook_max_skew,

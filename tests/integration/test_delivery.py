@@ -30,6 +30,13 @@ def stats(url: str) -> dict[str, object]:
     return result
 
 
+def wait_for_requests(url: str, count: int, timeout_s: float = 60.0) -> None:
+    """Until the simulator has answered ``count`` requests (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and int(str(stats(url)["total"])) < count:
+        time.sleep(0.1)
+
+
 def configure(service_env: ServiceRun, sim_url: str, world_start_ms: int, broker: Broker,
               redis_address: str, prefix: str) -> str:
     topic = f"events-{uuid.uuid4().hex[:8]}"
@@ -83,9 +90,7 @@ def test_kill_9_mid_round_then_restart_loses_nothing(
                           redis_prefix)
         service_env.env["OPERATIONS_PER_SECOND"] = "60"  # slow enough to be caught mid-round
         proc = service_env.start("run", "--once")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and int(str(stats(sim.url)["total"])) < 40:
-            time.sleep(0.1)
+        wait_for_requests(sim.url, 40)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         expected = truth_ids(sim.url)
@@ -112,9 +117,7 @@ def test_broker_outage_mid_round_loses_nothing(
         service_env.env["OPERATIONS_PER_SECOND"] = "80"
         proc = service_env.start("run", "--once")
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and int(str(stats(sim.url)["total"])) < 30:
-                time.sleep(0.1)
+            wait_for_requests(sim.url, 30)
             broker.pause()
             time.sleep(4)
         finally:
@@ -159,6 +162,9 @@ def test_embedded_store_and_file_sink_work_the_same(service_env: ServiceRun) -> 
             done = service_env.run("run", "--once", timeout_s=240)
             assert done.returncode == 0, done.stderr[-3000:]
         assert "KAFKA_BOOTSTRAP_SERVERS is empty" in done.stderr
+        # Users are listed in the first round only: the second came within USER_RESYNC_INTERVAL.
+        listings = stats(sim.url)["by_route"]["users_list"]  # type: ignore[index]
+        assert listings["200"] == 1  # one page of 30 users, answered once (faults aside)
         lines = (service_env.cwd / "events.jsonl").read_bytes().splitlines()
         ids = Counter(int(orjson.loads(line)["value"]["id"]) for line in lines)
         assert set(ids) == truth_ids(sim.url)

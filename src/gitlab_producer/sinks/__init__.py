@@ -9,11 +9,15 @@ from gitlab_producer.sinks.file import FileSink
 __all__ = ["DeliveryError", "FileSink", "Message", "Sink", "open_sink"]
 
 
-def open_sink(settings: Settings, topic: str | None = None) -> Sink:
-    """Kafka when ``KAFKA_BOOTSTRAP_SERVERS`` is set, else the file sink."""
+def open_sink(settings: Settings, topic: str | None = None, low_latency: bool = False) -> Sink:
+    """Kafka when ``KAFKA_BOOTSTRAP_SERVERS`` is set, else the file sink. ``low_latency``:
+    send each message at once instead of lingering to fill batches (webhooks wait on it)."""
     name = topic or settings.kafka_topic
     if settings.kafka_bootstrap_servers:
         from gitlab_producer.sinks.kafka import KafkaSink, kafka_config
 
-        return KafkaSink(kafka_config(settings), name)
+        config = kafka_config(settings)
+        if low_latency:
+            config["linger.ms"] = 0
+        return KafkaSink(config, name)
     return FileSink(settings.output_file, name)

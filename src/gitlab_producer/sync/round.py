@@ -31,6 +31,7 @@ from gitlab_producer.sync.windows import iso, project_listing_after
 
 log = get_logger(__name__)
 LAST_ROUND_KEY = "last_round_started"
+LAST_USER_LISTING_KEY = "last_user_listing"
 RECOVERABLE = (GitLabError, DeliveryError, StoreError)
 
 
@@ -64,9 +65,10 @@ class SyncRound:
                                               ctx.since)
         log.info("round_started", projects_active_after=iso(listing_after))
         produced_before = self._produced()
+        list_users = self.sync_users and await self._user_listing_due(result.started)
         try:
             async with asyncio.TaskGroup() as group:
-                kinds = ["project", "user"] if self.sync_users else ["project"]
+                kinds = ["project", "user"] if list_users else ["project"]
                 for kind in kinds:
                     queue: asyncio.Queue[Work | None] = asyncio.Queue(self.concurrency * 4)
                     group.create_task(self._discover(kind, listing_after, queue, result))
@@ -82,9 +84,18 @@ class SyncRound:
             result.ok = False
         if result.ok:
             await ctx.store.set_meta(LAST_ROUND_KEY, repr(result.started))
+            if list_users:
+                await ctx.store.set_meta(LAST_USER_LISTING_KEY, repr(result.started))
         result.produced = self._produced() - produced_before
         result.duration_s = time.time() - result.started
         return result
+
+    async def _user_listing_due(self, now: float) -> bool:
+        """Users are listed at most every ``USER_RESYNC_INTERVAL``: their ``last_activity_on``
+        is a date, and what it says is acted on no more often than that (listing 20,000 users
+        costs 200 requests, every round otherwise)."""
+        last = await self.ctx.store.get_meta(LAST_USER_LISTING_KEY)
+        return last is None or now - float(last) >= self.ctx.rules.user_resync_s
 
     def _produced(self) -> int:
         return int(sum(sample.value for metric in self.ctx.metrics.events_produced.collect()
