@@ -217,8 +217,8 @@ def simulator_throughput(seconds: float = 10.0, concurrency: int = 32) -> list[F
     rate = count / seconds
     return [{"figure": "simulator: 100-event pages served", "value": round(rate),
              "unit": "requests/s", "limit": ">= 1500", "ratio": round(rate / 1500, 2),
-             "detail": f"{concurrency} concurrent aiohttp clients in another process-free "
-                       f"loop, {seconds:.0f} s, {size} events per page"}]
+             "detail": f"{concurrency} concurrent aiohttp requests from the benchmark process, "
+                       f"{seconds:.0f} s, {size} events per page"}]
 
 
 async def _hammer(url: str, projects: list[int], seconds: float, concurrency: int) -> int:

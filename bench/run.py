@@ -15,6 +15,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import figures
@@ -37,7 +39,6 @@ def machine() -> str:
 
 def main(names: list[str]) -> None:
     chosen = names or list(ALL)
-    results = []
     for name in chosen:
         started = time.perf_counter()
         print(f"== {name}", flush=True)
@@ -46,32 +47,39 @@ def main(names: list[str]) -> None:
         finally:
             print(f"   (removed {clean_redis()} benchmark keys from Redis)", flush=True)
         for row in found:
+            row["took_s"] = round(time.perf_counter() - started)
             print(f"   {row['figure']}: {row['value']} {row['unit']} (limit {row['limit']})",
                   flush=True)
-        results += [dict(row, took_s=round(time.perf_counter() - started)) for row in found]
         save_json(name, found)
-    write_results(results, chosen)
+    write_results()
 
 
-def write_results(rows: list[dict[str, object]], names: list[str]) -> None:
+def write_results() -> None:
+    """RESULTS.md from the latest measurement of every figure (bench/out/<figure>.json),
+    each row dated by when it was measured."""
     path = Path(__file__).parent / "RESULTS.md"
     lines = [
         "# Benchmark results", "",
-        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- written: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; each row gives when it was measured",
         f"- machine: {machine()}",
-        f"- command: `python bench/run.py {' '.join(names)}`",
+        "- command: `python bench/run.py [figure ...]` (`make bench` runs them all)",
         "- setup: simulator and service in separate processes on loopback, tansu broker "
         "(Kafka protocol), Redis store, one machine shared by all of them", "",
-        "| figure | value | limit | ratio to limit | detail |", "| --- | --- | --- | --- | --- |",
+        "| figure | value | limit | ratio to limit | measured (UTC) | detail |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for row in rows:
-        ratio = "" if row["ratio"] is None else row["ratio"]
-        lines.append(f"| {row['figure']} | {row['value']} {row['unit']} | {row['limit']} | "
-                     f"{ratio} | {row['detail']} |")
+    for name in ALL:
+        source = OUT / f"{name}.json"
+        if not source.exists():
+            continue
+        when = datetime.fromtimestamp(source.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M")
+        for row in orjson.loads(source.read_bytes()):
+            ratio = "" if row["ratio"] is None else row["ratio"]
+            lines.append(f"| {row['figure']} | {row['value']} {row['unit']} | {row['limit']} "
+                         f"| {ratio} | {when} | {row['detail']} |")
     previous = path.read_text() if path.exists() else ""
     notes = previous.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in previous else "\n"
     path.write_text("\n".join(lines) + "\n\n<!-- notes -->" + notes)
-    OUT.mkdir(exist_ok=True)
 
 
 if __name__ == "__main__":
