@@ -70,7 +70,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         service = Service(settings)
-        client = service._client()
+        client = service.gitlab_client()
         capturer = service.capturer(client)
         try:
             stored = await capturer.capture(args.project, args.ref, args.as_user)

@@ -50,7 +50,8 @@ class Service:
         CONTROL.add_secret(settings.kafka_password.get_secret_value())
         CONTROL.add_secret(settings.redis_password.get_secret_value())
 
-    def _client(self) -> GitLabClient:
+    def gitlab_client(self) -> GitLabClient:
+        """A GitLab client with the settings' token, budget and retry policy."""
         s = self.settings
         return GitLabClient(
             s.gitlab_base_url, s.gitlab_private_token.get_secret_value(),
@@ -136,7 +137,7 @@ class Service:
         self._install_signals()
         store = open_store(s)
         sink = open_sink(s)
-        client = self._client()
+        client = self.gitlab_client()
         runners: list[web.AppRunner] = []
         extra_sinks: list[Sink] = []
         result: RoundResult | None = None
