@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+from pydantic import SecretStr
 
 from gitlab_producer.config import load_settings
 from gitlab_producer.logs import configure
@@ -43,15 +44,23 @@ def run_demo(rounds: int = 3, out_dir: Path = Path("var/demo")) -> int:
         since = datetime.fromtimestamp(world.start_ms / 1000, UTC)
         _say(f"simulated GitLab at {sim.url}/api/v4: {spec.projects} projects, {spec.users} "
              f"users, {spec.events} events over {spec.history_days:g} days, 20 new events/s")
+        # The demo runs on embedded defaults whatever the shell has set: the environment
+        # would otherwise override these (as it does for the service).
+        embedded = {
+            "gitlab_base_url": f"{sim.url}/api/v4",
+            "gitlab_private_token": SecretStr(sim.sim.token), "sync_since": since,
+            "state_path": out_dir / "state.sqlite3",
+            "output_file": str(events_file), "kafka_bootstrap_servers": "",
+            "redis_address": "", "metrics_port": 0, "log_port": 0, "webhook_port": 0,
+            "log_level": "warning", "sync_users": True,
+        }
         settings = load_settings(
-            None, gitlab_base_url=f"{sim.url}/api/v4", gitlab_private_token=sim.sim.token,
-            sync_since=since, scheduling_poll_interval=2, operations_per_second=200,
+            None, **embedded, scheduling_poll_interval=2, operations_per_second=200,
             # Events outside projects are only in users' lists; re-read today's active users
             # every round so the final check is exact. The default (600 s) trades that for
             # cost: such events may then arrive up to that much later, never lost.
             user_resync_interval=0,
-            state_path=out_dir / "state.sqlite3", output_file=str(events_file),
-            metrics_port=0, log_port=0, log_level="warning")
+        ).model_copy(update=embedded)
 
         async def report(result: RoundResult) -> None:
             _say(f"round: {result.produced:>6} events to {events_file} | projects read "
