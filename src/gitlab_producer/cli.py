@@ -37,15 +37,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         get_logger("gitlab_producer.cli").warning(
             "no_kafka", detail="KAFKA_BOOTSTRAP_SERVERS is empty: events go to OUTPUT_FILE",
             output_file=settings.output_file)
-    return run_async(Service(settings).run(once=args.once))
+    # Fewer, longer collections speed up catch-up rounds; a latency-bound webhook receiver
+    # keeps the default collector (a precaution: bench/RESULTS.md, the measurements were not
+    # conclusive either way).
+    return run_async(Service(settings).run(once=args.once), tune_gc=not settings.webhook_port)
 
 
-def run_async(main: Coroutine[Any, Any, int]) -> int:
+def run_async(main: Coroutine[Any, Any, int], tune_gc: bool = False) -> int:
     """Run on uvloop where it is installed (measured faster; see bench/RESULTS.md)."""
-    # Pages make many short-lived containers; the default gen-0 threshold (700) runs the
-    # collector thousands of times per round for nothing: nothing here builds cycles.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    if tune_gc:
+        # Pages make many short-lived containers; the default gen-0 threshold (700) runs the
+        # collector thousands of times per round for little: the sync builds no cycles.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
     try:
         import uvloop
     except ImportError:

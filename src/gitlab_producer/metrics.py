@@ -54,6 +54,14 @@ class Metrics:
         self.entities_synced = Counter(
             "gitlab_producer_entities_synced_total", "Projects or users whose events were read",
             ["kind"], registry=r)
+        self.webhooks = Counter(
+            "gitlab_producer_webhooks_total", "Webhook deliveries by kind and answer",
+            ["kind", "status"], registry=r)
+        self.webhook_duration = Histogram(
+            "gitlab_producer_webhook_duration_seconds",
+            "From a webhook request's arrival to its answer (200 only after Kafka's ack)",
+            registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                                 5, 10))
         self.entity_failures = Counter(
             "gitlab_producer_entity_failures_total", "Projects or users that failed in a round",
             ["kind"], registry=r)

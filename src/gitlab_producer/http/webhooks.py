@@ -27,7 +27,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import Counter
 
 from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
@@ -102,16 +101,22 @@ class WebhookReceiver:
         self.store = store
         self.sink = sink
         self.on_hook = on_hook
-        self.hooks = Counter("gitlab_producer_webhooks_total", "Webhook deliveries by kind and "
-                             "answer", ["kind", "status"], registry=metrics.registry)
+        self.metrics = metrics
         self._claims: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     def _answer(self, kind: str, status: int, text: str) -> web.Response:
-        self.hooks.labels(kind, str(status)).inc()
+        self.metrics.webhooks.labels(kind, str(status)).inc()
         return web.json_response({"status": text}, status=status)
 
     async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            return await self._handle(request)
+        finally:
+            self.metrics.webhook_duration.observe(time.perf_counter() - started)
+
+    async def _handle(self, request: web.Request) -> web.Response:
         event = request.headers.get("X-Gitlab-Event", "")
         kind = event if event in KNOWN_EVENTS else "unknown"
         token = request.headers.get("X-Gitlab-Token", "")
