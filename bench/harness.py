@@ -24,7 +24,8 @@ from gitlab_producer.simulator.server import free_port, wait_for_port
 
 __all__ = ["free_port", "wait_for_port"]
 
-OUT = Path(__file__).parent / "out"
+OUT = Path(__file__).parent / "out"  # logs and state of runs (not kept)
+RESULTS = Path(__file__).parent / "results"  # each figure's latest measurement (kept)
 REDIS_ADDRESS = os.environ.get("BENCH_REDIS", "127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "14"))
 REDIS_PREFIX = "gp-bench-"
@@ -252,5 +253,5 @@ def per_entity_requests(stats: dict[str, Any]) -> dict[str, int]:
 
 
 def save_json(name: str, data: Any) -> None:
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{name}.json").write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))

@@ -20,7 +20,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import figures
-from bench.harness import OUT, clean_redis, save_json
+from bench.harness import RESULTS, clean_redis, save_json
 
 ALL = ("catch_up", "quiet_costs", "rate_cap", "memory", "tail_latency", "tail_latency_uncapped",
        "simulator_throughput",
@@ -55,7 +55,7 @@ def main(names: list[str]) -> None:
 
 
 def write_results() -> None:
-    """RESULTS.md from the latest measurement of every figure (bench/out/<figure>.json),
+    """RESULTS.md from the latest measurement of every figure (bench/results/<name>.json),
     each row dated by when it was measured."""
     path = Path(__file__).parent / "RESULTS.md"
     lines = [
@@ -69,7 +69,7 @@ def write_results() -> None:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in ALL:
-        source = OUT / f"{name}.json"
+        source = RESULTS / f"{name}.json"
         if not source.exists():
             continue
         when = datetime.fromtimestamp(source.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M")
