@@ -46,8 +46,10 @@ def main(names: list[str]) -> None:
             found = getattr(figures, name)()
         finally:
             print(f"   (removed {clean_redis()} benchmark keys from Redis)", flush=True)
+        measured = f"{datetime.now(UTC):%Y-%m-%d %H:%M}"
         for row in found:
             row["took_s"] = round(time.perf_counter() - started)
+            row["measured"] = measured
             print(f"   {row['figure']}: {row['value']} {row['unit']} (limit {row['limit']})",
                   flush=True)
         save_json(name, found)
@@ -72,11 +74,10 @@ def write_results() -> None:
         source = RESULTS / f"{name}.json"
         if not source.exists():
             continue
-        when = datetime.fromtimestamp(source.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M")
         for row in orjson.loads(source.read_bytes()):
             ratio = "" if row["ratio"] is None else row["ratio"]
             lines.append(f"| {row['figure']} | {row['value']} {row['unit']} | {row['limit']} "
-                         f"| {ratio} | {when} | {row['detail']} |")
+                         f"| {ratio} | {row['measured']} | {row['detail']} |")
     previous = path.read_text() if path.exists() else ""
     notes = previous.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in previous else "\n"
     path.write_text("\n".join(lines) + "\n\n<!-- notes -->" + notes)
