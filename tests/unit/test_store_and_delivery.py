@@ -133,3 +133,13 @@ def test_pages_that_are_not_event_arrays_are_refused() -> None:
                  b'[{"id": "x", "created_at": "2026-01-01T00:00:00Z"}]'):
         with pytest.raises(ValueError):
             decode_events(body)
+
+
+async def test_keyed_marks_have_their_own_namespace(store: Store) -> None:
+    assert await store.unseen_keys("hook", ["a", "b"]) == ["a", "b"]
+    await store.mark_keys("hook", ["a"], ttl_s=60)
+    assert await store.unseen_keys("hook", ["a", "b"]) == ["b"]
+    assert await store.unseen_keys("other", ["a"]) == ["a"]
+    await store.mark_keys("hook", ["b"], ttl_s=1)
+    await asyncio.sleep(1.1)
+    assert await store.unseen_keys("hook", ["a", "b"]) == ["b"]

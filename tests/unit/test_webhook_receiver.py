@@ -1,0 +1,52 @@
+"""The webhook receiver on the embedded defaults: SQLite store and the JSON-lines file sink."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import orjson
+from aiohttp import web
+
+from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
+from gitlab_producer.metrics import Metrics
+from gitlab_producer.simulator.server import free_port
+from gitlab_producer.sinks.file import FileSink
+from gitlab_producer.store.sqlite_store import SQLiteStore
+
+
+async def test_file_sink_and_sqlite_store(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "state.sqlite3")
+    sink = FileSink(str(tmp_path / "hooks.jsonl"), "bus.hooks")
+    metrics = Metrics()
+    receiver = WebhookReceiver(WebhookConfig("s3cret", "", 300, 3600, "gl.test"), store, sink,
+                               metrics)
+    runner = web.AppRunner(build_webhook_app(receiver, 4096))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/webhooks/gitlab"
+    body = orjson.dumps({"object_kind": "merge_request", "project": {"id": 12}})
+    headers = {"X-Gitlab-Token": "s3cret", "X-Gitlab-Event": "Merge Request Hook"}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            first = await client.post(url, content=body, headers=headers)
+            # Older GitLab: no Idempotency-Key; the byte-identical retry is still recognised.
+            again = await client.post(url, content=body, headers=headers)
+            other = await client.post(url, content=body + b" ", headers=headers)
+            big = await client.post(url, content=b"[" + b"1," * 5000 + b"1]", headers=headers)
+    finally:
+        await runner.cleanup()
+        await sink.close()
+        await store.close()
+    assert [r.status_code for r in (first, again, other, big)] == [200, 200, 200, 413]
+    assert again.json() == {"status": "duplicate"}
+    lines = [orjson.loads(line) for line in (tmp_path / "hooks.jsonl").read_bytes().splitlines()]
+    assert len(lines) == 2
+    assert lines[0]["key"] == "12" and lines[0]["value"] == orjson.loads(body)
+    assert lines[0]["headers"]["event"] == "Merge Request Hook"
+    statuses = {(s.labels["kind"], s.labels["status"]): s.value
+                for m in metrics.registry.collect() if m.name == "gitlab_producer_webhooks"
+                for s in m.samples if s.name.endswith("_total")}
+    assert statuses[("Merge Request Hook", "200")] == 3
+    assert statuses[("Merge Request Hook", "413")] == 1
