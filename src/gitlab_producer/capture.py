@@ -153,7 +153,7 @@ class Capturer:
         stored = []
         for path in paths:
             answer = await self.client.get(file_url(project_id, path), {"ref": commit},
-                                           "projects/:id/repository/files/:path/raw", raw=True)
+                                           "projects/:id/repository/files/:path/raw", decode=None)
             stored.append(await self.store.put(project_id, commit, path, answer.body))
         await self._announce(stored)
         return stored
@@ -161,7 +161,7 @@ class Capturer:
     async def capture_artifacts(self, project_id: int, commit: str, job_id: int,
                                 job_name: str) -> Stored:
         answer = await self.client.get(f"projects/{project_id}/jobs/{job_id}/artifacts",
-                                       endpoint="projects/:id/jobs/:id/artifacts", raw=True)
+                                       endpoint="projects/:id/jobs/:id/artifacts", decode=None)
         stored = await self.store.put(project_id, commit, f"artifacts/{job_name}.zip",
                                       answer.body)
         await self._announce([stored])

@@ -121,17 +121,16 @@ class GitLabClient:
 
     # -- single requests ------------------------------------------------------------------
     async def get(self, path: str, params: Mapping[str, Any] | None = None,
-                  endpoint: str = "", raw: bool = False, decode: Decoder = orjson.loads
-                  ) -> Answer:
+                  endpoint: str = "", decode: Decoder | None = orjson.loads) -> Answer:
         """GET ``path`` (relative to the base URL, or a same-origin absolute URL). The body is
-        decoded by ``decode`` (JSON by default; ``raw`` keeps bytes); a body that does not
+        decoded by ``decode`` (JSON by default; ``None`` keeps the bytes); a body that does not
         decode is retried like a 5xx, since GitLab's proxies send truncated or HTML pages."""
         endpoint = endpoint or path
         url = self._url(path, params)
         failures = throttles = 0
         while True:
             try:
-                return await self._attempt(url, endpoint, raw, decode)
+                return await self._attempt(url, endpoint, decode)
             except _Retry as retry:
                 if retry.status == 429:
                     throttles += 1
@@ -164,7 +163,7 @@ class GitLabClient:
             url += ("&" if "?" in url else "?") + urlencode(params)
         return url
 
-    async def _attempt(self, url: str, endpoint: str, raw: bool, decode: Decoder) -> Answer:
+    async def _attempt(self, url: str, endpoint: str, decode: Decoder | None) -> Answer:
         waited = await self.limiter.acquire()
         if waited:
             self.metrics.rate_limit_wait.inc(waited)
@@ -197,7 +196,7 @@ class GitLabClient:
         if status >= 400:
             raise BadRequestError(f"{endpoint}: GitLab answered {status}: {content[:200]!r}",
                                   status)
-        if raw:
+        if decode is None:
             return Answer(content, response.headers)
         if "json" not in response.headers.get("content-type", ""):
             raise _Retry("not json", status)

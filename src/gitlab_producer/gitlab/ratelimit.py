@@ -55,7 +55,3 @@ class RateLimiter:
         if until > self._paused_until:
             self._paused_until = until
             self._next_slot = max(self._next_slot, until)
-
-    @property
-    def paused_for_s(self) -> float:
-        return max(0.0, self._paused_until - self._clock())

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -223,12 +223,6 @@ class World:
         """Every visible event (with ``hidden``: every event): (id, project_id, author_id)."""
         return [(i + 1, self.ev_project[i] or None, self.ev_author[i])
                 for i in range(since_id, len(self.ev_time)) if hidden or not self.ev_hidden[i]]
-
-    def events_in_range(self, since_ms: int, until_ms: int | None = None) -> int:
-        """How many visible events were created in ``[since_ms, until_ms)``."""
-        lo = bisect_left(self.ev_time, since_ms)
-        hi = len(self.ev_time) if until_ms is None else bisect_right(self.ev_time, until_ms - 1)
-        return sum(1 for i in range(lo, hi) if not self.ev_hidden[i])
 
 
 def _matches(kind: ActionKind, action: str | None, target_type: str | None) -> bool:

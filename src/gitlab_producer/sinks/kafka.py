@@ -85,10 +85,6 @@ class KafkaSink:
         self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
         self._poller.start()
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> KafkaSink:
-        return cls(kafka_config(settings), settings.kafka_topic)
-
     def _poll(self) -> None:
         while not self._closed.is_set():
             self._producer.poll(0.05)
