@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import statistics
 import time
@@ -22,6 +23,7 @@ from bench.harness import (
     service_env,
     simulator,
 )
+from gitlab_producer.config import Settings
 
 Figure = dict[str, Any]
 
@@ -256,43 +258,88 @@ def simulator_size() -> list[Figure]:
     ]
 
 
-def webhook_latency(rate: float = 500.0, seconds: float = 10.0) -> list[Figure]:
-    """Hooks posted at ``rate`` per second to the running service; time to its 200 (which
-    it sends only after Kafka acknowledged)."""
+def webhook_latency(rate: float = 500.0, seconds: float = 10.0, live_rate: float = 100.0,
+                    poll_s: float = 5.0) -> list[Figure]:
+    """Hooks posted at ``rate`` per second; time to the service's 200 (sent only after Kafka
+    acknowledged). Three phases on one service process:
+
+    - start-up: from the moment the port opens, during the first round's catch-up (reported);
+    - steady: once that round finished, with the simulator producing ``live_rate`` events/s
+      and rounds every ``poll_s`` under the shipped request cap (the figure held to the limit);
+    - steady, polling uncapped: the same with rounds as fast as GitLab answers, which on this
+      machine keeps both cores busy with the simulator and the service (reported).
+    """
     from bench.harness import free_port, run_service_background, wait_for_port
 
-    port, metrics_port = free_port(), free_port()
-    with simulator(100, 50, 1000, history_days=1) as sim, broker() as kafka:
-        env = service_env(sim, kafka, f"hooks-{uuid.uuid4().hex[:6]}", _since(1.1),
-                          WEBHOOK_PORT=str(port), WEBHOOK_SECRET="bench-secret",
-                          SCHEDULING_POLL_INTERVAL="600", METRICS_PORT=str(metrics_port))
-        with run_service_background(env):
-            wait_for_port(port)
-            latencies, statuses = asyncio.run(_post_hooks(port, rate, seconds))
-            inside = _histogram_p99(metrics_port, "gitlab_producer_webhook_duration_seconds")
-    latencies.sort()
-    p99 = latencies[int(len(latencies) * 0.99) - 1]
-    ok = statuses.count(200)
-    return [{"figure": "webhook hook-to-ack p99", "value": round(p99 * 1000, 1), "unit": "ms",
-             "limit": "< 20", "ratio": round(p99 * 1000 / 20, 2),
-             "detail": f"{len(latencies)} push-sized hooks at {rate:.0f}/s for {seconds:.0f} s, "
-                       f"{ok} answered 200; p50 {statistics.median(latencies) * 1000:.1f} ms; "
-                       f"inside the service (its histogram) p99 <= {inside * 1000:g} ms"}]
+    default_ops = Settings.model_fields["operations_per_second"].default
+    figures: list[Figure] = []
+    # Under the shipped cap the first round starts 15 minutes back, so it ends in seconds.
+    for ops, since_days in ((default_ops, 0.01), (1_000_000.0, 1.1)):
+        port, metrics_port = free_port(), free_port()
+        with simulator(2000, 500, 20_000, history_days=1) as sim, broker() as kafka:
+            env = service_env(sim, kafka, f"hooks-{uuid.uuid4().hex[:6]}", _since(since_days),
+                              WEBHOOK_PORT=str(port), WEBHOOK_SECRET="bench-secret",
+                              SCHEDULING_POLL_INTERVAL=str(poll_s), METRICS_PORT=str(metrics_port),
+                              OPERATIONS_PER_SECOND=str(ops))
+            with run_service_background(env):
+                wait_for_port(port)
+                start_up, _ = asyncio.run(_post_hooks(port, rate, 1.0, "start"))
+                _wait_first_round(metrics_port, timeout_s=300)
+                sim.post("/_simulator/settings", {"live_rate": live_rate})
+                steady, statuses = asyncio.run(_post_hooks(port, rate, seconds, "steady"))
+                sim.post("/_simulator/settings", {"live_rate": 0})
+                rounds = _counter(metrics_port, "gitlab_producer_rounds_total")
+        p99 = _p99(steady)
+        detail = (f"{len(steady)} push-sized hooks at {rate:.0f}/s for {seconds:.0f} s, "
+                  f"{statuses.count(200)} answered 200; p50 "
+                  f"{statistics.median(steady) * 1000:.1f} ms; meanwhile {live_rate:.0f} live "
+                  f"events/s polled every {poll_s:.0f} s ({rounds:.0f} rounds in all)")
+        if ops == default_ops:
+            figures.append({"figure": "webhook hook-to-ack p99 (steady)",
+                            "value": round(p99 * 1000, 1), "unit": "ms", "limit": "< 20",
+                            "ratio": round(p99 * 1000 / 20, 2),
+                            "detail": f"{detail}; request cap {ops:g}/s as shipped"})
+        else:
+            start_p99 = _p99(start_up)
+            figures.append({
+                "figure": "webhook hook-to-ack p99 (start-up)",
+                "value": round(start_p99 * 1000, 1), "unit": "ms", "limit": "reported",
+                "ratio": "",
+                "detail": f"{len(start_up)} hooks in the first second after the port opened, "
+                          f"during the first round's catch-up of 2,000 projects / 20,000 "
+                          f"events; p50 {statistics.median(start_up) * 1000:.1f} ms"})
+            figures.append({"figure": "webhook hook-to-ack p99 (steady, polling uncapped)",
+                            "value": round(p99 * 1000, 1), "unit": "ms", "limit": "reported",
+                            "ratio": "", "detail": f"{detail}; no request cap"})
+    return figures
 
 
-def _histogram_p99(port: int, name: str) -> float:
-    """Upper bound of the bucket holding the 99th percentile of a Prometheus histogram."""
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * 0.99) - 1)]
+
+
+def _wait_first_round(port: int, timeout_s: float) -> None:
+    """Until the service reports its first finished round on ``/metrics``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if _counter(port, "gitlab_producer_rounds_total") >= 1:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"no round finished within {timeout_s} s")
+
+
+def _counter(port: int, name: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    buckets = sorted((float(s.labels["le"]), s.value)
-                     for family in text_string_to_metric_families(text)
-                     for s in family.samples if s.name == f"{name}_bucket")
-    total = buckets[-1][1]
-    return next(le for le, count in buckets if count >= 0.99 * total)
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == name)
 
 
-async def _post_hooks(port: int, rate: float, seconds: float) -> tuple[list[float], list[int]]:
+async def _post_hooks(port: int, rate: float, seconds: float, label: str
+                      ) -> tuple[list[float], list[int]]:
     import aiohttp
 
     body = orjson.dumps({"object_kind": "push", "project_id": 1, "ref": "refs/heads/dev",
@@ -302,7 +349,7 @@ async def _post_hooks(port: int, rate: float, seconds: float) -> tuple[list[floa
 
     async def one(session: aiohttp.ClientSession, n: int) -> None:
         headers = {"X-Gitlab-Token": "bench-secret", "X-Gitlab-Event": "Push Hook",
-                   "Idempotency-Key": f"bench-{n}", "Content-Type": "application/json"}
+                   "Idempotency-Key": f"bench-{label}-{n}", "Content-Type": "application/json"}
         started = time.perf_counter()
         async with session.post(f"http://127.0.0.1:{port}/webhooks/gitlab", data=body,
                                 headers=headers) as response:

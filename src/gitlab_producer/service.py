@@ -123,6 +123,7 @@ class Service:
             capturer.on_hook if s.capture_rules else None)
         app = build_webhook_app(receiver, s.webhook_max_body,
                                 capture_endpoint(capturer, s.webhook_secret.get_secret_value()))
+        await receiver.warm_up()
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, self.ops_host, s.webhook_port).start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -50,3 +51,33 @@ async def test_file_sink_and_sqlite_store(tmp_path: Path) -> None:
                 for s in m.samples if s.name.endswith("_total")}
     assert statuses[("Merge Request Hook", "200")] == 3
     assert statuses[("Merge Request Hook", "413")] == 1
+
+
+async def test_concurrent_repeats_produce_once(tmp_path: Path) -> None:
+    """Retries racing the first delivery wait for it instead of producing again."""
+    store = SQLiteStore(tmp_path / "state.sqlite3")
+    sink = FileSink(str(tmp_path / "hooks.jsonl"), "bus.hooks")
+    receiver = WebhookReceiver(WebhookConfig("s3cret", "", 300, 3600, "gl.test"), store, sink,
+                               Metrics())
+    runner = web.AppRunner(build_webhook_app(receiver, 4096))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/webhooks/gitlab"
+    headers = {"X-Gitlab-Token": "s3cret", "X-Gitlab-Event": "Push Hook",
+               "Idempotency-Key": "same-delivery"}
+    body = orjson.dumps({"object_kind": "push", "project_id": 3})
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            answers = await asyncio.gather(*(client.post(url, content=body, headers=headers)
+                                             for _ in range(8)))
+            await receiver.drain()
+            later = await client.post(url, content=body, headers=headers)
+    finally:
+        await runner.cleanup()
+        await sink.close()
+        await store.close()
+    assert [a.status_code for a in answers] == [200] * 8
+    assert sorted(a.json()["status"] for a in answers) == ["delivered"] + ["duplicate"] * 7
+    assert later.json() == {"status": "duplicate"}
+    assert len((tmp_path / "hooks.jsonl").read_bytes().splitlines()) == 1

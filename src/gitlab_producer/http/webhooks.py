@@ -35,6 +35,7 @@ from gitlab_producer.store.base import Store, StoreError
 
 log = get_logger(__name__)
 HOOK_NAMESPACE = "hook"
+DRAIN_TIMEOUT_S = 3.0
 
 # X-Gitlab-Event values GitLab documents; anything else is forwarded flagged as unknown.
 KNOWN_EVENTS = frozenset({
@@ -105,6 +106,16 @@ class WebhookReceiver:
         self._claims: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
+    async def warm_up(self) -> None:
+        """Connect to the broker and the store before the port opens, so the first
+        deliveries do not wait for connections (or get a 503 GitLab would count as a failure).
+        An unreachable one is only logged: hooks then get 503 until it answers."""
+        for name, check in (("kafka", self.sink.ping), ("store", self.store.ping)):
+            try:
+                await check()
+            except (DeliveryError, StoreError) as exc:
+                log.warning("webhook_warm_up_failed", target=name, error=str(exc))
+
     def _answer(self, kind: str, status: int, text: str) -> web.Response:
         self.metrics.webhooks.labels(kind, str(status)).inc()
         return web.json_response({"status": text}, status=status)
@@ -147,9 +158,7 @@ class WebhookReceiver:
             log.warning("webhook_not_delivered", kind=kind, error=str(exc))
             return self._answer(kind, 503, "not delivered, retry")
         if produced and self.on_hook is not None:
-            task = asyncio.create_task(self.on_hook(payload))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self.on_hook(payload))
         return self._answer(kind, 200, "delivered" if produced else "duplicate")
 
     def _message(self, request: web.Request, event: str, kind: str, key: str,
@@ -167,32 +176,64 @@ class WebhookReceiver:
         return Message(_owner(payload).encode(), body, tuple(headers))
 
     async def _deliver_once(self, key: str, message: Message) -> bool:
-        """Produce unless this key was delivered before; True when this call produced."""
+        """Produce unless this key was delivered before; True when this call produced.
+
+        The in-process claim is taken before the first await, so concurrent repeats wait for
+        the first one. The store's mark is written after the 200, off the hook's critical
+        path; the claim is held until it is written. A mark that fails lets a later retry
+        produce again, exactly as when it failed before the answer (GitLab got a 503 and
+        retried), so answering first gives up nothing."""
         waiting = self._claims.get(key)
         if waiting is not None:
             await asyncio.shield(waiting)
             return False
-        if not await self.store.unseen_keys(HOOK_NAMESPACE, [key]):
-            return False
         claim: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._claims[key] = claim
         try:
+            if not await self.store.unseen_keys(HOOK_NAMESPACE, [key]):
+                self._release(key, claim)
+                return False
             await self.sink.send([message])
-            await self.store.mark_keys(HOOK_NAMESPACE, [key], self.config.ttl_s)
-            claim.set_result(None)
         except BaseException as exc:
-            claim.set_exception(DeliveryError(str(exc)))
-            claim.exception()
-            raise
-        finally:
             self._claims.pop(key, None)
+            claim.set_exception(DeliveryError(str(exc)))
+            claim.exception()  # waiters re-raise it; nobody else has to retrieve it
+            raise
+        self._spawn(self._mark(key, claim))
         return True
+
+    async def _mark(self, key: str, claim: asyncio.Future[None]) -> None:
+        try:
+            await self.store.mark_keys(HOOK_NAMESPACE, [key], self.config.ttl_s)
+        except StoreError as exc:
+            log.warning("webhook_mark_failed", error=str(exc))
+        finally:
+            self._release(key, claim)
+
+    def _release(self, key: str, claim: asyncio.Future[None]) -> None:
+        self._claims.pop(key, None)
+        claim.set_result(None)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Give the marks and hook callbacks still running a moment to finish (at shutdown)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout_s)
 
 
 def build_webhook_app(receiver: WebhookReceiver, max_body: int,
                       capture: Callable[[web.Request], Awaitable[web.Response]] | None = None
                       ) -> web.Application:
     app = web.Application(client_max_size=max_body)
+
+    async def drain(_app: web.Application) -> None:
+        await receiver.drain()
+
+    app.on_cleanup.append(drain)
     app.router.add_post("/webhooks/gitlab", receiver.handle)
     if capture is not None:
         app.router.add_post("/capture", capture)

@@ -46,14 +46,25 @@ def kafka_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+# Errors after which this producer instance never delivers again (its idempotence state was
+# lost or fenced, e.g. by a broker that rejects librdkafka's epoch bump after a timed-out
+# request); librdkafka's advice is a new instance.
+UNRECOVERABLE = frozenset({
+    KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    KafkaError._FATAL, KafkaError._FENCED,
+})
+
+
 class _Batch:
     """Counts acknowledgements from librdkafka's thread and wakes the event loop at zero."""
 
-    __slots__ = ("error", "future", "lock", "loop", "remaining")
+    __slots__ = ("error", "future", "lock", "loop", "remaining", "unrecoverable")
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
         self.remaining = size
         self.error: str | None = None
+        self.unrecoverable = False
         self.lock = threading.Lock()
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
@@ -68,6 +79,8 @@ class _Batch:
             self.loop.call_soon_threadsafe(self._finish)
 
     def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+        if err is not None and (err.fatal() or err.code() in UNRECOVERABLE):
+            self.unrecoverable = True
         self.settle(1, None if err is None else str(err))
 
     def _finish(self) -> None:
@@ -80,7 +93,8 @@ class KafkaSink:
 
     def __init__(self, config: dict[str, Any], topic: str) -> None:
         self.topic = topic
-        self._producer = Producer({**config, "error_cb": self._on_error})
+        self._config = {**config, "error_cb": self._on_error}
+        self._producer = Producer(self._config)
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
         self._poller.start()
@@ -97,7 +111,8 @@ class KafkaSink:
         if not messages:
             return
         batch = _Batch(len(messages), asyncio.get_running_loop())
-        produce = self._producer.produce
+        producer = self._producer
+        produce = producer.produce
         for index, message in enumerate(messages):
             while True:
                 try:
@@ -110,13 +125,28 @@ class KafkaSink:
                     batch.settle(len(messages) - index, str(exc))
                     raise DeliveryError(f"kafka produce failed: {exc}") from exc
         await batch.future
+        if batch.unrecoverable and producer is self._producer:  # once, not per failed batch
+            await self._renew()
         if batch.error is not None:
             raise DeliveryError(f"kafka delivery failed: {batch.error}")
+
+    async def _renew(self) -> None:
+        """Swap in a new producer; what the old one still holds was never acknowledged,
+        so it was reported as failed and will be sent again."""
+        old, self._producer = self._producer, Producer(self._config)
+        log.warning("kafka_producer_renewed", topic=self.topic)
+
+        def retire() -> None:
+            old.purge()
+            old.flush(0)
+
+        await asyncio.get_running_loop().run_in_executor(None, retire)
 
     async def ping(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, lambda: self._producer.list_topics(timeout=3))
+            await loop.run_in_executor(
+                None, lambda: self._producer.list_topics(self.topic, timeout=3))
         except KafkaException as exc:
             raise DeliveryError(f"kafka unreachable: {exc}") from exc
 

@@ -15,12 +15,19 @@ so this store targets a standalone Redis (or Sentinel).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from importlib.metadata import version
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from gitlab_producer.store.base import Cursor, StoreError
+
+MAX_CONNECTIONS = 64
+# Built once: without it redis-py looks its own version up in the installed packages' metadata
+# for every new connection, a few milliseconds of blocked event loop each.
+DRIVER_INFO = DriverInfo().add_upstream_driver("gitlab-producer", version("gitlab-producer"))
 
 # KEYS: event keys; ARGV[1]: TTL in seconds. SET key 1 EX ttl for each.
 MARK_SCRIPT = """
@@ -44,9 +51,13 @@ class RedisStore:
     def from_address(cls, address: str, password: str = "", db: int = 0,
                      prefix: str = "gitlab-producer:") -> RedisStore:
         host, _, port = address.removeprefix("redis://").rpartition(":")
-        client = aioredis.Redis(host=host, port=int(port), password=password or None, db=db,
-                                socket_timeout=10, socket_connect_timeout=5)
-        return cls(client, prefix)
+        # A burst (webhooks, many readers) waits for a free connection rather than failing
+        # with "Too many connections", which the default pool raises at its limit.
+        pool = aioredis.BlockingConnectionPool(
+            host=host, port=int(port), password=password or None, db=db, socket_timeout=10,
+            socket_connect_timeout=5, max_connections=MAX_CONNECTIONS, timeout=10,
+            driver_info=DRIVER_INFO)
+        return cls(aioredis.Redis.from_pool(pool), prefix)
 
     async def _unseen(self, keys: list[str]) -> list[bool]:
         if not keys:
