@@ -38,5 +38,10 @@ def simulate(args: argparse.Namespace) -> int:
         await stop.wait()
         await runner.cleanup()
 
-    asyncio.run(main())
-    return 0
+    from gitlab_producer.cli import run_async
+
+    async def until_stopped() -> int:
+        await main()
+        return 0
+
+    return run_async(until_stopped())

@@ -128,25 +128,42 @@ async def discover_users(ctx: SyncContext, out: asyncio.Queue[Work | None]) -> i
 async def read_events(ctx: SyncContext, work: Work,
                       select: Callable[[Events], Awaitable[Events]] | None = None) -> Cursor:
     """Read one entity's events newest first, down to its lower bound, delivering each page.
-    Returns the cursor to save once everything was acknowledged."""
+    Returns the cursor to save once everything was acknowledged.
+
+    A page is delivered while the next one is fetched (one delivery in flight per reader):
+    GitLab still sees one request at a time from each reader."""
     started = time.time()
     lower = lower_bound(ctx.rules, work.cursor, ctx.since)
     path = f"{work.kind}s/{work.entity_id}/events"
     params = {"after": after_param(lower), "sort": "desc", "per_page": ctx.per_page}
     fetched = ctx.metrics.events_fetched.labels(work.kind)
-    async for page in ctx.client.pages(path, params, f"{work.kind}s/:id/events",
-                                       decode=decode_events):
-        fetched.inc(len(page))
-        wanted = [e for e in page if e.created_ts >= lower]
-        if wanted and select is not None:
-            wanted = await select(wanted)
-        await ctx.deliverer.deliver(wanted)
-        # Newest first: once a page reaches below the bound, the rest is older still.
-        # (A short or empty page says nothing; only the headers end the list.)
-        if page and min(e.created_ts for e in page) < lower:
-            break
-        if ctx.stop.is_set():
-            raise Interrupted(f"{work.kind} {work.entity_id}")
+    delivering: asyncio.Task[int] | None = None
+    try:
+        async for page in ctx.client.pages(path, params, f"{work.kind}s/:id/events",
+                                           decode=decode_events):
+            fetched.inc(len(page))
+            wanted = [e for e in page if e.created_ts >= lower]
+            if wanted and select is not None:
+                wanted = await select(wanted)
+            if delivering is not None:
+                await delivering
+            delivering = asyncio.create_task(ctx.deliverer.deliver(wanted)) if wanted else None
+            # Newest first: once a page reaches below the bound, the rest is older still.
+            # (A short or empty page says nothing; only the headers end the list.)
+            if page and min(e.created_ts for e in page) < lower:
+                break
+            if ctx.stop.is_set():
+                raise Interrupted(f"{work.kind} {work.entity_id}")
+        if delivering is not None:
+            await delivering
+    except BaseException:
+        # Let the page already handed over finish (what it produced gets its marks), then
+        # report the first failure.
+        if delivering is not None and not delivering.done():
+            await asyncio.wait([delivering])
+        if delivering is not None and not delivering.cancelled():
+            delivering.exception()
+        raise
     ctx.metrics.entities_synced.labels(work.kind).inc()
     return Cursor(started, work.activity)
 
