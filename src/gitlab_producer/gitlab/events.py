@@ -7,7 +7,6 @@ bytes GitLab sent are what goes to Kafka: the message value is the event exactly
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 
 import msgspec
@@ -24,9 +23,9 @@ _PAGE = msgspec.json.Decoder(list[msgspec.Raw])
 _HEAD = msgspec.json.Decoder(_Head)
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One event: what the sync reads of it, and its original JSON."""
+class Event(msgspec.Struct, frozen=True):
+    """One event: what the sync reads of it, and its original JSON. (A Struct, not a frozen
+    dataclass: built for every event, and a frozen dataclass's ``__init__`` is Python code.)"""
 
     id: int
     project_id: int | None

@@ -46,6 +46,7 @@ class RedisStore:
         self._redis = client
         self.prefix = prefix
         self._mark: AsyncScript = client.register_script(MARK_SCRIPT)
+        self._event_key = f"{prefix}event:".encode() + b"%d"  # bytes skip redis-py's encoder
 
     @classmethod
     def from_address(cls, address: str, password: str = "", db: int = 0,
@@ -59,7 +60,7 @@ class RedisStore:
             driver_info=DRIVER_INFO)
         return cls(aioredis.Redis.from_pool(pool), prefix)
 
-    async def _unseen(self, keys: list[str]) -> list[bool]:
+    async def _unseen(self, keys: Sequence[str | bytes]) -> list[bool]:
         if not keys:
             return []
         try:
@@ -68,7 +69,7 @@ class RedisStore:
             raise StoreError(f"redis: {exc}") from exc
         return [value is None for value in found]
 
-    async def _set_marks(self, keys: list[str], ttl_s: int) -> None:
+    async def _set_marks(self, keys: Sequence[str | bytes], ttl_s: int) -> None:
         if not keys:
             return
         try:
@@ -77,11 +78,13 @@ class RedisStore:
             raise StoreError(f"redis: {exc}") from exc
 
     async def unseen(self, event_ids: Sequence[int]) -> list[int]:
-        fresh = await self._unseen([f"{self.prefix}event:{i}" for i in event_ids])
+        key = self._event_key
+        fresh = await self._unseen([key % i for i in event_ids])
         return [i for i, new in zip(event_ids, fresh, strict=True) if new]
 
     async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
-        await self._set_marks([f"{self.prefix}event:{i}" for i in event_ids], ttl_s)
+        key = self._event_key
+        await self._set_marks([key % i for i in event_ids], ttl_s)
 
     async def unseen_keys(self, namespace: str, keys: Sequence[str]) -> list[str]:
         fresh = await self._unseen([f"{self.prefix}{namespace}:{k}" for k in keys])
