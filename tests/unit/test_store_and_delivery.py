@@ -143,3 +143,16 @@ async def test_keyed_marks_have_their_own_namespace(store: Store) -> None:
     await store.mark_keys("hook", ["b"], ttl_s=1)
     await asyncio.sleep(1.1)
     assert await store.unseen_keys("hook", ["a", "b"]) == ["b"]
+
+
+async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(
+        redis_address: str, redis_prefix: str) -> None:
+    """More concurrent calls than connections (a burst of webhooks) queue for a connection;
+    redis-py's default pool would raise "Too many connections" and the hooks would get 503."""
+    store = RedisStore.from_address(redis_address, db=TEST_REDIS_DB, prefix=redis_prefix,
+                                    max_connections=2)
+    try:
+        answers = await asyncio.gather(*(store.unseen_keys("hook", [f"k{i}"]) for i in range(40)))
+    finally:
+        await store.close()
+    assert answers == [[f"k{i}"] for i in range(40)]

@@ -61,6 +61,9 @@ class AiohttpTransport:
             self._session = aiohttp.ClientSession(
                 headers=self._headers, timeout=self._timeout,
                 connector=aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300),
+                # The token authenticates every request: no session cookies to keep, and no
+                # cookie filtering on every request and answer.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=True, raise_for_status=False)
         return self._session
 

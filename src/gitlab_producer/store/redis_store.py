@@ -50,13 +50,14 @@ class RedisStore:
 
     @classmethod
     def from_address(cls, address: str, password: str = "", db: int = 0,
-                     prefix: str = "gitlab-producer:") -> RedisStore:
+                     prefix: str = "gitlab-producer:",
+                     max_connections: int = MAX_CONNECTIONS) -> RedisStore:
         host, _, port = address.removeprefix("redis://").rpartition(":")
         # A burst (webhooks, many readers) waits for a free connection rather than failing
         # with "Too many connections", which the default pool raises at its limit.
         pool = aioredis.BlockingConnectionPool(
             host=host, port=int(port), password=password or None, db=db, socket_timeout=10,
-            socket_connect_timeout=5, max_connections=MAX_CONNECTIONS, timeout=10,
+            socket_connect_timeout=5, max_connections=max_connections, timeout=10,
             driver_info=DRIVER_INFO)
         return cls(aioredis.Redis.from_pool(pool), prefix)
 
