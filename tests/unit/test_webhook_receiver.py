@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -16,30 +18,35 @@ from gitlab_producer.sinks.file import FileSink
 from gitlab_producer.store.sqlite_store import SQLiteStore
 
 
-async def test_file_sink_and_sqlite_store(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, metrics: Metrics) -> AsyncIterator[tuple[str, WebhookReceiver]]:
+    """A receiver on the embedded defaults, listening on a free loopback port."""
     store = SQLiteStore(tmp_path / "state.sqlite3")
     sink = FileSink(str(tmp_path / "hooks.jsonl"), "bus.hooks")
-    metrics = Metrics()
     receiver = WebhookReceiver(WebhookConfig("s3cret", "", 300, 3600, "gl.test"), store, sink,
                                metrics)
     runner = web.AppRunner(build_webhook_app(receiver, 4096))
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}/webhooks/gitlab"
-    body = orjson.dumps({"object_kind": "merge_request", "project": {"id": 12}})
-    headers = {"X-Gitlab-Token": "s3cret", "X-Gitlab-Event": "Merge Request Hook"}
     try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            first = await client.post(url, content=body, headers=headers)
-            # Older GitLab: no Idempotency-Key; the byte-identical retry is still recognised.
-            again = await client.post(url, content=body, headers=headers)
-            other = await client.post(url, content=body + b" ", headers=headers)
-            big = await client.post(url, content=b"[" + b"1," * 5000 + b"1]", headers=headers)
+        yield f"http://127.0.0.1:{port}/webhooks/gitlab", receiver
     finally:
         await runner.cleanup()
         await sink.close()
         await store.close()
+
+
+async def test_file_sink_and_sqlite_store(tmp_path: Path) -> None:
+    metrics = Metrics()
+    body = orjson.dumps({"object_kind": "merge_request", "project": {"id": 12}})
+    headers = {"X-Gitlab-Token": "s3cret", "X-Gitlab-Event": "Merge Request Hook"}
+    async with serving(tmp_path, metrics) as (url, _), httpx.AsyncClient(timeout=10) as client:
+        first = await client.post(url, content=body, headers=headers)
+        # Older GitLab: no Idempotency-Key; the byte-identical retry is still recognised.
+        again = await client.post(url, content=body, headers=headers)
+        other = await client.post(url, content=body + b" ", headers=headers)
+        big = await client.post(url, content=b"[" + b"1," * 5000 + b"1]", headers=headers)
     assert [r.status_code for r in (first, again, other, big)] == [200, 200, 200, 413]
     assert again.json() == {"status": "duplicate"}
     lines = [orjson.loads(line) for line in (tmp_path / "hooks.jsonl").read_bytes().splitlines()]
@@ -55,28 +62,15 @@ async def test_file_sink_and_sqlite_store(tmp_path: Path) -> None:
 
 async def test_concurrent_repeats_produce_once(tmp_path: Path) -> None:
     """Retries racing the first delivery wait for it instead of producing again."""
-    store = SQLiteStore(tmp_path / "state.sqlite3")
-    sink = FileSink(str(tmp_path / "hooks.jsonl"), "bus.hooks")
-    receiver = WebhookReceiver(WebhookConfig("s3cret", "", 300, 3600, "gl.test"), store, sink,
-                               Metrics())
-    runner = web.AppRunner(build_webhook_app(receiver, 4096))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}/webhooks/gitlab"
     headers = {"X-Gitlab-Token": "s3cret", "X-Gitlab-Event": "Push Hook",
                "Idempotency-Key": "same-delivery"}
     body = orjson.dumps({"object_kind": "push", "project_id": 3})
-    try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            answers = await asyncio.gather(*(client.post(url, content=body, headers=headers)
-                                             for _ in range(8)))
-            await receiver.drain()
-            later = await client.post(url, content=body, headers=headers)
-    finally:
-        await runner.cleanup()
-        await sink.close()
-        await store.close()
+    async with (serving(tmp_path, Metrics()) as (url, receiver),
+                httpx.AsyncClient(timeout=10) as client):
+        answers = await asyncio.gather(*(client.post(url, content=body, headers=headers)
+                                         for _ in range(8)))
+        await receiver.drain()
+        later = await client.post(url, content=body, headers=headers)
     assert [a.status_code for a in answers] == [200] * 8
     assert sorted(a.json()["status"] for a in answers) == ["delivered"] + ["duplicate"] * 7
     assert later.json() == {"status": "duplicate"}
