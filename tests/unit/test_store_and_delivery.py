@@ -103,6 +103,34 @@ async def test_overlapping_lists_deliver_each_event_once(tmp_path: Path) -> None
     await store.close()
 
 
+class LaggingStore(SQLiteStore):
+    """Answers ``unseen`` from the state at the call, but hands it back only after a delay:
+    a reader whose lookup result sits in a busy event loop while another reader finishes."""
+
+    def __init__(self, path: Path, lags: list[float]) -> None:
+        super().__init__(path)
+        self.lags = lags
+
+    async def unseen(self, event_ids: Sequence[int]) -> list[int]:
+        answer = await super().unseen(event_ids)
+        await asyncio.sleep(self.lags.pop(0))
+        return answer
+
+
+async def test_a_reader_whose_lookup_lags_does_not_send_again(tmp_path: Path) -> None:
+    """The first reader claims, sends, marks and releases the event while the second one's
+    lookup (taken before the mark) is still on its way: the second must not send it too."""
+    store = LaggingStore(tmp_path / "s.sqlite3", lags=[0.0, 0.3])
+    sink = RecordingSink(delay_s=0.05)
+    deliverer = Deliverer(store, sink, 3600, Metrics(), "gitlab.test")
+    first = asyncio.create_task(deliverer.deliver([event(1)]))
+    await asyncio.sleep(0)  # the first reader starts first
+    produced = await asyncio.gather(first, deliverer.deliver([event(1)]))
+    assert sorted(produced) == [0, 1]
+    assert len(sink.sent) == 1
+    await store.close()
+
+
 async def test_failed_delivery_marks_nothing_and_fails_waiters(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.sqlite3")
     deliverer = Deliverer(store, RecordingSink(fail=True, delay_s=0.05), 3600, Metrics(), "g")

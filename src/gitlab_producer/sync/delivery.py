@@ -44,22 +44,24 @@ class Deliverer:
         self._claims: dict[int, asyncio.Future[None]] = {}
 
     async def deliver(self, events: Sequence[Event]) -> int:
-        """Deliver what was not sent yet; returns how many this call produced."""
+        """Deliver what was not sent yet; returns how many this call produced.
+
+        Events are claimed before the store is asked about them: a reader meeting an event
+        another one holds waits for that one's outcome. (Claiming only after the lookup let a
+        reader whose answer came back late send an event that a faster reader had meanwhile
+        sent, marked and released.)"""
         if not events:
             return 0
         by_id = {e.id: e for e in events}
-        waits = [self._claims[i] for i in by_id if i in self._claims]
-        candidates = [i for i in by_id if i not in self._claims]
-        fresh = await self.store.unseen(candidates) if candidates else []
-        # Claims may have appeared while the store answered.
-        waits += [self._claims[i] for i in fresh if i in self._claims]
-        fresh = [i for i in fresh if i not in self._claims]
-        self.metrics.events_duplicate.inc(len(by_id) - len(fresh) - len(waits))
-        loop = asyncio.get_running_loop()
-        claim: asyncio.Future[None] = loop.create_future()
-        for event_id in fresh:
+        waits = {self._claims[i] for i in by_id if i in self._claims}
+        mine = [i for i in by_id if i not in self._claims]
+        claim: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for event_id in mine:
             self._claims[event_id] = claim
+        fresh: list[int] = []
         try:
+            fresh = await self.store.unseen(mine) if mine else []
+            self.metrics.events_duplicate.inc(len(mine) - len(fresh))
             if fresh:
                 await self._send([by_id[i] for i in fresh])
             claim.set_result(None)
@@ -68,7 +70,7 @@ class Deliverer:
             claim.exception()  # retrieved here so an unwaited claim never warns
             raise
         finally:
-            for event_id in fresh:
+            for event_id in mine:
                 self._claims.pop(event_id, None)
         for other in waits:
             await asyncio.shield(other)
