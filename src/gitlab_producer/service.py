@@ -196,6 +196,7 @@ class Service:
             self.metrics.last_success.set(result.started)
         log.info("round_finished", ok=result.ok, produced=result.produced,
                  queued=result.queued, synced=result.synced, failed=result.failed,
+                 covered_by_users=result.covered,
                  duration_s=round(result.duration_s, 3), error=result.error or None)
         return result
 

@@ -12,9 +12,11 @@ from gitlab_producer.store.base import Cursor
 from gitlab_producer.sync.windows import (
     WindowRules,
     after_param,
+    cover_day,
     iso,
     lower_bound,
     parse_time,
+    project_is_warm,
     project_listing_after,
     project_needs_sync,
     user_needs_sync,
@@ -55,6 +57,25 @@ def test_unchanged_activity_is_read_until_the_lag_has_passed() -> None:
     assert project_needs_sync(RULES, cursor, "2026-03-10T12:00:00.000Z")
     settled = Cursor(ts("2026-03-10T13:06:00"), "2026-03-10T12:00:00.000Z")
     assert not project_needs_sync(RULES, settled, "2026-03-10T12:00:00.000Z")
+
+
+def test_warm_projects_and_the_day_their_authors_cover() -> None:
+    activity = "2026-03-10T12:00:00.000Z"
+    read = Cursor(ts("2026-03-10T12:30:00"), activity)
+    # Unchanged activity under the lag old: only the warm window makes it worth reading.
+    assert project_is_warm(RULES, read, activity, ts("2026-03-10T12:40:00"))
+    # Once the lag (and overlap) has passed, the project is read itself: not warm any more,
+    # yet still due, since its cursor predates the end of the window.
+    later = ts("2026-03-10T13:06:00")
+    assert not project_is_warm(RULES, read, activity, later)
+    assert project_needs_sync(RULES, read, activity)
+    # New activity or no cursor: a read of its own, never left to the users.
+    assert not project_is_warm(RULES, read, "2026-03-10T12:35:00.000Z", later)
+    assert not project_is_warm(RULES, None, activity, later)
+    # Authors active since the oldest cursor's day, one day earlier for GitLab's time zone.
+    cursors = [read, Cursor(ts("2026-03-10T00:02:00"), activity)]
+    assert cover_day(RULES, cursors) == "2026-03-08"  # 00:02 less 5 min is on the 9th
+    assert cover_day(RULES, [read]) == "2026-03-09"
 
 
 def test_user_rules() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.events import Event, decode_events
@@ -17,6 +18,7 @@ from gitlab_producer.sync.windows import (
     after_param,
     iso,
     lower_bound,
+    project_is_warm,
     project_needs_sync,
     user_needs_sync,
 )
@@ -89,40 +91,67 @@ class SyncContext:
 
 
 async def discover_projects(ctx: SyncContext, listing_after: float,
-                            out: asyncio.Queue[Work | None]) -> int:
+                            out: asyncio.Queue[Work | None], warm: list[Work] | None = None
+                            ) -> int:
     """List projects active since ``listing_after`` (keyset, so no 50,000-row limit) and queue
-    those whose cursors do not cover their activity. Returns how many were queued."""
+    those whose cursors do not cover their activity. Returns how many were queued. With
+    ``warm``, projects that need reading only because they are warm go there instead."""
     params = {"pagination": "keyset", "order_by": "id", "sort": "asc", "simple": "true",
               "per_page": ctx.per_page, "last_activity_after": iso(listing_after)}
     queued = 0
+    now = time.time()
     async for page in ctx.client.pages("projects", params, "projects", keyset=True):
         cursors = await ctx.store.cursors("project", [int(p["id"]) for p in page])
         for project in page:
             pid, activity = int(project["id"]), str(project["last_activity_at"])
-            if project_needs_sync(ctx.rules, cursors.get(pid), activity):
-                await out.put(Work("project", pid, activity, cursors.get(pid)))
+            cursor = cursors.get(pid)
+            if not project_needs_sync(ctx.rules, cursor, activity):
+                continue
+            work = Work("project", pid, activity, cursor)
+            if warm is not None and project_is_warm(ctx.rules, cursor, activity, now):
+                warm.append(work)
+            else:
+                await out.put(work)
                 queued += 1
         if ctx.stop.is_set():
             break
     return queued
 
 
-async def discover_users(ctx: SyncContext, out: asyncio.Queue[Work | None]) -> int:
-    """List users and queue those whose activity date says they may have unread events."""
+@dataclass
+class UserListing:
+    """What a pass over the users found."""
+
+    queued: int = 0
+    pages: int = 0
+    recent: int = 0  # users active since yesterday (UTC): about what covering warm projects reads
+    dated: bool = True  # every user showed last_activity_on (an administrator's token)
+
+
+async def discover_users(ctx: SyncContext, out: asyncio.Queue[Work | None],
+                         cover_from: str | None = None) -> UserListing:
+    """List users and queue those whose activity date says they may have unread events; with
+    ``cover_from`` (a date), also every user active since then: their lists cover the warm
+    projects this round does not read."""
     params = {"pagination": "keyset", "order_by": "id", "sort": "asc",
               "per_page": ctx.per_page}
-    queued = 0
+    listing = UserListing()
     now = time.time()
+    yesterday = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
     async for page in ctx.client.pages("users", params, "users", keyset=True):
+        listing.pages += 1
         cursors = await ctx.store.cursors("user", [int(u["id"]) for u in page])
         for user in page:
-            uid, activity = int(user["id"]), user.get("last_activity_on") or ""
-            if user_needs_sync(ctx.rules, cursors.get(uid), activity, ctx.since, now):
+            uid, activity = int(user["id"]), (user.get("last_activity_on") or "")[:10]
+            listing.recent += activity >= yesterday
+            listing.dated = listing.dated and bool(activity)
+            covers = cover_from is not None and (not activity or activity >= cover_from)
+            if covers or user_needs_sync(ctx.rules, cursors.get(uid), activity, ctx.since, now):
                 await out.put(Work("user", uid, activity, cursors.get(uid)))
-                queued += 1
+                listing.queued += 1
         if ctx.stop.is_set():
             break
-    return queued
+    return listing
 
 
 async def read_events(ctx: SyncContext, work: Work,

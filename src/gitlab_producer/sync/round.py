@@ -14,6 +14,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import orjson
+
 from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError, NotFoundError
 from gitlab_producer.logs import get_logger
 from gitlab_producer.sinks.base import DeliveryError
@@ -21,17 +23,19 @@ from gitlab_producer.store.base import StoreError
 from gitlab_producer.sync.entities import (
     Interrupted,
     SyncContext,
+    UserListing,
     Work,
     covered_by_projects,
     discover_projects,
     discover_users,
     read_events,
 )
-from gitlab_producer.sync.windows import iso, project_listing_after
+from gitlab_producer.sync.windows import cover_day, iso, project_listing_after
 
 log = get_logger(__name__)
 LAST_ROUND_KEY = "last_round_started"
 LAST_USER_LISTING_KEY = "last_user_listing"
+USER_COUNTS_KEY = "user_listing_counts"  # pages and recent users of the last full pass
 RECOVERABLE = (GitLabError, DeliveryError, StoreError)
 
 
@@ -44,6 +48,7 @@ class RoundResult:
     queued: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
     synced: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
     failed: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
+    covered: int = 0  # warm projects left to their authors' lists
     produced: int = 0
     error: str = ""
     duration_s: float = 0.0
@@ -56,6 +61,7 @@ class SyncRound:
         self.ctx = ctx
         self.concurrency = concurrency
         self.sync_users = sync_users
+        self._last_user_listing: UserListing | None = None  # this process's last full pass
 
     async def run(self) -> RoundResult:
         ctx = self.ctx
@@ -65,15 +71,31 @@ class SyncRound:
                                               ctx.since)
         log.info("round_started", projects_active_after=iso(listing_after))
         produced_before = self._produced()
-        list_users = self.sync_users and await self._user_listing_due(result.started)
+        listing_due = self.sync_users and await self._user_listing_due(result.started)
+        if self._last_user_listing is None:
+            self._last_user_listing = await self._stored_user_counts()
+        # Set by project discovery: the day from which users cover the warm projects, or None.
+        # Settled at once when no earlier pass over the users can price a cover, so that user
+        # discovery need not wait for the project listing.
+        cover: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        if not self._can_cover():
+            cover.set_result(None)
+        listed_users = False
         try:
             async with asyncio.TaskGroup() as group:
-                kinds = ["project", "user"] if list_users else ["project"]
-                for kind in kinds:
-                    queue: asyncio.Queue[Work | None] = asyncio.Queue(self.concurrency * 4)
-                    group.create_task(self._discover(kind, listing_after, queue, result))
+                projects: asyncio.Queue[Work | None] = asyncio.Queue(self.concurrency * 4)
+                group.create_task(self._discover_projects(listing_after, projects, cover,
+                                                          result))
+                readers = [projects]
+                if self.sync_users:
+                    users: asyncio.Queue[Work | None] = asyncio.Queue(self.concurrency * 4)
+                    listing = group.create_task(self._discover_users(listing_due, users, cover,
+                                                                     result))
+                    readers.append(users)
+                for queue in readers:
                     for _ in range(self.concurrency):
                         group.create_task(self._reader(queue, result))
+            listed_users = self.sync_users and listing.result()
         except* FatalGitLabError as fatal:
             result.ok, result.error = False, str(fatal.exceptions[0])
         except* RECOVERABLE as failed:
@@ -84,11 +106,34 @@ class SyncRound:
             result.ok = False
         if result.ok:
             await ctx.store.set_meta(LAST_ROUND_KEY, repr(result.started))
-            if list_users:
+            if listed_users:
                 await ctx.store.set_meta(LAST_USER_LISTING_KEY, repr(result.started))
         result.produced = self._produced() - produced_before
         result.duration_s = time.time() - result.started
         return result
+
+    def _can_cover(self) -> bool:
+        seen = self._last_user_listing
+        return self.sync_users and seen is not None and seen.dated
+
+    def _cover_from(self, warm: list[Work]) -> str | None:
+        """Cover the warm projects by their authors' lists when that costs fewer requests
+        (listing pages plus recently active users, as the last full pass counted them)."""
+        seen = self._last_user_listing
+        if not warm or seen is None or seen.pages + seen.recent >= len(warm):
+            return None
+        return cover_day(self.ctx.rules, [w.cursor for w in warm if w.cursor is not None])
+
+    async def _stored_user_counts(self) -> UserListing | None:
+        stored = await self.ctx.store.get_meta(USER_COUNTS_KEY)
+        if not stored:
+            return None
+        try:
+            counts = orjson.loads(stored)
+            return UserListing(pages=int(counts["pages"]), recent=int(counts["recent"]),
+                               dated=bool(counts["dated"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None  # written by another version: the next full pass rewrites it
 
     async def _user_listing_due(self, now: float) -> bool:
         """Users are listed at most every ``USER_RESYNC_INTERVAL``: their ``last_activity_on``
@@ -101,12 +146,45 @@ class SyncRound:
         return int(sum(sample.value for metric in self.ctx.metrics.events_produced.collect()
                        for sample in metric.samples if sample.name.endswith("_total")))
 
-    async def _discover(self, kind: str, listing_after: float,
-                        queue: asyncio.Queue[Work | None], result: RoundResult) -> None:
-        if kind == "project":
-            result.queued[kind] = await discover_projects(self.ctx, listing_after, queue)
+    async def _discover_projects(self, listing_after: float, queue: asyncio.Queue[Work | None],
+                                 cover: asyncio.Future[str | None], result: RoundResult
+                                 ) -> None:
+        warm: list[Work] = []
+        try:
+            queued = await discover_projects(self.ctx, listing_after, queue,
+                                             None if cover.done() else warm)
+        except BaseException:
+            cover.cancel()
+            raise
+        cover_from = self._cover_from(warm)
+        if not cover.done():
+            cover.set_result(cover_from)
+        if cover_from is None:
+            for work in warm:
+                await queue.put(work)
+            queued += len(warm)
         else:
-            result.queued[kind] = await discover_users(self.ctx, queue)
+            result.covered = len(warm)
+        result.queued["project"] = queued
+        await self._end(queue)
+
+    async def _discover_users(self, listing_due: bool, queue: asyncio.Queue[Work | None],
+                              cover: asyncio.Future[str | None], result: RoundResult) -> bool:
+        """Returns whether the users were listed (all of them, under the usual rules)."""
+        cover_from = await cover
+        listed = listing_due or cover_from is not None
+        if listed:
+            listing = await discover_users(self.ctx, queue, cover_from)
+            result.queued["user"] = listing.queued
+            if not self.ctx.stop.is_set():
+                self._last_user_listing = listing
+                await self.ctx.store.set_meta(USER_COUNTS_KEY, orjson.dumps(
+                    {"pages": listing.pages, "recent": listing.recent,
+                     "dated": listing.dated}).decode())
+        await self._end(queue)
+        return listed
+
+    async def _end(self, queue: asyncio.Queue[Work | None]) -> None:
         # Not in a `finally`: after a failure the task group cancels the readers, and a put
         # into their full queue would wait forever.
         for _ in range(self.concurrency):

@@ -62,6 +62,26 @@ def project_needs_sync(rules: WindowRules, cursor: Cursor | None, last_activity_
     return cursor.synced_at < settled_at
 
 
+def project_is_warm(rules: WindowRules, cursor: Cursor | None, last_activity_at: str,
+                    now: float) -> bool:
+    """The project needs reading only because its ``last_activity_at`` is under the lag old
+    (a newer event need not have moved it). Every such event is also in its author's list, so
+    reading the authors active since then covers it as well; once the lag has passed, the
+    project is read itself (its cursor still predates ``settled_at``)."""
+    if cursor is None or cursor.activity != last_activity_at:
+        return False
+    settled_at = parse_time(last_activity_at) + rules.project_lag_s + rules.overlap_s
+    return cursor.synced_at < settled_at and now < settled_at
+
+
+def cover_day(rules: WindowRules, cursors: list[Cursor]) -> str:
+    """The oldest ``last_activity_on`` an author of an unread event in these warm projects can
+    have: the day of the oldest cursor (less the overlap), one day earlier for GitLab's time
+    zone (the date is the server's, not UTC)."""
+    oldest = min(c.synced_at for c in cursors) - rules.overlap_s
+    return (datetime.fromtimestamp(oldest, UTC).date() - timedelta(days=1)).isoformat()
+
+
 def user_needs_sync(rules: WindowRules, cursor: Cursor | None, last_activity_on: str | None,
                     since: float, now: float) -> bool:
     """Read a user's events when its activity date is new, or its day may still hold unread
