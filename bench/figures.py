@@ -83,8 +83,9 @@ def catch_up(projects: int = 2000, users: int = 500, events: int = 300_000,
                 "value": made["project_events"] + made["user_events"],
                 "unit": "per-entity requests", "limit": "0", "ratio": None,
                 "detail": f"{made}; history runs up to start-up, so projects whose "
-                          "last_activity_at is under an hour old are re-read (GitLab would not "
-                          f"show a second event in that hour); exit {idle.code}"})
+                          "last_activity_at is under an hour old need a read (GitLab would not "
+                          "show a second event in that hour): of each, or of the users active "
+                          f"since yesterday when there are fewer; exit {idle.code}"})
             ceiling = raw_producer_ceiling(kafka.bootstrap, sim, truth)
             figures.append({"figure": "raw producer ceiling", "value": round(ceiling),
                             "unit": "events/s", "limit": "reported", "ratio": None,
