@@ -32,6 +32,7 @@ from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message, Sink
 from gitlab_producer.store.base import Store, StoreError
+from gitlab_producer.store.claims import Claim, Claims
 
 log = get_logger(__name__)
 HOOK_NAMESPACE = "hook"
@@ -103,7 +104,7 @@ class WebhookReceiver:
         self.sink = sink
         self.on_hook = on_hook
         self.metrics = metrics
-        self._claims: dict[str, asyncio.Future[None]] = {}
+        self._claims: Claims[str] = Claims()
         self._background: set[asyncio.Task[None]] = set()
 
     async def warm_up(self) -> None:
@@ -178,41 +179,33 @@ class WebhookReceiver:
     async def _deliver_once(self, key: str, message: Message) -> bool:
         """Produce unless this key was delivered before; True when this call produced.
 
-        The in-process claim is taken before the first await, so concurrent repeats wait for
-        the first one. The store's mark is written after the 200, off the hook's critical
-        path; the claim is held until it is written. A mark that fails lets a later retry
-        produce again, exactly as when it failed before the answer (GitLab got a 503 and
-        retried), so answering first gives up nothing."""
-        waiting = self._claims.get(key)
-        if waiting is not None:
-            await asyncio.shield(waiting)
+        Concurrent repeats wait for the first one (a claim taken before the lookup). The
+        store's mark is written after the 200, off the hook's critical path; the claim is
+        held until it is written. A mark that fails lets a later retry produce again, exactly
+        as when it failed before the answer (GitLab got a 503 and retried), so answering first
+        gives up nothing."""
+        claim = self._claims.take([key])
+        if not claim.mine:
+            await claim.wait_for_others()
             return False
-        claim: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._claims[key] = claim
         try:
             if not await self.store.unseen_keys(HOOK_NAMESPACE, [key]):
-                self._release(key, claim)
+                claim.release()
                 return False
             await self.sink.send([message])
         except BaseException as exc:
-            self._claims.pop(key, None)
-            claim.set_exception(DeliveryError(str(exc)))
-            claim.exception()  # waiters re-raise it; nobody else has to retrieve it
+            claim.release(exc)
             raise
         self._spawn(self._mark(key, claim))
         return True
 
-    async def _mark(self, key: str, claim: asyncio.Future[None]) -> None:
+    async def _mark(self, key: str, claim: Claim[str]) -> None:
         try:
             await self.store.mark_keys(HOOK_NAMESPACE, [key], self.config.ttl_s)
         except StoreError as exc:
             log.warning("webhook_mark_failed", error=str(exc))
         finally:
-            self._release(key, claim)
-
-    def _release(self, key: str, claim: asyncio.Future[None]) -> None:
-        self._claims.pop(key, None)
-        claim.set_result(None)
+            claim.release()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

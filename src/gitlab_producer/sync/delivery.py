@@ -7,7 +7,6 @@ it claims it, and any other task waits for that claim's outcome instead of produ
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 
@@ -15,6 +14,7 @@ from gitlab_producer.gitlab.events import Event
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message, Sink
 from gitlab_producer.store.base import Store
+from gitlab_producer.store.claims import Claims
 
 
 def to_message(event: Event, instance: bytes) -> Message:
@@ -41,39 +41,25 @@ class Deliverer:
         self.ttl_s = ttl_s
         self.metrics = metrics
         self._instance = instance.encode()
-        self._claims: dict[int, asyncio.Future[None]] = {}
+        self._claims: Claims[int] = Claims()
 
     async def deliver(self, events: Sequence[Event]) -> int:
-        """Deliver what was not sent yet; returns how many this call produced.
-
-        Events are claimed before the store is asked about them: a reader meeting an event
-        another one holds waits for that one's outcome. (Claiming only after the lookup let a
-        reader whose answer came back late send an event that a faster reader had meanwhile
-        sent, marked and released.)"""
+        """Deliver what was not sent yet; returns how many this call produced. An event
+        another reader holds is waited for (see :mod:`gitlab_producer.store.claims`)."""
         if not events:
             return 0
         by_id = {e.id: e for e in events}
-        waits = {self._claims[i] for i in by_id if i in self._claims}
-        mine = [i for i in by_id if i not in self._claims]
-        claim: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for event_id in mine:
-            self._claims[event_id] = claim
-        fresh: list[int] = []
+        claim = self._claims.take(by_id)
         try:
-            fresh = await self.store.unseen(mine) if mine else []
-            self.metrics.events_duplicate.inc(len(mine) - len(fresh))
+            fresh = await self.store.unseen(claim.mine) if claim.mine else []
+            self.metrics.events_duplicate.inc(len(claim.mine) - len(fresh))
             if fresh:
                 await self._send([by_id[i] for i in fresh])
-            claim.set_result(None)
         except BaseException as exc:
-            claim.set_exception(DeliveryError(f"delivery by another task failed: {exc}"))
-            claim.exception()  # retrieved here so an unwaited claim never warns
+            claim.release(exc)
             raise
-        finally:
-            for event_id in mine:
-                self._claims.pop(event_id, None)
-        for other in waits:
-            await asyncio.shield(other)
+        claim.release()
+        await claim.wait_for_others()
         return len(fresh)
 
     async def _send(self, events: list[Event]) -> None:

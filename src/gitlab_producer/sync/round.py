@@ -72,7 +72,7 @@ class SyncRound:
         log.info("round_started", projects_active_after=iso(listing_after))
         produced_before = self._produced()
         listing_due = self.sync_users and await self._user_listing_due(result.started)
-        if self._last_user_listing is None:
+        if self.sync_users and self._last_user_listing is None:  # once per process, mostly
             self._last_user_listing = await self._stored_user_counts()
         # Set by project discovery: the day from which users cover the warm projects, or None.
         # Settled at once when no earlier pass over the users can price a cover, so that user

@@ -58,8 +58,12 @@ def project_needs_sync(rules: WindowRules, cursor: Cursor | None, last_activity_
     if cursor is None or cursor.activity != last_activity_at:
         return True
     # Unchanged last_activity_at: new events can only lie within the lag after it.
-    settled_at = parse_time(last_activity_at) + rules.project_lag_s + rules.overlap_s
-    return cursor.synced_at < settled_at
+    return cursor.synced_at < _settled_at(rules, last_activity_at)
+
+
+def _settled_at(rules: WindowRules, last_activity_at: str) -> float:
+    """From then on an unchanged ``last_activity_at`` proves the project had no new event."""
+    return parse_time(last_activity_at) + rules.project_lag_s + rules.overlap_s
 
 
 def project_is_warm(rules: WindowRules, cursor: Cursor | None, last_activity_at: str,
@@ -70,7 +74,7 @@ def project_is_warm(rules: WindowRules, cursor: Cursor | None, last_activity_at:
     project is read itself (its cursor still predates ``settled_at``)."""
     if cursor is None or cursor.activity != last_activity_at:
         return False
-    settled_at = parse_time(last_activity_at) + rules.project_lag_s + rules.overlap_s
+    settled_at = _settled_at(rules, last_activity_at)
     return cursor.synced_at < settled_at and now < settled_at
 
 
