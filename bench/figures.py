@@ -214,7 +214,7 @@ def tail_latency(rate: float = 100.0, poll_s: float = 5.0, seconds: float = 60.0
                                                     since_id=first_live - 1)["events"]}
         _, stamps = consume_ids(kafka.bootstrap, topic, 0, timeout_s=60)
     delays = sorted((ts - times[i]) / 1000 for ts, i in stamps if i in times)
-    p99 = delays[int(len(delays) * 0.99) - 1] if delays else math.inf
+    p99 = _p99(delays) if delays else math.inf
     return [{"figure": f"tail latency (live, p99, {ops:g} ops/s)", "value": round(p99, 2),
              "unit": "s",
              "limit": f"<= {poll_s + 1:.0f}", "ratio": round(p99 / (poll_s + 1), 3),
@@ -331,6 +331,7 @@ def webhook_latency(rate: float = 500.0, seconds: float = 10.0, live_rate: float
 
 
 def _p99(values: list[float]) -> float:
+    """Nearest-rank 99th percentile."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(len(ordered) * 0.99) - 1)]
 
