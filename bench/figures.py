@@ -16,6 +16,7 @@ import orjson
 
 from bench.harness import (
     broker,
+    clean_redis,
     consume_ids,
     pages_lower_bound,
     per_entity_requests,
@@ -35,7 +36,7 @@ def _since(days: float) -> str:
 def catch_up(projects: int = 2000, users: int = 500, events: int = 300_000,
              runs: int = 3) -> list[Figure]:
     """First round over a fresh instance, no rate cap: throughput (median of ``runs``, each on
-    a fresh simulator and broker, since this shared machine varies by +-20 % run to run), API
+    a fresh simulator and broker and without the previous run's Redis keys, since this shared machine varies by +-20 % run to run), API
     cost, CPU; then, after the last run, an idle round and the raw producer ceiling on the same
     broker with the same messages."""
     rates: list[float] = []
@@ -55,6 +56,7 @@ def catch_up(projects: int = 2000, users: int = 500, events: int = 300_000,
             rates.append(truth / first.wall_s)
             cpus.append(first.cpu_s / truth * 10_000)
             if run < runs - 1:
+                clean_redis()  # each run starts from the same Redis, as from a fresh broker
                 continue
             rate = statistics.median(rates)
             bound = pages_lower_bound(sim)

@@ -19,8 +19,8 @@ class _Head(msgspec.Struct):
     author_id: int | None = None
 
 
-_PAGE = msgspec.json.Decoder(list[msgspec.Raw])
-_HEAD = msgspec.json.Decoder(_Head)
+_RAWS = msgspec.json.Decoder(list[msgspec.Raw])
+_HEADS = msgspec.json.Decoder(list[_Head])
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -35,10 +35,10 @@ class Event(msgspec.Struct, frozen=True):
 
 
 def decode_events(body: bytes) -> list[Event]:
-    """A page of events; raises ValueError on anything but a JSON array of events."""
-    events = []
-    for raw in _PAGE.decode(body):
-        head = _HEAD.decode(raw)
-        events.append(Event(head.id, head.project_id, head.author_id,
-                            head.created_at.timestamp(), bytes(raw)))
-    return events
+    """A page of events; raises ValueError on anything but a JSON array of events.
+
+    Two passes over the page in C (the heads, then each event's byte slice) cost less than
+    decoding every slice on its own from Python."""
+    return [Event(head.id, head.project_id, head.author_id, head.created_at.timestamp(),
+                  bytes(raw))
+            for head, raw in zip(_HEADS.decode(body), _RAWS.decode(body), strict=True)]

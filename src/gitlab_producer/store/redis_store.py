@@ -15,19 +15,36 @@ so this store targets a standalone Redis (or Sentinel).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from importlib.metadata import version
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.connection import HiredisRespSerializer
 from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from gitlab_producer.store.base import Cursor, StoreError
+from gitlab_producer.store.coalesce import Coalescer
 
 MAX_CONNECTIONS = 64
 # Built once: without it redis-py looks its own version up in the installed packages' metadata
 # for every new connection, a few milliseconds of blocked event loop each.
 DRIVER_INFO = DriverInfo().add_upstream_driver("gitlab-producer", version("gitlab-producer"))
+
+
+
+class HiredisPackingConnection(aioredis.Connection):
+    """redis-py's asyncio connection, packing commands with hiredis as its synchronous client
+    does. The asyncio one packs in Python: for a 100-key MGET that was half the client's CPU
+    time (measured: 460 of 920 us per call under cProfile; hiredis packs it in 21 us)."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._packer.pack(*args)
+
 
 # KEYS: event keys; ARGV[1]: TTL in seconds. SET key 1 EX ttl for each.
 MARK_SCRIPT = """
@@ -47,6 +64,9 @@ class RedisStore:
         self.prefix = prefix
         self._mark: AsyncScript = client.register_script(MARK_SCRIPT)
         self._event_key = f"{prefix}event:".encode() + b"%d"  # bytes skip redis-py's encoder
+        # Lookups and marks made while one is in flight go out together (see coalesce.py).
+        self._lookups: Coalescer[str | bytes, bool] = Coalescer(self._lookup)
+        self._markers: dict[int, Coalescer[str | bytes, None]] = {}
 
     @classmethod
     def from_address(cls, address: str, password: str = "", db: int = 0,
@@ -58,25 +78,31 @@ class RedisStore:
         pool = aioredis.BlockingConnectionPool(
             host=host, port=int(port), password=password or None, db=db, socket_timeout=10,
             socket_connect_timeout=5, max_connections=max_connections, timeout=10,
-            driver_info=DRIVER_INFO)
+            driver_info=DRIVER_INFO, connection_class=HiredisPackingConnection)
         return cls(aioredis.Redis.from_pool(pool), prefix)
 
-    async def _unseen(self, keys: Sequence[str | bytes]) -> list[bool]:
-        if not keys:
-            return []
+    async def _lookup(self, keys: list[str | bytes]) -> list[bool]:
         try:
             found = await self._redis.mget(keys)
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
         return [value is None for value in found]
 
+    async def _unseen(self, keys: Sequence[str | bytes]) -> list[bool]:
+        return await self._lookups(keys)
+
     async def _set_marks(self, keys: Sequence[str | bytes], ttl_s: int) -> None:
-        if not keys:
-            return
+        marker = self._markers.get(ttl_s)
+        if marker is None:
+            marker = self._markers[ttl_s] = Coalescer(partial(self._mark_all, ttl_s=ttl_s))
+        await marker(keys)
+
+    async def _mark_all(self, keys: list[str | bytes], ttl_s: int) -> list[None]:
         try:
             await self._mark(keys=keys, args=[ttl_s])
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
+        return [None] * len(keys)
 
     async def unseen(self, event_ids: Sequence[int]) -> list[int]:
         key = self._event_key
