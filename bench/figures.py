@@ -36,9 +36,9 @@ def _since(days: float) -> str:
 def catch_up(projects: int = 2000, users: int = 500, events: int = 300_000,
              runs: int = 3) -> list[Figure]:
     """First round over a fresh instance, no rate cap: throughput (median of ``runs``, each on
-    a fresh simulator and broker and without the previous run's Redis keys, since this shared machine varies by +-20 % run to run), API
-    cost, CPU; then, after the last run, an idle round and the raw producer ceiling on the same
-    broker with the same messages."""
+    a fresh simulator and broker and without the previous run's Redis keys, since this shared
+    machine varies by +-20 % run to run), API cost, CPU; then, after the last run, an idle
+    round and the raw producer ceiling on the same broker with the same messages."""
     rates: list[float] = []
     cpus: list[float] = []
     figures: list[Figure] = []

@@ -43,7 +43,8 @@ class HiredisPackingConnection(aioredis.Connection):
     _packer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        return self._packer.pack(*args)
+        packed: list[bytes] = self._packer.pack(*args)
+        return packed
 
 
 # KEYS: event keys; ARGV[1]: TTL in seconds. SET key 1 EX ttl for each.
