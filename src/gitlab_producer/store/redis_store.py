@@ -7,9 +7,10 @@ Key layout (``prefix`` is ``REDIS_KEY_PREFIX``):
 - ``{prefix}cursor:{kind}`` hash: entity id -> ``[synced_at, activity]``
 - ``{prefix}meta`` hash: service metadata (``last_round_started``, ``since``)
 
-A page of marks is written by one small Lua script (one round trip, one command to parse)
-rather than a pipeline of ``SET``s: on Redis Cluster the event keys of a page would span slots,
-so this store targets a standalone Redis (or Sentinel).
+Marks are written by one small Lua script (one round trip, one command to parse) rather than a
+pipeline of ``SET``s: on Redis Cluster the event keys of a command would span slots, so this
+store targets a standalone Redis (or Sentinel). Lookups and marks that callers make while one
+is in flight are merged into the next command (:mod:`gitlab_producer.store.coalesce`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ MAX_CONNECTIONS = 64
 # Built once: without it redis-py looks its own version up in the installed packages' metadata
 # for every new connection, a few milliseconds of blocked event loop each.
 DRIVER_INFO = DriverInfo().add_upstream_driver("gitlab-producer", version("gitlab-producer"))
-
 
 
 class HiredisPackingConnection(aioredis.Connection):
@@ -65,8 +65,8 @@ class RedisStore:
         self.prefix = prefix
         self._mark: AsyncScript = client.register_script(MARK_SCRIPT)
         self._event_key = f"{prefix}event:".encode() + b"%d"  # bytes skip redis-py's encoder
-        # Lookups and marks made while one is in flight go out together (see coalesce.py).
-        self._lookups: Coalescer[str | bytes, bool] = Coalescer(self._lookup)
+        # Calls made while one is in flight go out together (see coalesce.py).
+        self._unseen: Coalescer[str | bytes, bool] = Coalescer(self._lookup)
         self._markers: dict[int, Coalescer[str | bytes, None]] = {}
 
     @classmethod
@@ -88,9 +88,6 @@ class RedisStore:
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
         return [value is None for value in found]
-
-    async def _unseen(self, keys: Sequence[str | bytes]) -> list[bool]:
-        return await self._lookups(keys)
 
     async def _set_marks(self, keys: Sequence[str | bytes], ttl_s: int) -> None:
         marker = self._markers.get(ttl_s)

@@ -145,9 +145,10 @@ async def discover_users(ctx: SyncContext, out: asyncio.Queue[Work | None],
             uid, activity = int(user["id"]), (user.get("last_activity_on") or "")[:10]
             listing.recent += activity >= yesterday
             listing.dated = listing.dated and bool(activity)
+            cursor = cursors.get(uid)
             covers = cover_from is not None and (not activity or activity >= cover_from)
-            if covers or user_needs_sync(ctx.rules, cursors.get(uid), activity, ctx.since, now):
-                await out.put(Work("user", uid, activity, cursors.get(uid)))
+            if covers or user_needs_sync(ctx.rules, cursor, activity, ctx.since, now):
+                await out.put(Work("user", uid, activity, cursor))
                 listing.queued += 1
         if ctx.stop.is_set():
             break
