@@ -299,6 +299,7 @@ GOOD = {"GITLAB_BASE_URL": "https://gitlab.test/api/v4", "GITLAB_PRIVATE_TOKEN":
 BAD_VALUES = [
     ("CAPTURE_RULES", "[{not json", "CAPTURE_RULES"),
     ("CACHE_TTL", "1e23", "CACHE_TTL"),
+    ("CACHE_TTL", "1" + "0" * 23, "CACHE_TTL"),
     ("CACHE_TTL", "99999999999", "CACHE_TTL"),
     ("GITLAB_TIMEOUT", "inf", "GITLAB_TIMEOUT"),
     ("GITLAB_TIMEOUT", "nan", "GITLAB_TIMEOUT"),
