@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gitlab_producer.gitlab.pagination import DEFAULT_MAX_PAGES
+
 DEFAULT_CONFIG_PATH = Path("configs/conf.yaml")
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -82,6 +84,7 @@ class Settings(BaseSettings):
     gitlab_timeout: float = Field(30.0, gt=0, description="seconds per GitLab request")
     gitlab_max_retries: int = Field(6, ge=0, le=20)
     gitlab_rate_limit_retries: int = Field(30, ge=0, description="429s tolerated per request")
+    gitlab_max_pages: int = Field(DEFAULT_MAX_PAGES, ge=1, description="pages per list at most")
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_security_protocol: Literal["", "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = ""
     kafka_delivery_timeout: float = Field(300.0, gt=0, description="seconds before a send fails")

@@ -58,7 +58,7 @@ class Service:
             RateLimiter(s.operations_per_second), self.metrics, s.gitlab_timeout,
             RetryPolicy(max_retries=s.gitlab_max_retries,
                         rate_limit_retries=s.gitlab_rate_limit_retries),
-            max_connections=max(4, s.gitlab_concurrency * 2 + 2))
+            max_connections=max(4, s.gitlab_concurrency * 2 + 2), max_pages=s.gitlab_max_pages)
 
     async def _since(self, store: Store) -> float:
         """The first round's start, fixed in the store so restarts do not move it."""
