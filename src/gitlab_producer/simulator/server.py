@@ -119,7 +119,8 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
             sim.control.record(route_name, early.status, in_query)
             return early
     base = f"{request.scheme}://{request.host}/api/v4"
-    name, response = api.handle(sim.world, raw_path, request.query, request.method, base)
+    name, response = api.handle(sim.world, raw_path, request.query, request.method, base,
+                                sim.control.entity_faults)
     if fault == "truncated" and isinstance(response, web.Response) and response.body:
         body = bytes(response.body)  # type: ignore[arg-type]
         response = web.Response(body=body[: max(1, len(body) // 2)], status=response.status,
@@ -180,9 +181,11 @@ async def settings(request: web.Request) -> web.Response:
             control.rate_limit = float(body["rate_limit"])
         if "slow_s" in body:
             control.slow_s = float(body["slow_s"])
+        control.entity_faults = control.entity_faults.updated(body)
     return web.json_response({"live_rate": sim.live_rate, "fault_rate": control.fault_rate,
                               "fault_kinds": list(control.fault_kinds),
-                              "rate_limit": control.rate_limit})
+                              "rate_limit": control.rate_limit,
+                              **control.entity_faults.snapshot()})
 
 
 async def add_events(request: web.Request) -> web.Response:
