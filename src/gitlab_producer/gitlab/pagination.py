@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from gitlab_producer.gitlab.errors import PaginationError
 
 # Pages per list before it is abandoned as endless: 2,000,000 rows at 100 per page, 40 times
-# GitLab's own 50,000-row offset limit. No list this service reads comes near it: the largest
-# self-managed instances list ~10^5 users (1,000 pages), and an entity's events are read only
-# from its cursor. GITLAB_MAX_PAGES changes it (a first read from a distant SYNC_SINCE of a very
+# GitLab's own 50,000-row offset limit. No list this service reads comes near it: an instance
+# of 100,000 users lists them in 1,000 pages, and an entity's events are read only from its
+# cursor. GITLAB_MAX_PAGES changes it (a first read from a distant SYNC_SINCE of a very
 # busy project may need more).
 DEFAULT_MAX_PAGES = 20_000
 _LINK_RE = re.compile(r'<([^>]+)>\s*;\s*rel="([^"]+)"')
