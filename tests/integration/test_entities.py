@@ -166,16 +166,30 @@ def test_endless_pagination_fails_the_round_naming_the_list_and_the_process_stay
         configure(service_env, sim.url, sim.sim.world.start_ms, broker, redis_address,
                   redis_prefix)
         service_env.env["GITLAB_MAX_PAGES"] = "40"
-        faults(sim, endless=["projects_list"])
+        # Endless event lists fail their projects, not the users read beside them.
+        faults(sim, endless=["project_events"])
         proc = service_env.start("run")
-        wait_for(lambda: len(log_lines(service_env, "round_finished")) >= 2, "two rounds")
-        rounds = log_lines(service_env, "round_finished")[:2]
+        wait_for(lambda: bool(log_lines(service_env, "round_finished")), "a round")
+        first = log_lines(service_env, "round_finished")[0]
+        assert first["ok"] is False
+        assert first["failed"]["project"] == first["queued"]["project"] > 0
+        assert first["synced"]["user"] == 10
+        failed = log_lines(service_env, "entity_failed")
+        assert failed and all(f["kind"] == "project" and "after 40 pages" in f["error"]
+                              and f"projects/{f['id']}/events" in f["error"] for f in failed)
+        # An endless listing fails the round, every round, naming the list.
+        faults(sim, endless=["projects_list"])
+        seen = len(log_lines(service_env, "round_finished"))
+        listed_before = served(sim, "projects_list", "200")
+        wait_for(lambda: len(log_lines(service_env, "round_finished")) >= seen + 3,
+                 "three more rounds")
+        rounds = log_lines(service_env, "round_finished")[seen + 1:]
+        listed = served(sim, "projects_list", "200") - listed_before
         for result in rounds:
             assert result["ok"] is False
             assert "projects" in result["error"] and "after 40 pages" in result["error"]
         # Each round stopped at the cap, not before and not much after.
-        assert 80 <= served(sim, "projects_list", "200") <= 40 * (len(
-            log_lines(service_env, "round_finished")) + 1)
+        assert 40 * len(rounds) <= listed <= 40 * (len(rounds) + 2)
         stop(proc, service_env)
 
 

@@ -7,6 +7,7 @@ synced; it is left out with a reason, and the rest of the page is used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -30,39 +31,47 @@ def _entity_id(record: Any) -> int | str:
     return value
 
 
-def projects(page: list[Any]) -> Listed:
-    """Projects with an integer ``id`` and an ISO 8601 ``last_activity_at``."""
+def _checked(kind: str, page: list[Any], marker: Callable[[dict[str, Any]], str]) -> Listed:
     listed = Listed()
     for record in page:
-        pid = _entity_id(record)
-        if isinstance(pid, str):
-            listed.malformed.append(pid)
+        entity_id = _entity_id(record)
+        if isinstance(entity_id, str):
+            listed.malformed.append(f"{kind}: {entity_id}")
             continue
-        activity = record.get("last_activity_at")
         try:
-            datetime.fromisoformat(activity)
-        except (TypeError, ValueError):
-            listed.malformed.append(f"project {pid}: last_activity_at {activity!r} is not a time")
-            continue
-        listed.entries.append((pid, activity))
+            listed.entries.append((entity_id, marker(record)))
+        except (TypeError, ValueError) as exc:
+            listed.malformed.append(f"{kind} {entity_id}: {exc}")
     return listed
+
+
+def _project_activity(record: dict[str, Any]) -> str:
+    activity = record.get("last_activity_at")
+    if not isinstance(activity, str):
+        raise TypeError(f"last_activity_at {activity!r} is not a time")
+    try:
+        datetime.fromisoformat(activity)
+    except ValueError:
+        raise ValueError(f"last_activity_at {activity!r} is not a time") from None
+    return activity
+
+
+def _user_activity(record: dict[str, Any]) -> str:
+    activity = record.get("last_activity_on") or ""
+    try:
+        if activity:
+            date.fromisoformat(activity[:10])
+    except (TypeError, ValueError):
+        raise ValueError(f"last_activity_on {activity!r} is not a date") from None
+    return str(activity[:10])
+
+
+def projects(page: list[Any]) -> Listed:
+    """Projects with an integer ``id`` and an ISO 8601 ``last_activity_at``."""
+    return _checked("project", page, _project_activity)
 
 
 def users(page: list[Any]) -> Listed:
     """Users with an integer ``id``; ``last_activity_on`` is a date or absent (GitLab shows it
     to administrators only), ``""`` standing for absent."""
-    listed = Listed()
-    for record in page:
-        uid = _entity_id(record)
-        if isinstance(uid, str):
-            listed.malformed.append(uid)
-            continue
-        activity = record.get("last_activity_on") or ""
-        try:
-            if activity:
-                date.fromisoformat(activity[:10])
-        except (TypeError, ValueError):
-            listed.malformed.append(f"user {uid}: last_activity_on {activity!r} is not a date")
-            continue
-        listed.entries.append((uid, activity[:10]))
-    return listed
+    return _checked("user", page, _user_activity)
