@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from gitlab_producer.artifact_paths import relative_path
+from gitlab_producer.gitlab.pagination import DEFAULT_MAX_PAGES
 from gitlab_producer.redaction import host_port, mask_userinfo, url_passwords
 
 DEFAULT_CONFIG_PATH = Path("configs/conf.yaml")
@@ -119,6 +120,8 @@ class Settings(BaseSettings):
                                            description="429s tolerated per request")
     gitlab_max_body: int = Field(16 * MIB, ge=64 * 1024, le=1024 * MIB,
                                  description="bytes of one GitLab answer held in memory")
+    gitlab_max_pages: int = Field(DEFAULT_MAX_PAGES, ge=1, le=1_000_000,
+                                  description="pages per list at most")
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_security_protocol: Literal["", "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = ""
     kafka_delivery_timeout: float = Field(300.0, ge=1, le=DAY_S,

@@ -65,3 +65,14 @@ class Metrics:
         self.entity_failures = Counter(
             "gitlab_producer_entity_failures_total", "Projects or users that failed in a round",
             ["kind"], registry=r)
+        self.entities_skipped = Counter(
+            "gitlab_producer_entities_skipped_total",
+            "Projects or users skipped in a round (403 forbidden, 404 not found); retried later",
+            ["kind", "reason"], registry=r)
+        self.entities_retrying = Gauge(
+            "gitlab_producer_entities_retrying", "Skipped or failed entities kept for retry",
+            ["kind"], registry=r)
+        self.malformed_records = Counter(
+            "gitlab_producer_malformed_records_total",
+            "Records GitLab listed without the fields the sync needs (skipped), by list",
+            ["list"], registry=r)

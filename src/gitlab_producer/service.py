@@ -19,6 +19,7 @@ from aiohttp import web
 from gitlab_producer.capture import ArtifactStore, Capturer, capture_endpoint
 from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
+from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError
 from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.http.ops import OpsState, listen, start_ops
 from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
@@ -57,7 +58,8 @@ class Service:
             RateLimiter(s.operations_per_second), self.metrics, s.gitlab_timeout,
             RetryPolicy(max_retries=s.gitlab_max_retries,
                         rate_limit_retries=s.gitlab_rate_limit_retries),
-            max_connections=max(4, s.gitlab_concurrency * 2 + 2), max_body=s.gitlab_max_body)
+            max_connections=max(4, s.gitlab_concurrency * 2 + 2), max_body=s.gitlab_max_body,
+            max_pages=s.gitlab_max_pages)
 
     async def _since(self, store: Store) -> float:
         """The first round's start, fixed in the store so restarts do not move it."""
@@ -149,6 +151,8 @@ class Service:
         try:
             runners = await start_ops(self._ready_checks(client, store, sink), self.ops_host,
                                       s.metrics_port, s.metrics_url, s.log_port)
+            if not await self._token_accepted(client):
+                return 1
             hook_runners, extra_sinks = await self._start_webhooks(client, store)
             runners += hook_runners
             try:
@@ -184,6 +188,18 @@ class Service:
             return 0 if result is not None and result.ok else 1
         return 0  # stopped by a signal: a clean stop
 
+    async def _token_accepted(self, client: GitLabClient) -> bool:
+        """``GET /user`` once at start: a rejected token stops the service (exit 1) instead of
+        failing every round. GitLab not answering is not the token's fault: rounds go on."""
+        try:
+            await client.check_token()
+        except FatalGitLabError as exc:
+            log.error("gitlab_token_rejected", error=str(exc))
+            return False
+        except GitLabError as exc:
+            log.warning("gitlab_token_unchecked", error=str(exc))
+        return True
+
     async def _one_round(self, sync_round: SyncRound) -> RoundResult:
         task = asyncio.create_task(sync_round.run())
         stop_wait = asyncio.create_task(self.stop.wait())
@@ -206,6 +222,7 @@ class Service:
             self.metrics.last_success.set(result.started)
         log.info("round_finished", ok=result.ok, produced=result.produced,
                  queued=result.queued, synced=result.synced, failed=result.failed,
+                 skipped=result.skipped,
                  covered_by_users=result.covered,
                  duration_s=round(result.duration_s, 3), error=result.error or None)
         return result

@@ -16,8 +16,10 @@ from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.errors import (
     BadRequestError,
     FatalGitLabError,
+    ForbiddenError,
     GitLabError,
     NotFoundError,
+    PaginationError,
     RetriesExhaustedError,
 )
 from gitlab_producer.gitlab.pagination import KeysetPaginator, OffsetPaginator, parse_link
@@ -107,7 +109,7 @@ async def test_retriable_answers_are_retried(first: RawResponse | Exception) -> 
 
 
 @pytest.mark.parametrize("status,error", [
-    (401, FatalGitLabError), (403, FatalGitLabError), (404, NotFoundError),
+    (401, FatalGitLabError), (403, ForbiddenError), (404, NotFoundError),
     (400, BadRequestError), (405, BadRequestError), (422, BadRequestError),
 ])
 async def test_non_retriable_statuses_raise_at_once(status: int,
@@ -116,6 +118,29 @@ async def test_non_retriable_statuses_raise_at_once(status: int,
     with pytest.raises(error):
         await client.get("projects")
     assert len(transport.urls) == 1
+
+
+async def test_only_401_is_fatal_and_403_names_one_resource() -> None:
+    """A 401 is the token's problem: fatal. A 403 on one resource is that resource's problem
+    (the sync skips the entity): it must not be a FatalGitLabError, which stops the round."""
+    client, _ = make_client(scripted(answer(403, {"message": "403 Forbidden"})))
+    with pytest.raises(ForbiddenError, match="projects/7/events") as forbidden:
+        await client.get("projects/7/events")
+    assert not isinstance(forbidden.value, FatalGitLabError)
+    assert forbidden.value.status == 403
+    client, _ = make_client(scripted(answer(401, {"message": "401 Unauthorized"})))
+    with pytest.raises(FatalGitLabError, match="401"):
+        await client.get("projects/7/events")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_token_check_reads_the_own_account(status: int) -> None:
+    client, transport = make_client(scripted(answer(status, {"message": "x"})))
+    with pytest.raises(FatalGitLabError, match=str(status)):
+        await client.check_token()
+    assert transport.urls == [f"{BASE}/user"]
+    client, _ = make_client(scripted(answer(200, {"id": 1, "username": "bot"})))
+    await client.check_token()
 
 
 async def test_retries_are_bounded_then_reported() -> None:
@@ -199,11 +224,36 @@ async def test_keyset_pages_follow_the_next_link_exactly() -> None:
     assert got == [[{"id": 1}], []]
 
 
+async def test_endless_pagination_is_capped_naming_the_list() -> None:
+    """A server that always offers another (new) page: loop detection cannot see it; the
+    page cap stops the list with an error naming it."""
+    def always_more(url: str) -> RawResponse:
+        page = int(query(url).get("page", 1))
+        # (Bounded, so that a broken cap fails the test instead of hanging it.)
+        return answer(200, [], headers={"x-next-page": str(page + 1) if page < 1000 else ""})
+
+    client, transport = make_client(always_more)
+    client.max_pages = 25
+    with pytest.raises(PaginationError, match=r"projects/3/events: .* after 25 pages"):
+        async for _ in client.pages("projects/3/events", {"per_page": 100}):
+            pass
+    assert len(transport.urls) == 25
+    # A list of exactly max_pages pages is read to its end.
+    def pages_to_25(url: str) -> RawResponse:
+        page = int(query(url).get("page", 1))
+        return answer(200, [{"id": page}], headers={"x-next-page": str(page + 1) if page < 25
+                                                    else ""})
+
+    client, _ = make_client(pages_to_25)
+    client.max_pages = 25
+    assert len([p async for p in client.pages("projects/3/events", {})]) == 25
+
+
 def test_paginators_read_headers_and_refuse_loops() -> None:
     offset = OffsetPaginator()
     assert offset.next_page({"x-next-page": "4"}).page == 4  # type: ignore[union-attr]
     assert offset.next_page({"x-next-page": ""}) is None
-    with pytest.raises(GitLabError, match="loop"):
+    with pytest.raises(PaginationError, match="loop"):
         offset.next_page({"x-next-page": "4"})
     keyset = KeysetPaginator()
     link = '<https://g/api/v4/projects?id_after=9>; rel="next", <https://g/x>; rel="first"'

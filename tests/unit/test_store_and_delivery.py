@@ -157,10 +157,38 @@ def test_message_contract() -> None:
 
 
 def test_pages_that_are_not_event_arrays_are_refused() -> None:
-    for body in (b'[{"id": 1', b"<html>502</html>", b'{"message": "x"}',
-                 b'[{"id": "x", "created_at": "2026-01-01T00:00:00Z"}]'):
+    for body in (b'[{"id": 1', b"<html>502</html>", b'{"message": "x"}', b"null"):
         with pytest.raises(ValueError):
             decode_events(body)
+
+
+def test_bad_events_are_left_out_and_the_good_ones_kept() -> None:
+    good = [b'{"id":%d,"project_id":3,"author_id":4,"created_at":"2026-01-01T10:00:0%d.000Z"}'
+            % (i, i) for i in (1, 2, 3)]
+    bad = [b'{"project_id":3,"created_at":"2026-01-01T10:00:00Z"}',  # no id
+           b'{"id":9,"project_id":3}',  # no created_at
+           b'{"id":"x","created_at":"2026-01-01T00:00:00Z"}',  # id not an integer
+           b'{"id":10,"created_at":null}', b"null", b"[]"]
+    body = b"[" + b",".join([good[0], *bad[:3], good[1], *bad[3:], good[2]]) + b"]"
+    page = decode_events(body)
+    assert [e.id for e in page] == [1, 2, 3]
+    assert [e.raw for e in page] == good  # their bytes, untouched
+    assert len(page.malformed) == len(bad)
+    assert "id" in page.malformed[0] and "created_at" in page.malformed[1]
+    assert decode_events(b"[" + good[0] + b"]").malformed == []
+
+
+async def test_entities_kept_for_retry(store: Store) -> None:
+    assert await store.retries("project") == {}
+    big = 2**63 + 5  # GitLab ids are not bounded by SQLite's integers
+    await store.save_retries("project", {7: "a", big: "b"})
+    await store.save_retries("user", {7: "u"})
+    await store.save_retries("project", {7: "a2"})
+    assert await store.retries("project") == {7: "a2", big: "b"}
+    await store.drop_retries("project", [7, 8])
+    assert await store.retries("project") == {big: "b"}
+    assert await store.retries("user") == {7: "u"}
+    await store.drop_retries("user", [])
 
 
 async def test_keyed_marks_have_their_own_namespace(store: Store) -> None:

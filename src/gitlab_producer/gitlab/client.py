@@ -20,12 +20,18 @@ import orjson
 from gitlab_producer.gitlab.errors import (
     BadRequestError,
     FatalGitLabError,
+    ForbiddenError,
     GitLabError,
     NotFoundError,
     ResponseTooLargeError,
     RetriesExhaustedError,
 )
-from gitlab_producer.gitlab.pagination import KeysetPaginator, OffsetPaginator, Paginator
+from gitlab_producer.gitlab.pagination import (
+    DEFAULT_MAX_PAGES,
+    KeysetPaginator,
+    OffsetPaginator,
+    Paginator,
+)
 from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.gitlab.transport import (
     DEFAULT_MAX_BODY,
@@ -127,6 +133,7 @@ class GitLabClient:
         max_connections: int = 32,
         rng: random.Random | None = None,
         max_body: int = DEFAULT_MAX_BODY,
+        max_pages: int = DEFAULT_MAX_PAGES,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
@@ -135,6 +142,7 @@ class GitLabClient:
         self.policy = policy or RetryPolicy()
         self._rng = rng or random.Random()
         self._throttle_streak = 0
+        self.max_pages = max_pages
         self.reachable: bool | None = None  # None until the first answer
         self._http: Transport = transport or AiohttpTransport(
             {"PRIVATE-TOKEN": token, "Accept": "application/json",
@@ -255,9 +263,12 @@ class GitLabClient:
             to = host_port(response.headers.get("location", "")) or "nowhere"
             raise BadRequestError(f"{endpoint}: GitLab answered {status}, a redirect to {to}: "
                                   "not followed (is GITLAB_BASE_URL the final URL?)", status)
-        if status in (401, 403):
-            raise FatalGitLabError(f"{endpoint}: GitLab answered {status}: check the token "
-                                   "and that its account can read the instance", status)
+        if status == 401:
+            raise FatalGitLabError(f"{endpoint}: GitLab answered 401: the token is wrong, "
+                                   "expired or revoked", status)
+        if status == 403:
+            raise ForbiddenError(f"{endpoint}: GitLab answered 403: the token's account may "
+                                 f"not read this: {content[:200]!r}", status)
         if status == 404:
             raise NotFoundError(f"{endpoint}: not found", 404)
         if status >= 400:
@@ -292,13 +303,27 @@ class GitLabClient:
         self.metrics.rate_limit_wait.inc(pause)
         log.warning("gitlab_throttled", endpoint=endpoint, pause_s=round(pause, 3))
 
+    async def check_token(self) -> None:
+        """``GET /user``: raises :class:`FatalGitLabError` when GitLab rejects the token (401),
+        or refuses it the API (403: a token without the ``read_api`` scope, a blocked
+        account). Other errors (GitLab unreachable) surface as they are."""
+        try:
+            await self.get("user", endpoint="user")
+        except ForbiddenError as exc:
+            raise FatalGitLabError("user: GitLab answered 403 for the token's own account: "
+                                   "it lacks the read_api scope or the account is blocked",
+                                   403) from exc
+
     # -- pagination -----------------------------------------------------------------------
     async def pages(self, path: str, params: Mapping[str, Any], endpoint: str = "",
                     keyset: bool = False,
                     decode: Callable[[bytes], list[Any]] = decode_json_list,
                     ) -> AsyncIterator[list[Any]]:
-        """Every page of a list, following the pagination headers to the end."""
-        paginator: Paginator = KeysetPaginator() if keyset else OffsetPaginator()
+        """Every page of a list, following the pagination headers to the end (at most
+        ``max_pages``: see :class:`~gitlab_producer.gitlab.pagination.Paginator`)."""
+        name = path.split("?", 1)[0]
+        paginator: Paginator = (KeysetPaginator if keyset else OffsetPaginator)(
+            name, self.max_pages)
         query: dict[str, Any] | None = dict(params)
         target = path
         while True:

@@ -1,14 +1,19 @@
 """GitLab client errors, grouped by how a caller recovers.
 
     GitLabError
-    ├── FatalGitLabError        401/403: the token is wrong or lacks rights; stop the round
+    ├── FatalGitLabError        401: the token itself is rejected; stop the round (at start-up,
+    │                           ``GET /user`` answering 401 or 403 stops the service)
+    ├── ForbiddenError          403 on one project's or user's list: that entity's problem;
+    │                           skip it and retry it in later rounds (on a listing such as
+    │                           ``GET /projects`` the sync raises FatalGitLabError instead)
     ├── NotFoundError           404: the project or user is gone; skip it
     ├── BadRequestError         other 4xx: our request is wrong; report it
     ├── ResponseTooLargeError   the body is over GITLAB_MAX_BODY; retrying cannot help
+    ├── PaginationError         a list that loops or offers more pages than any real list has
     └── RetriesExhaustedError   429/5xx/timeouts/bad bodies outlasted the retry budget
 
 Transport failures (no response) and bad statuses are retried inside the client and only
-surface as RetriesExhaustedError; httpx exceptions never leave the ``gitlab`` package.
+surface as RetriesExhaustedError; aiohttp exceptions never leave the ``gitlab`` package.
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ class GitLabError(Exception):
 
 
 class FatalGitLabError(GitLabError):
-    """Authentication or authorisation failed: retrying cannot help."""
+    """Authentication failed: retrying cannot help until the token is fixed."""
+
+
+class ForbiddenError(GitLabError):
+    """The token may not read this resource (a 403): a problem of one entity, not of all."""
 
 
 class NotFoundError(GitLabError):
@@ -36,6 +45,8 @@ class BadRequestError(GitLabError):
 
 class ResponseTooLargeError(GitLabError):
     """The answer's body is larger than the configured cap (``GITLAB_MAX_BODY``)."""
+class PaginationError(GitLabError):
+    """A list's pagination never ends: a repeated page, or more pages than the cap."""
 
 
 class RetriesExhaustedError(GitLabError):

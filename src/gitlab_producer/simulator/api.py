@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
@@ -16,6 +16,7 @@ from multidict import MultiMapping
 
 from gitlab_producer.simulator import repository as repo
 from gitlab_producer.simulator.catalog import project_json, user_json
+from gitlab_producer.simulator.control import EntityFaults
 from gitlab_producer.simulator.paging import (
     PagingError,
     keyset_headers,
@@ -37,6 +38,7 @@ class ApiRequest:
     query: MultiMapping[str]
     method: str
     base_url: str
+    faults: EntityFaults = field(default_factory=EntityFaults)
 
     def q(self) -> dict[str, str]:
         return {k: self.query[k] for k in self.query}
@@ -60,6 +62,27 @@ def _list_body(items: Sequence[bytes]) -> bytes:
     return b"[" + b",".join(items) + b"]"
 
 
+# What a broken GitLab or proxy lists: records the sync cannot use (EntityFaults).
+BAD_PROJECTS = (b'{"name":"no-id","last_activity_at":"2026-01-01T00:00:00.000Z"}',
+                b'{"id":990001,"last_activity_at":null}', b'{"id":990002}',
+                b'{"id":"990003","last_activity_at":"2026-01-01T00:00:00.000Z"}', b"null")
+BAD_USERS = (b'{"username":"no-id"}', b'{"id":true}', b'{"id":990004,"last_activity_on":5}')
+BAD_EVENTS = (b'{"project_id":%d,"action_name":"no id","created_at":"2026-01-01T00:00:00Z"}',
+              b'{"id":990005,"project_id":%d,"action_name":"no created_at"}')
+
+
+def _with_bad(good: list[bytes], bad: Sequence[bytes]) -> list[bytes]:
+    """The bad records first and in the middle of the good ones."""
+    middle = len(good) // 2
+    return [*bad[:1], *good[:middle], *bad[1:], *good[middle:]]
+
+
+def _endless_offset(req: ApiRequest, route: str, headers: dict[str, str]) -> None:
+    """Offer one more page after the last (EntityFaults.endless)."""
+    if route in req.faults.endless and not headers.get("X-Next-Page"):
+        headers["X-Next-Page"] = str(int(headers.get("X-Page", "1")) + 1)
+
+
 def _parse_time(text: str) -> int:
     dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if dt.tzinfo is None:
@@ -79,7 +102,8 @@ def _project_id(world: World, raw: str) -> int | None:
 
 
 # -- events ---------------------------------------------------------------------------------
-def _events(req: ApiRequest, indices: object, path: str) -> web.Response:
+def _events(req: ApiRequest, indices: object, path: str, bad_in: int | None = None
+            ) -> web.Response:
     q = req.q()
     for key in ("after", "before"):
         if key in q and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", q[key]):
@@ -95,16 +119,24 @@ def _events(req: ApiRequest, indices: object, path: str) -> web.Response:
         selected.reverse()
     page = offset_page(len(selected), q, f"{req.base_url}{path}")
     # GitLab filters what the token may see after paging: pages can come back short.
-    body = _list_body([world.render(i) for i in selected[page.start:page.stop]
-                       if world.visible(i)])
-    return web.Response(body=body, content_type=JSON, headers=page.headers)
+    forbidden = req.faults.forbidden_projects
+    rows = [world.render(i) for i in selected[page.start:page.stop]
+            if world.visible(i) and world.ev_project[i] not in forbidden]
+    if bad_in is not None:
+        rows = _with_bad(rows, [b % bad_in for b in BAD_EVENTS])
+    if path.startswith("/projects/"):
+        _endless_offset(req, "project_events", page.headers)
+    return web.Response(body=_list_body(rows), content_type=JSON, headers=page.headers)
 
 
 def project_events(req: ApiRequest) -> web.Response:
     pid = _project_id(req.world, req.parts[0])
     if pid is None:
         return not_found("404 Project Not Found")
-    return _events(req, req.world.project_events[pid - 1], f"/projects/{req.parts[0]}/events")
+    if pid in req.faults.forbidden_projects:
+        return json_response({"message": "403 Forbidden"}, 403)
+    return _events(req, req.world.project_events[pid - 1], f"/projects/{req.parts[0]}/events",
+                   pid if pid in req.faults.malformed_events else None)
 
 
 def user_events(req: ApiRequest) -> web.Response:
@@ -168,8 +200,14 @@ def projects_list(req: ApiRequest) -> web.Response:
         cursor = {} if not chunk else (
             {"id_after": str(chunk[-1])} if sort == "asc" else {"id_before": str(chunk[-1])})
         headers = keyset_headers(chunk, per_page, base, q, **cursor)
-        return web.Response(body=_list_body([_render_project(world, p, simple) for p in chunk]),
-                            content_type=JSON, headers=headers)
+        if "projects_list" in req.faults.endless and not headers and sort == "asc":
+            # Always one more (empty) page, each at a new cursor: no loop to detect.
+            after = max([int(q.get("id_after", 0)), *chunk]) + 1
+            headers = keyset_headers([0] * per_page, per_page, base, q, id_after=str(after))
+        rows_json = [_render_project(world, p, simple) for p in chunk]
+        if req.faults.malformed_listings and "id_after" not in q:
+            rows_json = _with_bad(rows_json, BAD_PROJECTS)
+        return web.Response(body=_list_body(rows_json), content_type=JSON, headers=headers)
     rows.sort(key=_project_sort_key(world, order), reverse=sort == "desc")
     page = offset_page(len(rows), q, base, resource="Project")
     body = _list_body([_render_project(world, p, simple) for p in rows[page.start:page.stop]])
@@ -239,8 +277,10 @@ def users_list(req: ApiRequest) -> web.Response:
         chunk = uids[start:start + per_page]
         cursor = base64.urlsafe_b64encode(orjson.dumps({"id": chunk[-1]})).decode() if chunk else ""
         headers = keyset_headers(chunk, per_page, base, q, cursor=cursor)
-        return web.Response(body=_list_body([_render_user(world, u) for u in chunk]),
-                            content_type=JSON, headers=headers)
+        rows_json = [_render_user(world, u) for u in chunk]
+        if req.faults.malformed_listings and "cursor" not in q:
+            rows_json = _with_bad(rows_json, BAD_USERS)
+        return web.Response(body=_list_body(rows_json), content_type=JSON, headers=headers)
     page = offset_page(len(uids), q, base, resource="User")
     body = _list_body([_render_user(world, u) for u in uids[page.start:page.stop]])
     return web.Response(body=body, content_type=JSON, headers=page.headers)
@@ -367,13 +407,15 @@ def route(raw_path: str) -> tuple[str, Handler, list[str]] | None:
 
 
 def handle(world: World, raw_path: str, query: MultiMapping[str], method: str,
-           base_url: str) -> tuple[str, web.StreamResponse]:
+           base_url: str, faults: EntityFaults | None = None
+           ) -> tuple[str, web.StreamResponse]:
     """Answer one authenticated API request; returns the route name for statistics."""
     found = route(raw_path)
     if found is None:
         return "unknown", not_found("404 Not Found")
     name, handler, parts = found
     try:
-        return name, handler(ApiRequest(world, parts, query, method, base_url))
+        return name, handler(ApiRequest(world, parts, query, method, base_url,
+                                        faults or EntityFaults()))
     except PagingError as exc:
         return name, json_response(exc.body, exc.status)

@@ -40,6 +40,43 @@ class Throttle:
     retry_after_s: int
 
 
+@dataclass(frozen=True)
+class EntityFaults:
+    """Run-time switches for what one bad entity or record looks like (all off by default).
+
+    - ``forbidden_projects``: their events answer 403, and their events leave users' lists
+      (the token lost access to the project)
+    - ``malformed_listings``: the first page of the project and user listings also carries
+      records without an id, with ``last_activity_at: null``, of the wrong types
+    - ``malformed_events``: these projects' event pages carry events without an id or a
+      ``created_at`` between the good ones
+    - ``endless``: routes (``projects_list``, ``project_events``) whose last page still offers
+      a next (new, never repeated) page
+    """
+
+    forbidden_projects: frozenset[int] = frozenset()
+    malformed_listings: bool = False
+    malformed_events: frozenset[int] = frozenset()
+    endless: frozenset[str] = frozenset()
+
+    def updated(self, body: dict[str, object]) -> EntityFaults:
+        def ints(key: str, old: frozenset[int]) -> frozenset[int]:
+            return frozenset(int(i) for i in body[key]) if key in body else old  # type: ignore[attr-defined]
+
+        return EntityFaults(
+            ints("forbidden_projects", self.forbidden_projects),
+            bool(body.get("malformed_listings", self.malformed_listings)),
+            ints("malformed_events", self.malformed_events),
+            frozenset(str(r) for r in body["endless"]) if "endless" in body  # type: ignore[attr-defined]
+            else self.endless)
+
+    def snapshot(self) -> dict[str, object]:
+        return {"forbidden_projects": sorted(self.forbidden_projects),
+                "malformed_listings": self.malformed_listings,
+                "malformed_events": sorted(self.malformed_events),
+                "endless": sorted(self.endless)}
+
+
 @dataclass
 class Stats:
     """Counts per route and status, the busiest one-second window, token-in-query count."""
@@ -87,6 +124,7 @@ class Control:
         self.redirect_to = ""
         self.pad_bytes = 0
         self.stats = Stats()
+        self.entity_faults = EntityFaults()  # replaced whole, so readers need no lock
         self._rng = random.Random(seed ^ 0x5EED)
         self._second_counts: Counter[int] = Counter()
         self._route_windows: dict[str, list[float]] = {}

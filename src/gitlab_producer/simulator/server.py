@@ -122,7 +122,8 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
         sim.control.record(route_name, 302, in_query)
         return web.Response(status=302, headers={"Location": sim.control.redirect_to})
     base = sim.control.link_base or f"{request.scheme}://{request.host}/api/v4"
-    name, response = api.handle(sim.world, raw_path, request.query, request.method, base)
+    name, response = api.handle(sim.world, raw_path, request.query, request.method, base,
+                                sim.control.entity_faults)
     if sim.control.pad_bytes and isinstance(response, web.Response) and response.body and (
             response.content_type == "application/json"):
         response.body = bytes(response.body) + b" " * sim.control.pad_bytes  # type: ignore[arg-type]
@@ -192,9 +193,11 @@ async def settings(request: web.Request) -> web.Response:
             control.redirect_to = str(body["redirect_to"])
         if "pad_bytes" in body:
             control.pad_bytes = int(body["pad_bytes"])
+        control.entity_faults = control.entity_faults.updated(body)
     return web.json_response({"live_rate": sim.live_rate, "fault_rate": control.fault_rate,
                               "fault_kinds": list(control.fault_kinds),
-                              "rate_limit": control.rate_limit})
+                              "rate_limit": control.rate_limit,
+                              **control.entity_faults.snapshot()})
 
 
 async def add_events(request: web.Request) -> web.Response:

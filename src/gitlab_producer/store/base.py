@@ -75,3 +75,13 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+
+    async def retries(self, kind: str) -> dict[int, str]:
+        """Entities of ``kind`` kept for retry (skipped or failed), each with its stored value
+        (the sync's own encoding: see :mod:`gitlab_producer.sync.retries`)."""
+
+    async def save_retries(self, kind: str, entries: Mapping[int, str]) -> None:
+        """Keep (or update) entities for retry."""
+
+    async def drop_retries(self, kind: str, entity_ids: Sequence[int]) -> None:
+        """Forget entities kept for retry (read at last, or gone)."""

@@ -6,6 +6,7 @@ Key layout (``prefix`` is ``REDIS_KEY_PREFIX``):
 - ``{prefix}{namespace}:{key}`` = ``1``, the same for string keys (``hook:<Idempotency-Key>``)
 - ``{prefix}cursor:{kind}`` hash: entity id -> ``[synced_at, activity]``
 - ``{prefix}meta`` hash: service metadata (``last_round_started``, ``since``)
+- ``{prefix}retry:{kind}`` hash: entity id -> why and since when it is kept for retry
 
 Marks are written by one small Lua script (one round trip, one command to parse) rather than a
 pipeline of ``SET``s: on Redis Cluster the event keys of a command would span slots, so this
@@ -158,3 +159,28 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    # Entities kept for retry: the hash {prefix}retry:{kind}, entity id -> value.
+    async def retries(self, kind: str) -> dict[int, str]:
+        try:
+            found = await self._redis.hgetall(f"{self.prefix}retry:{kind}")
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+        return {int(k): v.decode() if isinstance(v, bytes) else str(v) for k, v in found.items()}
+
+    async def save_retries(self, kind: str, entries: Mapping[int, str]) -> None:
+        if not entries:
+            return
+        try:
+            await self._redis.hset(f"{self.prefix}retry:{kind}",
+                                   mapping={str(k): v for k, v in entries.items()})
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
+    async def drop_retries(self, kind: str, entity_ids: Sequence[int]) -> None:
+        if not entity_ids:
+            return
+        try:
+            await self._redis.hdel(f"{self.prefix}retry:{kind}", *[str(i) for i in entity_ids])
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc

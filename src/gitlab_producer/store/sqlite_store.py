@@ -153,3 +153,36 @@ class SQLiteStore:
     async def close(self) -> None:
         await self._run(lambda db: db.close())
         self._pool.shutdown(wait=True)
+
+    # Entities kept for retry, in their own table (ids as text: any size GitLab uses), made
+    # on first use.
+    _RETRY_TABLE = ("CREATE TABLE IF NOT EXISTS retry (kind TEXT NOT NULL, id TEXT NOT NULL, "
+                    "value TEXT NOT NULL, PRIMARY KEY (kind, id))")
+
+    async def retries(self, kind: str) -> dict[int, str]:
+        def query(db: sqlite3.Connection) -> dict[int, str]:
+            db.execute(self._RETRY_TABLE)
+            return {int(row[0]): str(row[1]) for row in db.execute(
+                "SELECT id, value FROM retry WHERE kind = ?", (kind,))}
+
+        return await self._run(query)
+
+    async def save_retries(self, kind: str, entries: Mapping[int, str]) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(self._RETRY_TABLE)
+            with db:
+                db.executemany("INSERT OR REPLACE INTO retry (kind, id, value) VALUES (?, ?, ?)",
+                               [(kind, str(i), v) for i, v in entries.items()])
+
+        if entries:
+            await self._run(write)
+
+    async def drop_retries(self, kind: str, entity_ids: Sequence[int]) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(self._RETRY_TABLE)
+            with db:
+                db.executemany("DELETE FROM retry WHERE kind = ? AND id = ?",
+                               [(kind, str(i)) for i in entity_ids])
+
+        if entity_ids:
+            await self._run(write)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from gitlab_producer.gitlab import listings
 from gitlab_producer.gitlab.client import GitLabClient
-from gitlab_producer.gitlab.events import Event, decode_events
+from gitlab_producer.gitlab.errors import FatalGitLabError, ForbiddenError
+from gitlab_producer.gitlab.events import Event, EventPage, decode_events
+from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.store.base import Cursor, Store
 from gitlab_producer.sync.delivery import Deliverer
@@ -23,6 +26,7 @@ from gitlab_producer.sync.windows import (
     user_needs_sync,
 )
 
+log = get_logger(__name__)
 Events = list[Event]
 
 
@@ -89,26 +93,54 @@ class SyncContext:
         if work.kind == "project":
             self.project_cursors.saved(work.entity_id, cursor)
 
+    def malformed(self, list_name: str, reasons: list[str], **where: object) -> None:
+        """Count and log records left out of a page (see ``gitlab/listings.py``)."""
+        if reasons:
+            self.metrics.malformed_records.labels(list_name).inc(len(reasons))
+            for reason in reasons[:5]:
+                log.warning("malformed_record_skipped", list=list_name, reason=reason, **where)
+
+
+async def listing_pages(ctx: SyncContext, path: str, params: dict[str, object]
+                        ) -> AsyncIterator[list[object]]:
+    """The pages of ``GET /projects`` or ``GET /users``. A 403 there is not one entity's
+    problem but the token's: the listing (so the round) fails as fatal, with that reason."""
+    try:
+        async for page in ctx.client.pages(path, params, path, keyset=True):
+            yield page
+    except ForbiddenError as exc:
+        raise FatalGitLabError(f"listing {path} was refused (403): the token's account may "
+                               f"not list {path}; check its scopes and state ({exc})",
+                               403) from exc
+
 
 async def discover_projects(ctx: SyncContext, listing_after: float,
-                            out: asyncio.Queue[Work | None], warm: list[Work] | None = None
-                            ) -> int:
+                            out: asyncio.Queue[Work | None], warm: list[Work] | None = None,
+                            retry: set[int] | None = None) -> int:
     """List projects active since ``listing_after`` (keyset, so no 50,000-row limit) and queue
     those whose cursors do not cover their activity. Returns how many were queued. With
-    ``warm``, projects that need reading only because they are warm go there instead."""
-    params = {"pagination": "keyset", "order_by": "id", "sort": "asc", "simple": "true",
-              "per_page": ctx.per_page, "last_activity_after": iso(listing_after)}
+    ``warm``, projects that need reading only because they are warm go there instead. Listed
+    projects in ``retry`` are queued whatever their activity, and removed from it (the caller
+    queues those the listing did not show)."""
+    params: dict[str, object] = {
+        "pagination": "keyset", "order_by": "id", "sort": "asc", "simple": "true",
+        "per_page": ctx.per_page, "last_activity_after": iso(listing_after)}
     queued = 0
     now = time.time()
-    async for page in ctx.client.pages("projects", params, "projects", keyset=True):
-        cursors = await ctx.store.cursors("project", [int(p["id"]) for p in page])
-        for project in page:
-            pid, activity = int(project["id"]), str(project["last_activity_at"])
+    retry = retry if retry is not None else set()
+    async for page in listing_pages(ctx, "projects", params):
+        listed = listings.projects(page)
+        ctx.malformed("projects", listed.malformed)
+        cursors = await ctx.store.cursors("project", [pid for pid, _ in listed.entries])
+        for pid, activity in listed.entries:
             cursor = cursors.get(pid)
-            if not project_needs_sync(ctx.rules, cursor, activity):
+            forced = pid in retry
+            retry.discard(pid)
+            if not forced and not project_needs_sync(ctx.rules, cursor, activity):
                 continue
             work = Work("project", pid, activity, cursor)
-            if warm is not None and project_is_warm(ctx.rules, cursor, activity, now):
+            if (warm is not None and not forced
+                    and project_is_warm(ctx.rules, cursor, activity, now)):
                 warm.append(work)
             else:
                 await out.put(work)
@@ -129,25 +161,32 @@ class UserListing:
 
 
 async def discover_users(ctx: SyncContext, out: asyncio.Queue[Work | None],
-                         cover_from: str | None = None) -> UserListing:
+                         cover_from: str | None = None, retry: set[int] | None = None
+                         ) -> UserListing:
     """List users and queue those whose activity date says they may have unread events; with
     ``cover_from`` (a date), also every user active since then: their lists cover the warm
-    projects this round does not read."""
-    params = {"pagination": "keyset", "order_by": "id", "sort": "asc",
-              "per_page": ctx.per_page}
+    projects this round does not read. Listed users in ``retry`` are queued in any case, and
+    removed from it."""
+    params: dict[str, object] = {"pagination": "keyset", "order_by": "id", "sort": "asc",
+                                 "per_page": ctx.per_page}
     listing = UserListing()
     now = time.time()
     yesterday = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
-    async for page in ctx.client.pages("users", params, "users", keyset=True):
+    retry = retry if retry is not None else set()
+    async for page in listing_pages(ctx, "users", params):
         listing.pages += 1
-        cursors = await ctx.store.cursors("user", [int(u["id"]) for u in page])
-        for user in page:
-            uid, activity = int(user["id"]), (user.get("last_activity_on") or "")[:10]
+        listed = listings.users(page)
+        ctx.malformed("users", listed.malformed)
+        cursors = await ctx.store.cursors("user", [uid for uid, _ in listed.entries])
+        for uid, activity in listed.entries:
             listing.recent += activity >= yesterday
             listing.dated = listing.dated and bool(activity)
             cursor = cursors.get(uid)
             covers = cover_from is not None and (not activity or activity >= cover_from)
-            if covers or user_needs_sync(ctx.rules, cursor, activity, ctx.since, now):
+            forced = uid in retry
+            retry.discard(uid)
+            if forced or covers or user_needs_sync(ctx.rules, cursor, activity, ctx.since,
+                                                   now):
                 await out.put(Work("user", uid, activity, cursor))
                 listing.queued += 1
         if ctx.stop.is_set():
@@ -166,12 +205,14 @@ async def read_events(ctx: SyncContext, work: Work,
     lower = lower_bound(ctx.rules, work.cursor, ctx.since)
     path = f"{work.kind}s/{work.entity_id}/events"
     params = {"after": after_param(lower), "sort": "desc", "per_page": ctx.per_page}
+    endpoint = f"{work.kind}s/:id/events"
     fetched = ctx.metrics.events_fetched.labels(work.kind)
     delivering: asyncio.Task[int] | None = None
     try:
-        async for page in ctx.client.pages(path, params, f"{work.kind}s/:id/events",
-                                           decode=decode_events):
+        async for page in ctx.client.pages(path, params, endpoint, decode=decode_events):
             fetched.inc(len(page))
+            if isinstance(page, EventPage) and page.malformed:
+                ctx.malformed(endpoint, page.malformed, kind=work.kind, id=work.entity_id)
             wanted = [e for e in page if e.created_ts >= lower]
             if wanted and select is not None:
                 wanted = await select(wanted)

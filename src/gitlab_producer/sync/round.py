@@ -3,20 +3,30 @@
 discover projects -> queue -> N project readers
 discover users    -> queue -> N user readers
 
-A round succeeds only when every queued entity was read and delivered; only then does the
-start of the round become the base of the next round's windows. Cursors of entities that did
-succeed are saved as they finish, so a failed or interrupted round repeats little.
+A round succeeds only when every queued entity was read and delivered, or skipped (a 403 or
+404 on its events: that entity's problem) and kept in the store for retry; only then does the
+start of the round become the base of the next round's windows. Entities kept for retry are
+queued by every later round whatever the windows say, and read from their own cursors
+(:mod:`gitlab_producer.sync.retries`), so advancing the base loses none of their events.
+Cursors of entities that did succeed are saved as they finish, so a failed or interrupted
+round repeats little.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import orjson
 
-from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError, NotFoundError
+from gitlab_producer.gitlab.errors import (
+    FatalGitLabError,
+    ForbiddenError,
+    GitLabError,
+    NotFoundError,
+)
 from gitlab_producer.logs import get_logger
 from gitlab_producer.sinks.base import DeliveryError
 from gitlab_producer.store.base import StoreError
@@ -30,6 +40,7 @@ from gitlab_producer.sync.entities import (
     discover_users,
     read_events,
 )
+from gitlab_producer.sync.retries import RetrySet
 from gitlab_producer.sync.windows import cover_day, iso, project_listing_after
 
 log = get_logger(__name__)
@@ -48,6 +59,7 @@ class RoundResult:
     queued: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
     synced: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
     failed: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
+    skipped: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
     covered: int = 0  # warm projects left to their authors' lists
     produced: int = 0
     error: str = ""
@@ -62,6 +74,7 @@ class SyncRound:
         self.concurrency = concurrency
         self.sync_users = sync_users
         self._last_user_listing: UserListing | None = None  # this process's last full pass
+        self.retries = RetrySet(ctx.store, ctx.metrics)
 
     async def run(self) -> RoundResult:
         ctx = self.ctx
@@ -82,6 +95,7 @@ class SyncRound:
             cover.set_result(None)
         listed_users = False
         try:
+            await self.retries.load()
             async with asyncio.TaskGroup() as group:
                 projects: asyncio.Queue[Work | None] = asyncio.Queue(self.concurrency * 4)
                 group.create_task(self._discover_projects(listing_after, projects, cover,
@@ -150,12 +164,14 @@ class SyncRound:
                                  cover: asyncio.Future[str | None], result: RoundResult
                                  ) -> None:
         warm: list[Work] = []
+        retry = set(self.retries.pending["project"])
         try:
             queued = await discover_projects(self.ctx, listing_after, queue,
-                                             None if cover.done() else warm)
+                                             None if cover.done() else warm, retry)
         except BaseException:
             cover.cancel()
             raise
+        queued += await self._queue_retries("project", retry, queue)
         cover_from = self._cover_from(warm)
         if not cover.done():
             cover.set_result(cover_from)
@@ -173,16 +189,34 @@ class SyncRound:
         """Returns whether the users were listed (all of them, under the usual rules)."""
         cover_from = await cover
         listed = listing_due or cover_from is not None
+        retry = set(self.retries.pending["user"])
         if listed:
-            listing = await discover_users(self.ctx, queue, cover_from)
+            listing = await discover_users(self.ctx, queue, cover_from, retry)
             result.queued["user"] = listing.queued
             if not self.ctx.stop.is_set():
                 self._last_user_listing = listing
                 await self.ctx.store.set_meta(USER_COUNTS_KEY, orjson.dumps(
                     {"pages": listing.pages, "recent": listing.recent,
                      "dated": listing.dated}).decode())
+        result.queued["user"] += await self._queue_retries("user", retry, queue)
         await self._end(queue)
         return listed
+
+    async def _queue_retries(self, kind: str, ids: set[int], queue: asyncio.Queue[Work | None]
+                             ) -> int:
+        """Queue the entities kept for retry that discovery did not queue, from their own
+        cursors: the listing windows may have moved past them."""
+        if not ids or self.ctx.stop.is_set():
+            return 0
+        pending = self.retries.pending[kind]
+        cursors = await self.ctx.store.cursors(kind, sorted(ids))
+        queued = 0
+        for entity_id in sorted(ids):
+            entry = pending.get(entity_id)
+            if entry is not None:
+                await queue.put(Work(kind, entity_id, entry.activity, cursors.get(entity_id)))
+                queued += 1
+        return queued
 
     async def _end(self, queue: asyncio.Queue[Work | None]) -> None:
         # Not in a `finally`: after a failure the task group cancels the readers, and a put
@@ -204,17 +238,34 @@ class SyncRound:
                 select = covered_by_projects(ctx) if work.kind == "user" else None
                 cursor = await read_events(ctx, work, select)
                 await ctx.save_cursor(work, cursor)
+                await self.retries.succeeded(work)
                 result.synced[work.kind] += 1
                 log.debug("entity_synced", kind=work.kind, id=work.entity_id)
             except Interrupted:
                 log.info("entity_interrupted", kind=work.kind, id=work.entity_id)
-            except NotFoundError:
-                log.info("entity_gone", kind=work.kind, id=work.entity_id)
+            except (ForbiddenError, NotFoundError) as exc:
+                # That entity's problem: skip it, keep it for the next rounds (stored before
+                # the round can count as complete), keep everything else flowing.
+                reason = "forbidden" if isinstance(exc, ForbiddenError) else "not_found"
+                try:
+                    kept = await self.retries.keep(work, reason)
+                except StoreError as store_exc:  # not kept: the round must not count it done
+                    self._failed(work, store_exc, result)
+                    continue
+                result.skipped[work.kind] += 1
+                ctx.metrics.entities_skipped.labels(work.kind, reason).inc()
+                log.warning("entity_skipped" if kept else "entity_gone", kind=work.kind,
+                            id=work.entity_id, reason=reason, error=str(exc),
+                            retried_next_round=kept)
             except FatalGitLabError:
                 raise
             except Exception as exc:  # one entity's failure must not stop the others
-                result.failed[work.kind] += 1
-                ctx.metrics.entity_failures.labels(work.kind).inc()
-                known = isinstance(exc, RECOVERABLE)
-                log.warning("entity_failed", kind=work.kind, id=work.entity_id,
-                            error=f"{type(exc).__name__}: {exc}", exc_info=not known)
+                self._failed(work, exc, result)
+                with contextlib.suppress(StoreError):  # the round fails: retried in any case
+                    await self.retries.keep(work, "failed")
+
+    def _failed(self, work: Work, exc: Exception, result: RoundResult) -> None:
+        result.failed[work.kind] += 1
+        self.ctx.metrics.entity_failures.labels(work.kind).inc()
+        log.warning("entity_failed", kind=work.kind, id=work.entity_id,
+                    error=f"{type(exc).__name__}: {exc}", exc_info=not isinstance(exc, RECOVERABLE))
