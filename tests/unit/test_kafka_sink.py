@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import orjson
 
-from gitlab_producer.sinks.base import Message
-from gitlab_producer.sinks.kafka import KafkaSink
-from tests.conftest import Broker, consume
+from gitlab_producer.sinks.base import DeliveryError, Message
+from gitlab_producer.sinks.kafka import EpochWatch, KafkaSink
+from tests.conftest import Broker, OwnBroker, consume
 
 
 async def test_batch_is_acknowledged_and_readable(broker: Broker) -> None:
@@ -24,3 +25,41 @@ async def test_batch_is_acknowledged_and_readable(broker: Broker) -> None:
     assert sorted(m.value() for m in got) == sorted(values)
     assert all(dict(m.headers())["event_id"] == orjson.loads(m.value())["id"].__str__().encode()
                for m in got)
+
+
+async def test_a_restarted_broker_is_written_to_again(own_broker: OwnBroker) -> None:
+    """A new broker on the same address does not know the producer id: the sink replaces
+    its producer instead of timing out for ever, and the batch it failed is sent again."""
+    topic = f"restart-{uuid.uuid4().hex[:8]}"
+    sink = KafkaSink({"bootstrap.servers": own_broker.bootstrap, "enable.idempotence": True,
+                      "acks": "all", "linger.ms": 5, "message.timeout.ms": 120_000}, topic)
+    await sink.send([Message(b"k", b"before", ())])
+    own_broker.kill()
+    own_broker.start()
+    values = [b"after-%d" % i for i in range(100)]
+    failures = 0
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await sink.send([Message(b"k", v, ()) for v in values])
+                break
+            except DeliveryError:  # the stuck producer's batch, failed when it was replaced
+                failures += 1
+    await sink.close()
+    assert failures <= 1
+    got = consume(own_broker.bootstrap, topic, len(values), timeout_s=30)
+    assert sorted(m.value() for m in got) == sorted(values)
+
+
+def test_epoch_watch_spots_the_bump_loop_only() -> None:
+    now = [0.0]
+    watch = EpochWatch(bumps=5, window_s=10.0, clock=lambda: now[0])
+
+    def report(epoch: int) -> bool:
+        now[0] += 1.0
+        return watch.stuck(orjson.dumps({"eos": {"producer_epoch": epoch}}))
+
+    assert not any(report(n // 3) for n in range(30))  # a bump every 3 s: librdkafka's own
+    assert not watch.stuck(b'{"eos": {"producer_epoch": -1}}')  # no producer id yet
+    assert not watch.stuck(b"{}") and not watch.stuck(b"not json")
+    assert report(9 + 10)  # ten bumps within a second: the broker does not know the id
