@@ -106,6 +106,7 @@ class GitLabClient:
         self._rng = rng or random.Random()
         self._throttle_streak = 0
         self.reachable: bool | None = None  # None until the first answer
+        self.answered_at: float | None = None  # monotonic time of the last useful answer
         self._http: Transport = transport or AiohttpTransport(
             {"PRIVATE-TOKEN": token, "Accept": "application/json",
              "User-Agent": "gitlab-producer"}, timeout_s, max_connections)
@@ -130,7 +131,9 @@ class GitLabClient:
         failures = throttles = 0
         while True:
             try:
-                return await self._attempt(url, endpoint, decode)
+                answer = await self._attempt(url, endpoint, decode)
+                self.answered_at = time.monotonic()
+                return answer
             except _Retry as retry:
                 if retry.status == 429:
                     throttles += 1

@@ -35,11 +35,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keyed (namespace TEXT NOT NULL, key TEXT NOT NULL,
     expires_at REAL NOT NULL, PRIMARY KEY (namespace, key));
 """
-# Version 0 (id INTEGER columns) to 1: the same rows in the new tables.
-MIGRATE_V0 = """
-ALTER TABLE sent RENAME TO sent_v0;
-ALTER TABLE cursors RENAME TO cursors_v0;
-""" + SCHEMA + """
+# Version 0 (id INTEGER columns) to 1: the old tables set aside, the same rows in new ones.
+SET_ASIDE_V0 = "ALTER TABLE sent RENAME TO sent_v0; ALTER TABLE cursors RENAME TO cursors_v0;"
+COPY_V0 = """
 INSERT INTO sent SELECT id, expires_at FROM sent_v0;
 INSERT INTO cursors SELECT kind, id, synced_at, activity FROM cursors_v0;
 DROP TABLE sent_v0;
@@ -90,8 +88,9 @@ class SQLiteStore:
             return
         old = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sent'"
                          ).fetchone()
+        script = (SET_ASIDE_V0, SCHEMA, COPY_V0) if old else (SCHEMA,)
         with transaction(db):
-            for statement in (MIGRATE_V0 if old else SCHEMA).split(";"):
+            for statement in ";".join(script).split(";"):
                 if statement.strip():
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
