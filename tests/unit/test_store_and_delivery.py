@@ -14,7 +14,7 @@ from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store import Cursor, RedisStore, SQLiteStore, Store, StoreError
 from gitlab_producer.sync.delivery import Deliverer, to_message
-from tests.conftest import TEST_REDIS_DB
+from tests.conftest import TEST_REDIS_DB, OwnRedis
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -241,3 +241,17 @@ async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(
     finally:
         await store.close()
     assert answers == [[f"k{i}"] for i in range(40)]
+
+
+async def test_redis_restart_costs_no_failed_command(own_redis: OwnRedis) -> None:
+    """Pooled connections that a Redis restart closed are replaced, not failed: a mark that
+    failed after Kafka's acknowledgement would have the event sent again."""
+    own_redis.persistent = True
+    own_redis.start()
+    store = RedisStore.from_address(own_redis.address, prefix="gp-restart:")
+    await asyncio.gather(*(store.mark_sent([i], ttl_s=60) for i in range(20)))  # many conns
+    own_redis.kill()
+    own_redis.start()
+    await store.mark_sent([100], ttl_s=60)
+    assert await store.unseen([1, 100, 101]) == [101]
+    await store.close()
