@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import orjson
+from confluent_kafka import KafkaError
 
 from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.sinks.kafka import EpochWatch, KafkaSink
@@ -63,3 +64,26 @@ def test_epoch_watch_spots_the_bump_loop_only() -> None:
     assert not watch.stuck(b'{"eos": {"producer_epoch": -1}}')  # no producer id yet
     assert not watch.stuck(b"{}") and not watch.stuck(b"not json")
     assert report(9 + 10)  # ten bumps within a second: the broker does not know the id
+
+
+async def test_a_fatal_producer_error_replaces_the_producer(broker: Broker) -> None:
+    """librdkafka reports a fatal error (its idempotence state is gone) through the error
+    callback: that producer never delivers again, so it is replaced, once; an older
+    producer's late report changes nothing."""
+    topic = f"fatal-{uuid.uuid4().hex[:8]}"
+    sink = KafkaSink({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True,
+                      "acks": "all", "linger.ms": 5}, topic)
+    await sink.send([Message(b"k", b"first", ())])
+    fatal = KafkaError(KafkaError._FATAL, "test: idempotence state lost", fatal=True)
+    sink.on_producer_error(0, fatal)
+    async with asyncio.timeout(10):
+        while sink.renewals < 1:
+            await asyncio.sleep(0.01)
+    sink.on_producer_error(0, fatal)  # the replaced producer again: ignored
+    sink.on_producer_error(1, KafkaError(KafkaError._TRANSPORT, "not fatal"))
+    await asyncio.sleep(0.2)
+    assert sink.renewals == 1
+    await sink.send([Message(b"k", b"second", ())])
+    await sink.close()
+    got = consume(broker.bootstrap, topic, 2, timeout_s=30)
+    assert sorted(m.value() for m in got) == [b"first", b"second"]

@@ -137,8 +137,8 @@ class KafkaSink:
 
     def __init__(self, config: dict[str, Any], topic: str) -> None:
         self.topic = topic
-        self._config = {**config, "error_cb": self._on_error,
-                        "statistics.interval.ms": STATS_INTERVAL_MS}
+        self.renewals = 0
+        self._config = {**config, "statistics.interval.ms": STATS_INTERVAL_MS}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._generation = 0
         self._renewing = False
@@ -152,26 +152,37 @@ class KafkaSink:
         watch, generation = EpochWatch(), self._generation
 
         def on_stats(stats: str) -> None:  # on the poll thread
-            if watch.stuck(stats) and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._on_stuck, generation)
+            if watch.stuck(stats):
+                self._renew_soon(generation, "the broker does not know the producer id "
+                                             "(a restarted broker?)")
 
-        return Producer({**self._config, "stats_cb": on_stats})
+        def on_error(err: KafkaError) -> None:
+            self.on_producer_error(generation, err)
 
-    def _on_stuck(self, generation: int) -> None:
+        return Producer({**self._config, "stats_cb": on_stats, "error_cb": on_error})
+
+    def on_producer_error(self, generation: int, err: KafkaError) -> None:
+        """librdkafka's error callback for producer ``generation`` (any thread): logged; a
+        fatal error (the instance never produces again) has the producer replaced."""
+        log.warning("kafka_error", error=str(err), fatal=err.fatal())
+        if err.fatal():
+            self._renew_soon(generation, f"fatal error: {err.str()}")
+
+    def _renew_soon(self, generation: int, reason: str) -> None:
+        """Replace producer ``generation``, unless it was already (from any thread)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._renew_current, generation, reason)
+
+    def _renew_current(self, generation: int, reason: str) -> None:
         if generation != self._generation or self._renewing:
             return  # an older producer's report, or being replaced already
-        task = asyncio.create_task(self._renew("the broker does not know the producer id "
-                                               "(a restarted broker?)"))
+        task = asyncio.create_task(self._renew(reason))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _poll(self) -> None:
         while not self._closed.is_set():
             self._producer.poll(0.05)
-
-    @staticmethod
-    def _on_error(err: KafkaError) -> None:
-        log.warning("kafka_error", error=str(err), fatal=err.fatal())
 
     async def send(self, messages: Sequence[Message]) -> None:
         if not messages:
@@ -192,6 +203,10 @@ class KafkaSink:
                         break
                 except KafkaException as exc:
                     batch.settle(len(messages) - index, str(exc))
+                    error = exc.args[0] if exc.args else None
+                    if (isinstance(error, KafkaError) and error.fatal()
+                            and producer is self._producer):
+                        await self._renew(f"fatal error: {error.str()}")
                     raise DeliveryError(f"kafka produce failed: {exc}") from exc
             if producer is not self._producer:  # replaced while waiting for room: retired
                 batch.settle(len(messages) - index, "kafka producer replaced")
@@ -212,6 +227,7 @@ class KafkaSink:
             old = self._producer
             self._generation += 1
             self._producer = self._new_producer()
+            self.renewals += 1
             log.warning("kafka_producer_renewed", topic=self.topic, reason=reason)
 
             def retire() -> None:
