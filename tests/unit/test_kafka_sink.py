@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import orjson
+import pytest
 from confluent_kafka import KafkaError
 
 from gitlab_producer.sinks.base import DeliveryError, Message
@@ -87,3 +88,26 @@ async def test_a_fatal_producer_error_replaces_the_producer(broker: Broker) -> N
     await sink.close()
     got = consume(broker.bootstrap, topic, 2, timeout_s=30)
     assert sorted(m.value() for m in got) == [b"first", b"second"]
+
+
+async def test_timed_out_messages_replace_the_producer(broker: Broker) -> None:
+    topic = f"timeout-{uuid.uuid4().hex[:8]}"
+    sink = KafkaSink({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True,
+                      "acks": "all", "linger.ms": 0, "message.timeout.ms": 1000}, topic)
+    await sink.send([Message(b"k", b"first", ())])
+    broker.pause()
+    try:
+        with pytest.raises(DeliveryError, match="timed out"):
+            await sink.send([Message(b"k", b"lost", ())])
+    finally:
+        broker.resume()
+    assert sink.renewals == 1
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await sink.send([Message(b"k", b"again", ())])
+                break
+            except DeliveryError:
+                continue
+    await sink.close()
+    assert b"again" in {m.value() for m in consume(broker.bootstrap, topic, 2, timeout_s=30)}
