@@ -386,3 +386,115 @@ async def _post_hooks(port: int, rate: float, seconds: float, label: str
             tasks.append(asyncio.create_task(one(session, n)))
         await asyncio.gather(*tasks)
     return latencies, statuses
+
+
+def sqlite_marks(batches: int = 2_000, batch: int = 100, runs: int = 3) -> list[Figure]:
+    """The embedded store's write path as a round uses it: ``mark_sent`` of 100 fresh ids
+    at a time into a fresh file (WAL, synchronous=NORMAL), median of ``runs``."""
+    import tempfile
+    from pathlib import Path
+
+    from gitlab_producer.store import SQLiteStore
+
+    async def one(path: Path) -> float:
+        store = SQLiteStore(path)
+        started = time.perf_counter()
+        for n in range(batches):
+            await store.mark_sent(range(n * batch, (n + 1) * batch), ttl_s=3600)
+        took = time.perf_counter() - started
+        await store.close()
+        return batches * batch / took
+
+    rates = []
+    for run in range(runs):
+        with tempfile.TemporaryDirectory() as folder:
+            rates.append(asyncio.run(one(Path(folder) / f"bench-{run}.sqlite3")))
+    rate = statistics.median(rates)
+    return [{"figure": "SQLite store: marks written", "value": round(rate), "unit": "marks/s",
+             "limit": "reported", "ratio": None,
+             "detail": f"median of {', '.join(str(round(r)) for r in rates)} marks/s; "
+                       f"{batches} calls of {batch} fresh ids, one transaction each"}]
+
+
+def redis_restart(projects: int = 300, users: int = 60, events: int = 50_000,
+                  live_rate: float = 20.0) -> list[Figure]:
+    """Repeats in Kafka after Redis is killed and restarted between rounds, without
+    persistence and with AOF (``appendfsync everysec``, Redis's default for AOF): the service
+    runs rounds every 2 s with live activity; Redis is killed after the first round and
+    started again on the same port; three more successful rounds follow."""
+    import tempfile
+
+    from bench.harness import free_port, run_service_background
+
+    rows: list[Figure] = []
+    for persistence in ("none", "AOF"):
+        options = (["--appendonly", "yes", "--save", ""] if persistence == "AOF"
+                   else ["--appendonly", "no", "--save", ""])
+        with tempfile.TemporaryDirectory() as folder, \
+                simulator(projects, users, events, history_days=3, live_rate=live_rate) as sim, \
+                broker() as kafka:
+            port, metrics_port = free_port(), free_port()
+            redis_proc = _redis_server(port, folder, options)
+            topic = f"bench-{uuid.uuid4().hex[:6]}"
+            env = service_env(sim, kafka, topic, _since(3.1), REDIS_ADDRESS=f"127.0.0.1:{port}",
+                              REDIS_DB="0", METRICS_PORT=str(metrics_port),
+                              SCHEDULING_POLL_INTERVAL="2")
+            try:
+                with run_service_background(env):
+                    _wait_successes(metrics_port, 1, 600)
+                    redis_proc.kill()
+                    redis_proc.wait(10)
+                    redis_proc = _redis_server(port, folder, options)
+                    after = _counter(metrics_port, "gitlab_producer_rounds_total")
+                    _wait_successes(metrics_port, 2, 300, after)
+                    sim.post("/_simulator/settings", {"live_rate": 0})
+                    _wait_successes(metrics_port, 4, 300, after)
+                    lost = _counter(metrics_port, "gitlab_producer_store_state_lost_total")
+            finally:
+                redis_proc.kill()
+                redis_proc.wait(10)
+            truth = sim.get("/_simulator/truth")["count"]
+            ids, _ = consume_ids(kafka.bootstrap, topic, truth)
+        repeats = sum(ids.values()) - len(ids)
+        rows.append({
+            "figure": f"Redis restarted, persistence {persistence}: repeats", "value": repeats,
+            "unit": "events", "limit": "0 with persistence" if persistence == "AOF" else
+            "reported", "ratio": None,
+            "detail": f"{len(ids)} of {truth} events in Kafka, {sum(ids.values())} messages; "
+                      f"store_state_lost_total {lost:.0f}; {projects}/{users}/{events}, "
+                      f"{live_rate:.0f} live events/s"})
+    return rows
+
+
+def _redis_server(port: int, folder: str, options: list[str]) -> Any:
+    """A redis-server of the benchmark's own on ``port`` (files in ``folder``)."""
+    import shutil
+    import subprocess
+
+    from bench.harness import wait_for_port
+
+    proc = subprocess.Popen([str(shutil.which("redis-server")), "--port", str(port), "--bind",
+                             "127.0.0.1", "--dir", folder, *options], stdout=subprocess.DEVNULL)
+    wait_for_port(port)
+    return proc
+
+
+def _wait_successes(port: int, count: int, timeout_s: float, after_rounds: float = 0) -> None:
+    """Until ``count`` successful rounds finished after the first ``after_rounds`` rounds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    base: float | None = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            samples = [s for family in text_string_to_metric_families(text)
+                       for s in family.samples if s.name == "gitlab_producer_rounds_total"]
+            total = sum(s.value for s in samples)
+            ok = sum(s.value for s in samples if s.labels.get("outcome") == "success")
+            if base is None and total >= after_rounds:
+                base = ok
+            if base is not None and ok - base >= count:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{count} successful rounds not within {timeout_s} s")

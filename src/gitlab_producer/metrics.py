@@ -62,6 +62,14 @@ class Metrics:
             "From a webhook request's arrival to its answer (200 only after Kafka's ack)",
             registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                  5, 10))
+        self.store_state_lost = Counter(
+            "gitlab_producer_store_state_lost_total",
+            "Times the store was found without the state this process wrote (marks and "
+            "cursors lost: e.g. a Redis restarted without persistence)", registry=r)
+        self.store_retries = Counter(
+            "gitlab_producer_store_retries_total",
+            "Start-up steps or rounds retried because the store could not be reached",
+            registry=r)
         self.entity_failures = Counter(
             "gitlab_producer_entity_failures_total", "Projects or users that failed in a round",
             ["kind"], registry=r)

@@ -1,8 +1,12 @@
 """The service: wires config, GitLab client, store, sink and HTTP endpoints, and runs rounds.
 
-``run(once=True)`` is the burst mode: one complete round, then exit (0 when it completed).
-SIGTERM/SIGINT stop taking work, finish in-flight pages within ``SHUTDOWN_GRACE``, flush the
-producer, and exit 0.
+``run(once=True)`` is the burst mode: one complete round, then exit (0 when it completed, 1
+when it failed, 128 + the signal's number when a signal stopped it first). SIGTERM/SIGINT stop
+taking work, finish in-flight pages within ``SHUTDOWN_GRACE``, flush the producer, and exit (0
+for rounds forever); during start-up they are honoured at once.
+
+A store that cannot be reached (at start-up or at the start of a round) is retried with capped
+exponential backoff while ``/readyz`` says so; the service recovers by itself when it answers.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -21,7 +26,7 @@ from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError
 from gitlab_producer.gitlab.ratelimit import RateLimiter
-from gitlab_producer.http.ops import OpsState, listen, start_ops
+from gitlab_producer.http.ops import OpsState, RoundWatch, listen, start_ops
 from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
@@ -29,11 +34,19 @@ from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, StoreError, open_store
 from gitlab_producer.sync.delivery import Deliverer
 from gitlab_producer.sync.entities import SyncContext
-from gitlab_producer.sync.round import RoundResult, SyncRound
+from gitlab_producer.sync.round import LAST_ROUND_KEY, RoundResult, SyncRound
 from gitlab_producer.sync.windows import WindowRules, iso
 
 log = get_logger(__name__)
 SINCE_KEY = "since"
+RETRY_FIRST_S = 1.0  # after a round or start-up step that failed as a whole, doubling ...
+RETRY_CAP_S = 60.0  # ... up to this
+T = TypeVar("T")
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before the next try after ``failures`` consecutive failures (>= 1)."""
+    return float(min(RETRY_CAP_S, RETRY_FIRST_S * 2 ** min(failures - 1, 16)))
 
 
 class Service:
@@ -45,8 +58,9 @@ class Service:
         self.metrics = metrics or Metrics()
         self.ops_host = ops_host
         self.stop = asyncio.Event()
-        self.last_success_end: float | None = None
-        self.started = time.time()
+        self.stop_signal: signal.Signals | None = None
+        self.last_ok_round_started: float | None = None
+        self.watch: RoundWatch | None = None
         for secret in settings.secrets():
             CONTROL.add_secret(secret)
 
@@ -63,7 +77,14 @@ class Service:
 
     async def _since(self, store: Store) -> float:
         """The first round's start, fixed in the store so restarts do not move it."""
-        stored = await store.get_meta(SINCE_KEY)
+        try:
+            stored = await store.get_meta(SINCE_KEY)
+        except StoreError as exc:
+            if "DB index is out of range" in str(exc):  # retrying cannot help
+                raise ConfigError(f"REDIS_DB: the Redis server refuses database "
+                                  f"{self.settings.redis_db} (see its 'databases' setting)"
+                                  ) from None
+            raise
         if stored:
             return float(stored)
         since = self.settings.since(datetime.now(UTC)).timestamp()
@@ -82,14 +103,10 @@ class Service:
             await sink.ping()
             return None
 
-        async def fresh() -> str | None:
-            limit = 3 * max(self.settings.scheduling_poll_interval, 10.0)
-            last = self.last_success_end or self.started
-            age = time.time() - last
-            return None if age <= limit else f"no successful round for {age:.0f} s"
-
+        self.watch = RoundWatch(3 * max(self.settings.scheduling_poll_interval, 10.0),
+                                lambda: client.answered_at)
         return OpsState(self.metrics, CONTROL, {"gitlab": gitlab, "store": store_ok,
-                                               "sink": sink_ok, "rounds": fresh},
+                                               "sink": sink_ok, "rounds": self.watch},
                         self.settings.log_level_token.get_secret_value())
 
     def _install_signals(self) -> None:
@@ -100,7 +117,51 @@ class Service:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("stopping", signal=sig.name)
+        self.stop_signal = self.stop_signal or sig
         self.stop.set()
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """``work``'s result, or None (``work`` cancelled) as soon as a stop signal comes."""
+        task = asyncio.ensure_future(work)
+        stop_wait = asyncio.create_task(self.stop.wait())
+        await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return None
+
+    async def _retrying(self, step: str, work: Callable[[], Awaitable[T]]) -> T:
+        """``work()`` until the store answers it, backing off (the caller bounds it by stop)."""
+        failures = 0
+        while True:
+            try:
+                return await work()
+            except StoreError as exc:
+                failures += 1
+                delay = retry_delay(failures)
+                self.metrics.store_retries.inc()
+                log.warning("store_unreachable", step=step, error=str(exc),
+                            attempt=failures, retry_in_s=delay)
+                await asyncio.sleep(delay)
+
+    async def _check_state(self, store: Store, since: float) -> None:
+        """Warn loudly when the store has lost what this process wrote into it (a Redis that
+        restarted without persistence, a flush): every mark and cursor is gone, and events
+        are sent again. What the process still knows (the base of the windows) is restored."""
+        if await store.get_meta(SINCE_KEY) is not None:
+            return
+        self.metrics.store_state_lost.inc()
+        log.error("store_state_lost",
+                  detail="the store lost its marks and cursors (a Redis restarted without "
+                         "persistence, or flushed?): events already delivered since SYNC_SINCE "
+                         "will be delivered again; production Redis needs AOF or RDB "
+                         "persistence", since=iso(since))
+        await store.set_meta(SINCE_KEY, repr(since))
+        if self.last_ok_round_started is not None:
+            await store.set_meta(LAST_ROUND_KEY, repr(self.last_ok_round_started))
 
     def capturer(self, client: GitLabClient) -> Capturer:
         s = self.settings
@@ -136,6 +197,21 @@ class Service:
         log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic)
         return [runner], [hook_sink, capturer.sink]
 
+    async def _start_up(self, client: GitLabClient, store: Store, sink: Sink,
+                        runners: list[web.AppRunner], sinks: list[Sink]) -> SyncContext:
+        """Webhooks (when configured) and the sync's fixed state, retrying an unreachable
+        store; appends what it starts to ``runners`` and ``sinks`` (closed on the way out)."""
+        s = self.settings
+        hook_runners, extra_sinks = await self._start_webhooks(client, store)
+        runners += hook_runners
+        sinks += extra_sinks
+        since = await self._retrying("since", lambda: self._since(store))
+        return SyncContext(
+            client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance),
+            self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,
+                                      s.user_resync_interval),
+            s.gitlab_per_page_pagination, since, self.stop)
+
     async def run(self, once: bool = False, max_rounds: int | None = None,
                   on_round: Callable[[RoundResult], Awaitable[None]] | None = None) -> int:
         """Run rounds until stopped (one with ``once``, at most ``max_rounds``); returns the
@@ -146,47 +222,28 @@ class Service:
         sink = open_sink(s)
         client = self.gitlab_client()
         runners: list[web.AppRunner] = []
-        extra_sinks: list[Sink] = []
+        sinks: list[Sink] = [sink]
         result: RoundResult | None = None
         try:
-            runners = await start_ops(self._ready_checks(client, store, sink), self.ops_host,
-                                      s.metrics_port, s.metrics_url, s.log_port)
-            if not await self._token_accepted(client):
+            runners += await start_ops(self._ready_checks(client, store, sink), self.ops_host,
+                                       s.metrics_port, s.metrics_url, s.log_port)
+            ctx: SyncContext | None = None
+            accepted = await self._unless_stopped(self._token_accepted(client))
+            if accepted is False:
                 return 1
-            hook_runners, extra_sinks = await self._start_webhooks(client, store)
-            runners += hook_runners
-            try:
-                since = await self._since(store)
-            except StoreError as exc:
-                if "DB index is out of range" in str(exc):  # retrying cannot help
-                    raise ConfigError(f"REDIS_DB: the Redis server refuses database "
-                                      f"{s.redis_db} (see its 'databases' setting)") from None
-                raise
-            ctx = SyncContext(
-                client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance),
-                self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,
-                                          s.user_resync_interval),
-                s.gitlab_per_page_pagination, since, self.stop)
-            log.info("service_started", since=iso(since), once=once,
-                     sink="kafka" if s.kafka_bootstrap_servers else "file",
-                     store="redis" if s.redis_address else "sqlite")
-            sync_round = SyncRound(ctx, s.gitlab_concurrency, s.sync_users)
-            rounds = 0
-            while not self.stop.is_set():
-                result = await self._one_round(sync_round)
-                rounds += 1
-                if on_round is not None:
-                    await on_round(result)
-                if once or self.stop.is_set() or rounds == max_rounds:
-                    break
-                delay = max(0.0, s.scheduling_poll_interval - result.duration_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), delay)
+            if accepted:
+                ctx = await self._unless_stopped(
+                    self._start_up(client, store, sink, runners, sinks))
+            if ctx is not None:
+                log.info("service_started", since=iso(ctx.since), once=once,
+                         sink="kafka" if s.kafka_bootstrap_servers else "file",
+                         store="redis" if s.redis_address else "sqlite")
+                result = await self._rounds(ctx, store, once, max_rounds, on_round)
         finally:
-            await self._shutdown(client, store, [sink, *extra_sinks], runners)
-        if once and not self.stop.is_set():
-            return 0 if result is not None and result.ok else 1
-        return 0  # stopped by a signal: a clean stop
+            await self._shutdown(client, store, sinks, runners)
+        if once and (result is None or not result.ok):
+            return 128 + self.stop_signal if self.stop_signal is not None else 1
+        return 0  # rounds forever, stopped by a signal: a clean stop
 
     async def _token_accepted(self, client: GitLabClient) -> bool:
         """``GET /user`` once at start: a rejected token stops the service (exit 1) instead of
@@ -200,8 +257,42 @@ class Service:
             log.warning("gitlab_token_unchecked", error=str(exc))
         return True
 
-    async def _one_round(self, sync_round: SyncRound) -> RoundResult:
-        task = asyncio.create_task(sync_round.run())
+    async def _rounds(self, ctx: SyncContext, store: Store, once: bool, max_rounds: int | None,
+                      on_round: Callable[[RoundResult], Awaitable[None]] | None
+                      ) -> RoundResult | None:
+        """Rounds until stopped; the last one's result. A round that failed as a whole (store,
+        broker or GitLab unreachable) is retried with capped exponential backoff."""
+        sync_round = SyncRound(ctx, self.settings.gitlab_concurrency, self.settings.sync_users)
+        result: RoundResult | None = None
+        rounds = failures = 0
+        while not self.stop.is_set():
+            result = await self._one_round(self._checked_round(sync_round, store, ctx.since))
+            rounds += 1
+            if on_round is not None:
+                await on_round(result)
+            if once or self.stop.is_set() or rounds == max_rounds:
+                break
+            delay = max(0.0, self.settings.scheduling_poll_interval - result.duration_s)
+            failures = failures + 1 if result.error else 0
+            if failures:
+                delay = max(delay, retry_delay(failures))
+                log.info("round_retry", failures=failures, retry_in_s=round(delay, 3))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+        return result
+
+    async def _checked_round(self, sync_round: SyncRound, store: Store, since: float
+                             ) -> RoundResult:
+        try:
+            await self._check_state(store, since)
+        except StoreError as exc:
+            return RoundResult(started=time.time(), ok=False, error=f"StoreError: {exc}")
+        return await sync_round.run()
+
+    async def _one_round(self, work: Coroutine[Any, Any, RoundResult]) -> RoundResult:
+        assert self.watch is not None
+        self.watch.round_started()
+        task = asyncio.create_task(work)
         stop_wait = asyncio.create_task(self.stop.wait())
         await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
@@ -214,11 +305,12 @@ class Service:
             result = await task
         except asyncio.CancelledError:
             result = RoundResult(started=time.time(), ok=False, error="cancelled at shutdown")
+        self.watch.round_ended(result.ok)
         outcome = "success" if result.ok else "failure"
         self.metrics.rounds.labels(outcome).inc()
         self.metrics.round_duration.labels(outcome).observe(result.duration_s)
         if result.ok:
-            self.last_success_end = time.time()
+            self.last_ok_round_started = result.started
             self.metrics.last_success.set(result.started)
         log.info("round_finished", ok=result.ok, produced=result.produced,
                  queued=result.queued, synced=result.synced, failed=result.failed,

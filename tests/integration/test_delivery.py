@@ -192,7 +192,7 @@ def test_rate_cap_holds(service_env: ServiceRun) -> None:
         proc = service_env.start("run", "--once")
         time.sleep(5)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        assert proc.wait(15) == 128 + signal.SIGTERM  # the round was cut short: not a success
         served = stats(sim.url)
         assert int(str(served["total"])) >= 60  # it was busy: the cap, not idleness, bounded it
         assert int(str(served["max_per_second"])) <= 20

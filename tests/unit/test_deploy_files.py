@@ -34,6 +34,10 @@ def test_compose_wires_kafka_redis_and_the_service() -> None:
     assert set(producer["environment"]) <= SETTING_NAMES
     assert producer["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert producer["environment"]["REDIS_ADDRESS"] == "redis:6379"
+    # Marks and cursors must survive a Redis restart (README: AOF or RDB persistence).
+    command = services["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     for dependency in producer["depends_on"].values():
         assert dependency["condition"] == "service_healthy"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -11,9 +12,9 @@ import pytest
 from gitlab_producer.gitlab.events import Event, decode_events
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message
-from gitlab_producer.store import Cursor, RedisStore, SQLiteStore, Store
+from gitlab_producer.store import Cursor, RedisStore, SQLiteStore, Store, StoreError
 from gitlab_producer.sync.delivery import Deliverer, to_message
-from tests.conftest import TEST_REDIS_DB
+from tests.conftest import TEST_REDIS_DB, OwnRedis
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -64,6 +65,62 @@ async def test_sqlite_survives_restart(tmp_path: Path) -> None:
     assert await second.unseen([9]) == []
     assert await second.cursors("project", [1]) == {1: Cursor(1.0, "a")}
     await second.close()
+
+
+BIG = [2**63 - 1, 2**63, 2**63 + 1, 2**64 + 5, 10**30]  # past SQLite's signed 64-bit INTEGER
+
+
+async def test_ids_past_2_63_are_kept_exactly(store: Store) -> None:
+    await store.mark_sent([1, *BIG[::2]], ttl_s=60)
+    assert await store.unseen([1, *BIG]) == BIG[1::2]  # neighbours stay apart (no REAL)
+    await store.save_cursors("project", {i: Cursor(float(n), f"a{n}") for n, i in enumerate(BIG)})
+    await store.save_cursors("user", {2**64: Cursor(1.0, "2026-01-01")})
+    assert await store.cursors("project", [*BIG, 2**64]) == {
+        i: Cursor(float(n), f"a{n}") for n, i in enumerate(BIG)}
+    assert await store.cursors("user", [2**64, 2**64 + 1]) == {2**64: Cursor(1.0, "2026-01-01")}
+
+
+async def test_a_failed_batch_of_marks_leaves_none(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    store = SQLiteStore(path)
+    other = sqlite3.connect(path)  # the disk "fails" at the third row of the batch
+    other.execute("CREATE TRIGGER fail BEFORE INSERT ON sent WHEN NEW.id = 3 "
+                  "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END")
+    other.commit()
+    with pytest.raises(StoreError, match="disk trouble"):
+        await store.mark_sent([1, 2, 3, 4], ttl_s=60)
+    assert await store.unseen([1, 2, 3, 4]) == [1, 2, 3, 4]
+    other.execute("CREATE TRIGGER fail_cursor BEFORE INSERT ON cursors WHEN NEW.id = 8 "
+                  "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END")
+    other.commit()
+    with pytest.raises(StoreError):
+        await store.save_cursors("project", {7: Cursor(1.0, "a"), 8: Cursor(1.0, "b")})
+    assert await store.cursors("project", [7, 8]) == {}
+    other.close()
+    await store.close()
+
+
+async def test_a_store_file_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE sent (id INTEGER PRIMARY KEY, expires_at REAL NOT NULL);
+        CREATE TABLE cursors (kind TEXT NOT NULL, id INTEGER NOT NULL, synced_at REAL NOT NULL,
+            activity TEXT NOT NULL, PRIMARY KEY (kind, id));
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE keyed (namespace TEXT NOT NULL, key TEXT NOT NULL,
+            expires_at REAL NOT NULL, PRIMARY KEY (namespace, key));
+        INSERT INTO sent VALUES (9, 1e12);
+        INSERT INTO cursors VALUES ('project', 1, 5.0, 'a');
+        INSERT INTO meta VALUES ('since', '12.0');""")
+    old.close()
+    store = SQLiteStore(path)
+    assert await store.unseen([9, 10]) == [10]
+    assert await store.cursors("project", [1]) == {1: Cursor(5.0, "a")}
+    assert await store.get_meta("since") == "12.0"
+    await store.mark_sent([2**64], ttl_s=60)
+    assert await store.unseen([2**64]) == []
+    await store.close()
 
 
 class RecordingSink:
@@ -212,3 +269,17 @@ async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(
     finally:
         await store.close()
     assert answers == [[f"k{i}"] for i in range(40)]
+
+
+async def test_redis_restart_costs_no_failed_command(own_redis: OwnRedis) -> None:
+    """Pooled connections that a Redis restart closed are replaced, not failed: a mark that
+    failed after Kafka's acknowledgement would have the event sent again."""
+    own_redis.persistent = True
+    own_redis.start()
+    store = RedisStore.from_address(own_redis.address, prefix="gp-restart:")
+    await asyncio.gather(*(store.mark_sent([i], ttl_s=60) for i in range(20)))  # many conns
+    own_redis.kill()
+    own_redis.start()
+    await store.mark_sent([100], ttl_s=60)
+    assert await store.unseen([1, 100, 101]) == [101]
+    await store.close()

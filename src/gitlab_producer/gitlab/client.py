@@ -144,6 +144,7 @@ class GitLabClient:
         self._throttle_streak = 0
         self.max_pages = max_pages
         self.reachable: bool | None = None  # None until the first answer
+        self.answered_at: float | None = None  # monotonic time of the last useful answer
         self._http: Transport = transport or AiohttpTransport(
             {"PRIVATE-TOKEN": token, "Accept": "application/json",
              "User-Agent": "gitlab-producer"}, timeout_s, max_connections, max_body)
@@ -189,7 +190,9 @@ class GitLabClient:
         failures = throttles = 0
         while True:
             try:
-                return await attempt()
+                answer = await attempt()
+                self.answered_at = time.monotonic()
+                return answer
             except _Retry as retry:
                 if retry.status == 429:
                     throttles += 1

@@ -2,7 +2,8 @@
 
 - ``GET  :METRICS_PORT/<METRICS_URL>``: Prometheus text format
 - ``GET  :METRICS_PORT/healthz``: the process is alive
-- ``GET  :METRICS_PORT/readyz``: GitLab, store and sink reachable, last round recent enough
+- ``GET  :METRICS_PORT/readyz``: GitLab, store and sink reachable, and the sync making progress
+  (a recent successful round, or a round in progress that is moving)
 - ``PUT  :LOG_PORT/log_level`` with form body ``level=debug|info|warning|error``; with
   ``LOG_LEVEL_TOKEN`` set, also the token (``Authorization: Bearer`` or a ``token`` field),
   else 401. The other endpoints stay open, as Prometheus and orchestrators expect.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -39,6 +41,42 @@ class OpsState:
 
 
 STATE_KEY = web.AppKey("ops", OpsState)
+
+
+class RoundWatch:
+    """The ``rounds`` readiness check: the sync is making progress when a round succeeded
+    within ``limit_s``, or when a round is in progress and ``progress`` (the monotonic time of
+    its latest sign of life, e.g. a GitLab page answered) is that recent. A first catch-up can
+    take hours; it is ready as long as it moves."""
+
+    def __init__(self, limit_s: float, progress: Callable[[], float | None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_s = limit_s
+        self._progress = progress
+        self._clock = clock
+        self._since = clock()  # the process's start: nothing is due before limit_s
+        self._last_success: float | None = None
+        self._round_started: float | None = None
+
+    def round_started(self) -> None:
+        self._round_started = self._clock()
+
+    def round_ended(self, ok: bool) -> None:
+        self._round_started = None
+        if ok:
+            self._last_success = self._clock()
+
+    async def __call__(self) -> str | None:
+        now = self._clock()
+        if self._last_success is not None and now - self._last_success <= self.limit_s:
+            return None
+        if self._round_started is not None:
+            idle = now - max(self._round_started, self._progress() or 0.0)
+            return None if idle <= self.limit_s else (
+                f"round in progress for {now - self._round_started:.0f} s, "
+                f"no progress for {idle:.0f} s")
+        age = now - (self._last_success or self._since)
+        return None if age <= self.limit_s else f"no successful round for {age:.0f} s"
 
 
 async def metrics_view(request: web.Request) -> web.Response:

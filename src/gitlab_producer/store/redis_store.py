@@ -22,9 +22,12 @@ from importlib.metadata import version
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.connection import HiredisRespSerializer
 from redis.driver_info import DriverInfo
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gitlab_producer.store.base import Cursor, StoreError
@@ -77,10 +80,14 @@ class RedisStore:
         host, _, port = address.removeprefix("redis://").rpartition(":")
         # A burst (webhooks, many readers) waits for a free connection rather than failing
         # with "Too many connections", which the default pool raises at its limit.
+        # A pooled connection that a Redis restart closed fails its next command: that one is
+        # retried on a new connection (every command here is idempotent), so a restart costs
+        # no failed mark, which would have had an acknowledged event sent again.
         pool = aioredis.BlockingConnectionPool(
             host=host, port=int(port), password=password or None, db=db, socket_timeout=10,
             socket_connect_timeout=5, max_connections=max_connections, timeout=10,
-            driver_info=DRIVER_INFO, connection_class=HiredisPackingConnection)
+            driver_info=DRIVER_INFO, connection_class=HiredisPackingConnection,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3, (RedisConnectionError,)))
         return cls(aioredis.Redis.from_pool(pool), prefix)
 
     async def _lookup(self, keys: list[str | bytes]) -> list[bool]:

@@ -1,15 +1,20 @@
 """Embedded store: one SQLite file on disk (WAL), used when no ``REDIS_ADDRESS`` is set.
 
-SQLite calls run on one worker thread so the event loop never blocks on disk. Expired dedup
-marks are ignored on read and purged now and then.
+SQLite calls run on one worker thread so the event loop never blocks on disk. Each write is
+one transaction (a failed batch leaves nothing behind). Expired dedup marks are ignored on
+read and purged now and then.
+
+Ids are stored in untyped columns: as SQLite integers while they fit its signed 64 bits, and
+as their decimal text beyond (GitLab's ids are JSON numbers; nothing bounds them to 2^63).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -18,16 +23,49 @@ from gitlab_producer.store.base import Cursor, StoreError
 
 T = TypeVar("T")
 
+SCHEMA_VERSION = 1
+# Version 1: id columns without a type (no affinity), so that an id past 2^63 stored as text
+# is kept as it is (an INTEGER column turns such text into an inexact REAL).
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS sent (id INTEGER PRIMARY KEY, expires_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS cursors (kind TEXT NOT NULL, id INTEGER NOT NULL,
-    synced_at REAL NOT NULL, activity TEXT NOT NULL, PRIMARY KEY (kind, id));
+CREATE TABLE IF NOT EXISTS sent (id PRIMARY KEY NOT NULL, expires_at REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cursors (kind TEXT NOT NULL, id NOT NULL,
+    synced_at REAL NOT NULL, activity TEXT NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keyed (namespace TEXT NOT NULL, key TEXT NOT NULL,
     expires_at REAL NOT NULL, PRIMARY KEY (namespace, key));
 """
+# Version 0 (id INTEGER columns) to 1: the old tables set aside, the same rows in new ones.
+SET_ASIDE_V0 = "ALTER TABLE sent RENAME TO sent_v0; ALTER TABLE cursors RENAME TO cursors_v0;"
+COPY_V0 = """
+INSERT INTO sent SELECT id, expires_at FROM sent_v0;
+INSERT INTO cursors SELECT kind, id, synced_at, activity FROM cursors_v0;
+DROP TABLE sent_v0;
+DROP TABLE cursors_v0;
+"""
 PURGE_EVERY_S = 300.0
 CHUNK = 500  # SQLite's bound-parameter limit is generous, but stay well below it
+INT64 = range(-(2**63), 2**63)
+
+SQLiteId = int | str
+
+
+def db_id(entity_id: int) -> SQLiteId:
+    """An id as stored: an integer when SQLite's INTEGER holds it, else its decimal text."""
+    return entity_id if entity_id in INT64 else str(entity_id)
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN`` .. ``COMMIT``, or ``ROLLBACK`` on any error. (With ``isolation_level=None``
+    the connection's own ``with db:`` opens no transaction: every statement commits alone.)"""
+    db.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class SQLiteStore:
@@ -40,8 +78,22 @@ class SQLiteStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._migrate()
         self._last_purge = 0.0
+
+    def _migrate(self) -> None:
+        db = self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            return
+        old = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sent'"
+                         ).fetchone()
+        script = (SET_ASIDE_V0, SCHEMA, COPY_V0) if old else (SCHEMA,)
+        with transaction(db):
+            for statement in ";".join(script).split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -54,10 +106,10 @@ class SQLiteStore:
         if not event_ids:
             return []
 
-        def query(db: sqlite3.Connection) -> set[int]:
-            now, found = time.time(), set[int]()
+        def query(db: sqlite3.Connection) -> set[SQLiteId]:
+            now, found = time.time(), set[SQLiteId]()
             for start in range(0, len(event_ids), CHUNK):
-                chunk = list(event_ids[start:start + CHUNK])
+                chunk = [db_id(i) for i in event_ids[start:start + CHUNK]]
                 marks = ",".join("?" * len(chunk))
                 found.update(row[0] for row in db.execute(
                     f"SELECT id FROM sent WHERE id IN ({marks}) AND expires_at > ?",  # noqa: S608
@@ -65,7 +117,7 @@ class SQLiteStore:
             return found
 
         seen = await self._run(query)
-        return [i for i in event_ids if i not in seen]
+        return [i for i in event_ids if db_id(i) not in seen]
 
     async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
         if not event_ids:
@@ -73,12 +125,13 @@ class SQLiteStore:
 
         def write(db: sqlite3.Connection) -> None:
             now = time.time()
-            with db:
+            with transaction(db):
                 db.executemany("INSERT OR REPLACE INTO sent (id, expires_at) VALUES (?, ?)",
-                               [(i, now + ttl_s) for i in event_ids])
+                               [(db_id(i), now + ttl_s) for i in event_ids])
                 if now - self._last_purge > PURGE_EVERY_S:
                     db.execute("DELETE FROM sent WHERE expires_at <= ?", (now,))
-                    self._last_purge = now
+            if now - self._last_purge > PURGE_EVERY_S:
+                self._last_purge = now
 
         await self._run(write)
 
@@ -95,7 +148,7 @@ class SQLiteStore:
     async def mark_keys(self, namespace: str, keys: Sequence[str], ttl_s: int) -> None:
         def write(db: sqlite3.Connection) -> None:
             now = time.time()
-            with db:
+            with transaction(db):
                 db.executemany("INSERT OR REPLACE INTO keyed (namespace, key, expires_at) "
                                "VALUES (?, ?, ?)", [(namespace, k, now + ttl_s) for k in keys])
                 db.execute("DELETE FROM keyed WHERE expires_at <= ?", (now,))
@@ -110,7 +163,7 @@ class SQLiteStore:
         def query(db: sqlite3.Connection) -> dict[int, Cursor]:
             out = {}
             for start in range(0, len(entity_ids), CHUNK):
-                chunk = list(entity_ids[start:start + CHUNK])
+                chunk = [db_id(i) for i in entity_ids[start:start + CHUNK]]
                 marks = ",".join("?" * len(chunk))
                 for row in db.execute(
                     f"SELECT id, synced_at, activity FROM cursors WHERE kind = ? "  # noqa: S608
@@ -125,11 +178,11 @@ class SQLiteStore:
             return
 
         def write(db: sqlite3.Connection) -> None:
-            with db:
+            with transaction(db):
                 db.executemany(
                     "INSERT OR REPLACE INTO cursors (kind, id, synced_at, activity) "
                     "VALUES (?, ?, ?, ?)",
-                    [(kind, i, c.synced_at, c.activity) for i, c in cursors.items()])
+                    [(kind, db_id(i), c.synced_at, c.activity) for i, c in cursors.items()])
 
         await self._run(write)
 
@@ -142,8 +195,7 @@ class SQLiteStore:
 
     async def set_meta(self, key: str, value: str) -> None:
         def write(db: sqlite3.Connection) -> None:
-            with db:
-                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
         await self._run(write)
 

@@ -77,8 +77,17 @@ class SyncRound:
         self.retries = RetrySet(ctx.store, ctx.metrics)
 
     async def run(self) -> RoundResult:
-        ctx = self.ctx
+        """The round; a store, sink or GitLab failure fails it (never raises them)."""
         result = RoundResult(started=time.time())
+        try:
+            await self._run(result)
+        except RECOVERABLE as exc:  # outside the task group: reading or writing round state
+            result.ok, result.error = False, f"{type(exc).__name__}: {exc}"
+        result.duration_s = time.time() - result.started
+        return result
+
+    async def _run(self, result: RoundResult) -> None:
+        ctx = self.ctx
         last = await ctx.store.get_meta(LAST_ROUND_KEY)
         listing_after = project_listing_after(ctx.rules, float(last) if last else None,
                                               ctx.since)
@@ -118,13 +127,11 @@ class SyncRound:
             result.ok, result.error = False, result.error or "interrupted"
         if any(result.failed.values()):
             result.ok = False
+        result.produced = self._produced() - produced_before
         if result.ok:
             await ctx.store.set_meta(LAST_ROUND_KEY, repr(result.started))
             if listed_users:
                 await ctx.store.set_meta(LAST_USER_LISTING_KEY, repr(result.started))
-        result.produced = self._produced() - produced_before
-        result.duration_s = time.time() - result.started
-        return result
 
     def _can_cover(self) -> bool:
         seen = self._last_user_listing
