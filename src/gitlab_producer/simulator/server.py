@@ -15,8 +15,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gitlab_producer.simulator import api
+from gitlab_producer.simulator import api, objects_api
 from gitlab_producer.simulator.control import BARE_429_ROUTES, Control, Throttle
+from gitlab_producer.simulator.objects import ObjectWorld
 from gitlab_producer.simulator.webhooks import HOOK_KINDS, deliver
 from gitlab_producer.simulator.world import World, WorldSpec
 
@@ -35,6 +36,17 @@ class Simulator:
     token: str = "sim-token"  # noqa: S105 - the simulator's documented default
     live_rate: float = 0.0
     _live_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    admin_token: str = "sim-admin-token"  # noqa: S105 - an administrator's token
+    objects: ObjectWorld = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.objects = ObjectWorld(self.world)
+
+    def is_admin(self, request: web.Request) -> bool:
+        bearer = request.headers.get("Authorization", "")
+        given = request.headers.get("PRIVATE-TOKEN") or (
+            bearer[7:] if bearer.startswith("Bearer ") else request.query.get("private_token"))
+        return given == self.admin_token
 
     def authenticated(self, request: web.Request) -> tuple[bool, bool]:
         """(token accepted, token came in the query string)."""
@@ -45,7 +57,7 @@ class Simulator:
             given = bearer[7:]
         if given is None and in_query:
             given = request.query["private_token"]
-        return given == self.token, in_query
+        return given in (self.token, self.admin_token), in_query
 
     async def live_loop(self) -> None:
         """Create ``live_rate`` events per second, in small batches, while live mode is on."""
@@ -100,7 +112,7 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
     raw_path = request.rel_url.raw_path[len(API_PREFIX):].rstrip("/")
     ok, in_query = sim.authenticated(request)
-    route_name = (api.route(raw_path) or ("unknown",))[0]
+    route_name = (objects_api.route(raw_path) or api.route(raw_path) or ("unknown",))[0]
     if not ok:
         sim.control.record(route_name, 401, in_query)
         return web.Response(status=401, body=UNAUTHORIZED, content_type="application/json")
@@ -119,7 +131,9 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
             sim.control.record(route_name, early.status, in_query)
             return early
     base = f"{request.scheme}://{request.host}/api/v4"
-    name, response = api.handle(sim.world, raw_path, request.query, request.method, base)
+    answered = objects_api.handle(sim.world, sim.objects, raw_path, request.query, base)
+    name, response = answered or api.handle(sim.world, raw_path, request.query, request.method,
+                                            base, admin=sim.is_admin(request))
     if fault == "truncated" and isinstance(response, web.Response) and response.body:
         body = bytes(response.body)  # type: ignore[arg-type]
         response = web.Response(body=body[: max(1, len(body) // 2)], status=response.status,
