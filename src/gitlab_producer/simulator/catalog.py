@@ -74,10 +74,11 @@ def render_event(
     created_at: str,
     host: str,
     target: Target | None = None,
-    note_body: str | None = None,
+    detail: str | None = None,
 ) -> dict[str, Any]:
     """One event exactly as ``GET /events`` family endpoints return it. ``target`` names the
-    project object it is about (events outside projects name made-up snippets)."""
+    project object it is about (events outside projects name made-up snippets); ``detail`` is
+    the note's body of a note event, the pushed ref of a push made by an object change."""
     target_id: int | None = None
     target_iid: int | None = None
     title: str | None = None
@@ -110,7 +111,7 @@ def render_event(
             "ref_type": "branch",
             "commit_from": None if action.action_name == "pushed new" else sha_for(event_id),
             "commit_to": commit_to,
-            "ref": "main" if event_id % 3 else f"feature/topic-{event_id % 7}",
+            "ref": detail or ("main" if event_id % 3 else f"feature/topic-{event_id % 7}"),
             "commit_title": f"Change number {event_id}",
             "ref_count": None,
         }
@@ -123,7 +124,7 @@ def render_event(
         event["note"] = {
             "id": target_id,
             "type": None,
-            "body": note_body or event_note_body(event_id),
+            "body": detail or event_note_body(event_id),
             "attachment": None,
             "author": _author(author_id, host),
             "created_at": created_at,

@@ -442,8 +442,9 @@ def add_note(po: ProjectObjects, thing: Thing, note_id: int, author: int, body: 
 
 
 def set_state(po: ProjectObjects, thing: Thing, state: str, user: int, t: int) -> None:
-    """Close, reopen or merge; records a resource state event and bumps ``updated_at``."""
-    thing.state = state
+    """Close, reopen or merge; records a resource state event (``closed``, ``reopened``,
+    ``merged``) and bumps ``updated_at``."""
+    thing.state = "opened" if state == "reopened" else state
     if state in ("closed", "merged"):
         thing.closed_at = t if state == "closed" else None
         thing.closed_by = user if state == "closed" else None

@@ -83,7 +83,8 @@ class World:
         self.start_ms = start
         self.end_ms = now  # the generated objects are spread up to here
         self.deleted_projects: set[int] = set()
-        # Events made by object changes name their object explicitly: (target, note body).
+        # Events made by object changes name their object explicitly: (target, detail), the
+        # detail being the note's body for a note, the pushed ref for a push.
         self.ev_target: dict[int, tuple[targets.Target | None, str | None]] = {}
         n_proj, n_users = max(1, spec.projects), max(1, spec.users)
 
@@ -172,7 +173,7 @@ class World:
         return ids
 
     def add_object_event(self, project: int, author: int, action_name: str, target_type: str | None,
-                         target: targets.Target | None, note_body: str | None = None,
+                         target: targets.Target | None, detail: str | None = None,
                          at_ms: int | None = None) -> tuple[int, int]:
         """An event made by an object change (a note, a state change, a push), naming its
         object. Returns (event id, created_at in ms)."""
@@ -183,7 +184,7 @@ class World:
             if self.ev_time and t < self.ev_time[-1]:
                 t = self.ev_time[-1]
             idx = self._append(t, project, author, action, False)
-            self.ev_target[idx] = (target, note_body)
+            self.ev_target[idx] = (target, detail)
         return idx + 1, t
 
     def project_shape(self, project: int) -> targets.Shape:
@@ -242,7 +243,7 @@ class World:
         cached = self._rendered[idx]
         if cached is None:
             author = self.ev_author[idx]
-            target, note_body = self.event_target(idx)
+            target, detail = self.event_target(idx)
             # orjson's result keeps its whole working buffer (~8 KB for an event of 1 KB);
             # a trimmed copy is what stays in the cache (measured: 8,153 -> 1,048 bytes).
             cached = bytes(memoryview(orjson.dumps(render_event(
@@ -253,7 +254,7 @@ class World:
                 created_at=iso_ms(self.ev_time[idx]),
                 host=self.spec.host,
                 target=target,
-                note_body=note_body,
+                detail=detail,
             ))))
             self._rendered[idx] = cached
         return cached
