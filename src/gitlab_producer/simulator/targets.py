@@ -49,8 +49,9 @@ class Shape:
 
 
 def shape(seed: int, project_id: int, per_project: int, big_project_issues: int = 0) -> Shape:
-    """Skewed sizes (a few big projects, a long tail), mean ``per_project`` objects."""
-    scale = 0.25 + 2.25 * unit(seed, project_id, 1) ** 2  # mean 1.0
+    """Skewed sizes (a few big projects, a long tail), mean ``per_project`` objects; project 1
+    is always one of the biggest (tests and demos read it)."""
+    scale = 2.5 if project_id == 1 else 0.25 + 2.25 * unit(seed, project_id, 1) ** 2  # mean 1
     total = max(5, int(per_project * scale))
     issues = max(1, total * 2 // 10)
     if project_id == 1 and big_project_issues:
