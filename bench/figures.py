@@ -18,6 +18,7 @@ from bench.harness import (
     broker,
     clean_redis,
     consume_ids,
+    cpu_seconds,
     pages_lower_bound,
     per_entity_requests,
     run_service,
@@ -386,3 +387,82 @@ async def _post_hooks(port: int, rate: float, seconds: float, label: str
             tasks.append(asyncio.create_task(one(session, n)))
         await asyncio.gather(*tasks)
     return latencies, statuses
+
+
+def simulator_objects(projects: int = 10_000, events: int = 400_000, per_project: int = 64,
+                      seconds: float = 20.0, concurrency: int = 32) -> list[Figure]:
+    """The object world at full size: start-up, memory, and object pages served to a
+    full-history importer (each worker reads one project's lists, then the next project's)."""
+    from gitlab_producer.simulator.targets import shape
+
+    objects = sum(
+        s.issues + s.merge_requests + s.notes + s.pipelines
+        for s in (shape(1, p, per_project) for p in range(1, projects + 1)))
+    with simulator(projects, 2_000, events, history_days=3,
+                   objects_per_project=per_project) as sim:
+        started_rss = _rss_of(sim.proc.pid)
+        cpu_before = cpu_seconds(sim.proc.pid)
+        pages, statuses, elapsed = asyncio.run(_import_pages(sim.url, projects, seconds,
+                                                             concurrency))
+        cpu_per_page = (cpu_seconds(sim.proc.pid) - cpu_before) / max(1, pages)
+        served_rss = _rss_of(sim.proc.pid)
+    rate = pages / elapsed
+    total = objects + events
+    size = (f"{projects} projects, {total:,} objects ({objects:,} generated lazily + "
+            f"{events:,} events)")
+    return [
+        {"figure": "simulator objects: start", "value": round(sim.ready_s, 1), "unit": "s",
+         "limit": "< 15", "ratio": round(sim.ready_s / 15, 2), "detail": size},
+        {"figure": "simulator objects: memory", "value": round(max(started_rss, served_rss)),
+         "unit": "MB", "limit": "< 2048", "ratio": round(max(started_rss, served_rss) / 2048, 2),
+         "detail": f"peak RSS: {started_rss:.0f} MB after start, {served_rss:.0f} MB after "
+                   f"serving {pages} pages"},
+        {"figure": "simulator objects: pages served", "value": round(rate),
+         "unit": "pages/s", "limit": ">= 1500", "ratio": round(rate / 1500, 2),
+         "detail": f"{concurrency} concurrent aiohttp clients in the benchmark process, "
+                   f"{elapsed:.1f} s, per_page=100 lists (issues, merge requests, notes, "
+                   f"discussions, resource events, pipelines, jobs, deployments) project after "
+                   f"project; statuses {dict(sorted(statuses.items()))}; simulator CPU "
+                   f"{cpu_per_page * 1000:.2f} ms per page ({1 / cpu_per_page:.0f} pages per "
+                   f"CPU second)"},
+    ]
+
+
+async def _import_pages(url: str, projects: int, seconds: float, concurrency: int
+                        ) -> tuple[int, dict[int, int], float]:
+    import aiohttp
+
+    started = time.monotonic()
+    deadline = started + seconds
+    pages = 0
+    statuses: dict[int, int] = {}
+    next_project = iter(range(1, projects + 1))
+    api = f"{url}/api/v4"
+
+    async def get(session: aiohttp.ClientSession, path: str) -> Any:
+        nonlocal pages
+        async with session.get(f"{api}{path}", params={"per_page": "100"}) as r:
+            body = await r.read()
+        pages += 1
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+        return orjson.loads(body) if r.status == 200 else []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for pid in next_project:
+            base = f"/projects/{pid}"
+            for kind in ("issues", "merge_requests"):
+                for thing in await get(session, f"{base}/{kind}"):
+                    if time.monotonic() > deadline:
+                        return
+                    for tail in ("notes", "discussions", "resource_state_events"):
+                        await get(session, f"{base}/{kind}/{thing['iid']}/{tail}")
+            for tail in ("pipelines", "jobs", "deployments"):
+                await get(session, f"{base}/{tail}")
+            if time.monotonic() > deadline:
+                return
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(headers={"PRIVATE-TOKEN": "sim-token"},
+                                     connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return pages, statuses, time.monotonic() - started

@@ -15,6 +15,7 @@ import hashlib
 import random
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -102,11 +103,9 @@ class Thing:
     commits: list[str] = field(default_factory=list)
     approved_by: list[int] = field(default_factory=list)
     deleted: bool = False
-    cached: bytes | None = None
 
     def touch(self, t: int) -> None:
         self.updated = max(self.updated, t)
-        self.cached = None
 
     def live_notes(self) -> list[Note]:
         return [n for n in self.notes if not n.deleted]
@@ -207,6 +206,14 @@ class ProjectObjects:
     notes_by_id: dict[int, Note] = field(default_factory=dict)
     applied_events: int = 0
     serial: int = 0
+    # Rendered JSON per object, dropped whenever anything in the project changes.
+    rendered: dict[tuple[str, int | str], bytes] = field(default_factory=dict)
+
+    def render(self, key: tuple[str, int | str], build: Callable[[], bytes]) -> bytes:
+        found = self.rendered.get(key)
+        if found is None:
+            found = self.rendered[key] = build()
+        return found
 
     def next_serial(self) -> int:
         self.serial += 1
@@ -291,13 +298,13 @@ class Generator:
         merges: set[int] = set()
         world = self.world
         with world.lock:
-            indices = list(world.project_events[self.pid - 1])
-        for idx in indices:
+            self.indices = list(world.project_events[self.pid - 1])
+        self.targets = {idx: world.event_target(idx)[0] for idx in self.indices
+                        if idx not in world.ev_target}
+        for idx, target in self.targets.items():
             action = ACTIONS[world.ev_action[idx]]
-            if action.action_name in ("closed", "accepted") and idx not in world.ev_target:
-                target, _ = world.event_target(idx)
-                if target is not None and target.target_iid:
-                    (closes if target.target_type == "Issue" else merges).add(target.target_iid)
+            if action.action_name in ("closed", "accepted") and target and target.target_iid:
+                (closes if target.target_type == "Issue" else merges).add(target.target_iid)
         return closes, merges
 
     def _things(self, kind: str, count: int, kept_open: set[int]) -> None:
@@ -361,10 +368,7 @@ class Generator:
             add_note(po, thing, note_id, author,
                      self.body(f"Note {serial} on {thing.kind} {thing.iid}", 0.1), t,
                      reply, position)
-        with world.lock:
-            indices = list(world.project_events[self.pid - 1])
-        self.po.applied_events = 0
-        apply_events(world, po, indices)
+        apply_events(world, po, self.indices, self.targets)
 
     def _reply_target(self, thing: Thing) -> str | None:
         if thing.notes and self.rng.random() < 0.35:
@@ -455,16 +459,19 @@ def set_state(po: ProjectObjects, thing: Thing, state: str, user: int, t: int) -
     thing.touch(t)
 
 
-def apply_events(world: World, po: ProjectObjects, indices: list[int]) -> None:
+def apply_events(world: World, po: ProjectObjects, indices: list[int],
+                 known: dict[int, tg.Target | None] | None = None) -> None:
     """Make the project's objects agree with events of the generated history (and with live
     random events): a "closed" event closes its issue, "accepted" merges its merge request, a
     "commented on" event is a note on its noteable. Events made by object changes are skipped:
     the change itself made their objects."""
+    if len(indices) > po.applied_events:
+        po.rendered.clear()
     for idx in indices[po.applied_events:]:
         if idx in world.ev_target:
             continue
         action = ACTIONS[world.ev_action[idx]]
-        target, _ = world.event_target(idx)
+        target = known[idx] if known is not None else world.event_target(idx)[0]
         if target is None:
             continue
         t, author = world.ev_time[idx], world.ev_author[idx]

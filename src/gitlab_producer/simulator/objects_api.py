@@ -374,9 +374,7 @@ def _things(req: ObjRequest, kind: str) -> web.Response:
     def render(thing: Thing) -> bytes:
         if details:
             return _dump(js.thing_json(req.world, po, thing, label_details=True))
-        if thing.cached is None:
-            thing.cached = _dump(js.thing_json(req.world, po, thing))
-        return thing.cached
+        return po.render((kind, thing.id), lambda: _dump(js.thing_json(req.world, po, thing)))
 
     return _page(req, rows, render)
 
@@ -414,7 +412,8 @@ def notes(req: ObjRequest) -> web.Response:
     rows = _sorted(thing.live_notes(), req.q(), {"created_at": lambda n: (n.created, n.id),
                                                  "updated_at": lambda n: (n.updated, n.id)},
                    "created_at", "desc")
-    return _page(req, rows, lambda n: _dump(js.note_json(req.world, po, n)))
+    return _page(req, rows, lambda n: po.render(("note", n.id), lambda: _dump(
+        js.note_json(req.world, po, n))))
 
 
 def note(req: ObjRequest) -> web.Response:
@@ -430,7 +429,8 @@ def discussions(req: ObjRequest) -> web.Response:
     seen: dict[str, None] = {}
     for n in thing.live_notes():
         seen.setdefault(n.discussion)
-    return _page(req, list(seen), lambda d: _dump(js.discussion_json(req.world, po, d)))
+    return _page(req, list(seen), lambda d: po.render(("discussion", d), lambda: _dump(
+        js.discussion_json(req.world, po, d))))
 
 
 def discussion(req: ObjRequest) -> web.Response:
@@ -450,8 +450,8 @@ def resource_events(req: ObjRequest) -> web.Response:
         if found is None:
             raise _not_found("404 Not found")
         return _json(js.resource_event_json(req.world, po, thing, found, kind))
-    return _page(req, list(rows), lambda e: _dump(js.resource_event_json(req.world, po, thing,
-                                                                         e, kind)))
+    return _page(req, list(rows), lambda e: po.render((kind, e.id), lambda: _dump(
+        js.resource_event_json(req.world, po, thing, e, kind))))
 
 
 def award_emoji(req: ObjRequest) -> web.Response:
@@ -497,7 +497,8 @@ def pipelines(req: ObjRequest) -> web.Response:
     rows = _sorted(rows, q, {"id": lambda p: p.id, "status": lambda p: (p.status, p.id),
                              "ref": lambda p: (p.ref, p.id), "user_id": lambda p: (p.user, p.id),
                              "updated_at": lambda p: (p.updated, p.id)}, "id", "desc")
-    return _page(req, rows, lambda p: _dump(js.pipeline_json(req.world, po, p)))
+    return _page(req, rows, lambda p: po.render(("pipeline", p.id), lambda: _dump(
+        js.pipeline_json(req.world, po, p))))
 
 
 def _pipeline(req: ObjRequest) -> tuple[ProjectObjects, Pipeline]:
@@ -522,7 +523,8 @@ def pipeline_jobs(req: ObjRequest) -> web.Response:
     po, pipe = _pipeline(req)
     wanted = _job_scope(req)
     rows = [j for j in pipe.jobs if wanted is None or j.status in wanted]
-    return _page(req, rows, lambda j: _dump(js.job_json(req.world, po, pipe, j)))
+    return _page(req, rows, lambda j: po.render(("job", j.id), lambda: _dump(
+        js.job_json(req.world, po, pipe, j))))
 
 
 def jobs(req: ObjRequest) -> web.Response:
@@ -534,7 +536,7 @@ def jobs(req: ObjRequest) -> web.Response:
                    if wanted is None or j.status in wanted), key=lambda pj: pj[1].id,
                   reverse=True)
     def render(pj: tuple[Pipeline, Any]) -> bytes:
-        return _dump(js.job_json(req.world, po, pj[0], pj[1]))
+        return po.render(("job", pj[1].id), lambda: _dump(js.job_json(req.world, po, *pj)))
 
     if q.get("pagination") != "keyset":
         return _page(req, rows, render)
@@ -581,7 +583,8 @@ def deployments(req: ObjRequest) -> web.Response:
                              "updated_at": lambda d: (d.updated, d.id),
                              "finished_at": lambda d: (d.job.finished or 0, d.id),
                              "ref": lambda d: (d.pipeline.ref, d.id)}, "id", "asc")
-    return _page(req, rows, lambda d: _dump(js.deployment_json(req.world, po, d)))
+    return _page(req, rows, lambda d: po.render(("deployment", d.id), lambda: _dump(
+        js.deployment_json(req.world, po, d))))
 
 
 def deployment(req: ObjRequest) -> web.Response:

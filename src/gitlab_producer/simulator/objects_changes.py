@@ -91,6 +91,7 @@ class Changer:
         with self.objects.lock:
             po = self.objects.pin(pid)
             result: dict[str, Any] = handler(po, body)
+            po.rendered.clear()
         result.update({"kind": kind, "project_id": pid})
         return result
 
