@@ -193,7 +193,6 @@ class ProjectObjects:
 
     pid: int
     created: int
-    features_off: frozenset[str]
     issues: dict[int, Thing] = field(default_factory=dict)
     merge_requests: dict[int, Thing] = field(default_factory=dict)
     milestones: list[tuple[int, int, str, int]] = field(default_factory=list)  # id, iid, title, t
@@ -229,9 +228,6 @@ class ProjectObjects:
         pipe_id = job_id // 10
         return next((p for p in self.pipelines if p.id == pipe_id and not p.deleted), None)
 
-    def milestone_iid_ok(self, iid: int | None) -> bool:
-        return iid is not None and any(m[1] == iid for m in self.milestones)
-
 
 def _discussion_id(note_id: int) -> str:
     return sha_for("discussion", note_id)
@@ -252,8 +248,7 @@ class Generator:
         self.first = world.project_created_ms[pid - 1]
         self.end = world.end_ms
         self.shape = world.project_shape(pid)
-        self.po = ProjectObjects(pid, self.first,
-                                 features_off(self.spec.seed, pid, self.spec.feature_off_share))
+        self.po = ProjectObjects(pid, self.first)
 
     def user(self) -> int:
         return 1 + self.rng.randrange(self.world.user_count)
@@ -565,7 +560,3 @@ class ObjectWorld:
             self._changed[pid] = po
             self._cache.pop(pid, None)
             return po
-
-    def changed_projects(self) -> list[int]:
-        with self.lock:
-            return sorted(self._changed)

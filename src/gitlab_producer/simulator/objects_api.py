@@ -31,6 +31,7 @@ from gitlab_producer.simulator.objects import (
     Pipeline,
     ProjectObjects,
     Thing,
+    features_off,
 )
 from gitlab_producer.simulator.paging import PagingError, keyset_headers, offset_page, per_page_of
 from gitlab_producer.simulator.repository import BRANCHES
@@ -94,7 +95,8 @@ def _time(q: dict[str, str], key: str) -> int | None:
     return int(dt.timestamp() * 1000)
 
 
-def _project(req: ObjRequest, feature: str | None = None) -> ProjectObjects:
+def _pid(req: ObjRequest) -> int:
+    """``:id``: a numeric id or the URL-encoded full path; 404 for a deleted project."""
     text = unquote(req.parts[0])
     pid = int(text) if text.isdigit() else 0
     if not pid:
@@ -103,10 +105,17 @@ def _project(req: ObjRequest, feature: str | None = None) -> ProjectObjects:
     world = req.world
     if not 1 <= pid <= world.project_count or pid in world.deleted_projects:
         raise _not_found("404 Project Not Found")
-    po = req.objects.get(pid)
-    if feature and FEATURE_OF.get(feature, feature) in po.features_off:
+    return pid
+
+
+def _project(req: ObjRequest, feature: str | None = None) -> ProjectObjects:
+    """The project's objects; 403 when ``feature`` is switched off in it."""
+    pid = _pid(req)
+    spec = req.world.spec
+    if feature and FEATURE_OF.get(feature, feature) in features_off(spec.seed, pid,
+                                                                    spec.feature_off_share):
         raise _refuse(403, {"message": "403 Forbidden"})
-    return po
+    return req.objects.get(pid)
 
 
 def _page(req: ObjRequest, rows: Sequence[Any], render: Callable[[Any], bytes]) -> web.Response:
@@ -135,8 +144,7 @@ def _in_range(value: int, lo: int | None, hi: int | None) -> bool:
 
 # -- projects and groups --------------------------------------------------------------------
 def project(req: ObjRequest) -> web.Response:
-    po = _project(req)
-    return _json(js.project_full(req.world, po.pid))
+    return _json(js.project_full(req.world, _pid(req)))
 
 
 def groups_list(req: ObjRequest) -> web.Response:
@@ -279,6 +287,8 @@ def tag(req: ObjRequest) -> web.Response:
 def commits(req: ObjRequest) -> web.Response:
     po = _project(req)
     q = req.q()
+    if q.get("order", "default") not in ("default", "topo"):
+        raise _bad("order does not have a valid value")
     if q.get("all", "false").lower() == "true":
         rows = list(po.commits)
     else:

@@ -83,6 +83,7 @@ class World:
         self.start_ms = start
         self.end_ms = now  # the generated objects are spread up to here
         self.deleted_projects: set[int] = set()
+        self._shapes: dict[int, targets.Shape] = {}
         # Events made by object changes name their object explicitly: (target, detail), the
         # detail being the note's body for a note, the pushed ref for a push.
         self.ev_target: dict[int, tuple[targets.Target | None, str | None]] = {}
@@ -188,8 +189,13 @@ class World:
         return idx + 1, t
 
     def project_shape(self, project: int) -> targets.Shape:
-        return targets.shape(self.spec.seed, project, self.spec.objects_per_project,
-                             self.spec.big_project_issues)
+        """How many objects of each kind the project's generated base holds (cached)."""
+        found = self._shapes.get(project)
+        if found is None:
+            found = self._shapes[project] = targets.shape(
+                self.spec.seed, project, self.spec.objects_per_project,
+                self.spec.big_project_issues)
+        return found
 
     def event_target(self, idx: int) -> tuple[targets.Target | None, str | None]:
         """The project object an event names (None for events outside projects and pushes)."""
