@@ -222,3 +222,19 @@ def test_evicted_projects_come_back_the_same() -> None:
     truth(objects, [2, 3])  # pushes project 1 out of the cache
     assert truth(objects, [1]) == once
     assert objects.generated == 4
+
+
+def test_lists_read_before_a_change_show_it_after(sim: SimulatorThread,
+                                                  api: httpx.Client) -> None:
+    def listed() -> dict[int, dict[str, Any]]:
+        return {i["iid"]: i for i in api.get("/projects/11/issues",
+                                             params={"per_page": 100}).json()}
+
+    before = listed()[1]
+    change(sim, kind="add_note", project_id=11, on="issue", iid=1)
+    after = listed()[1]
+    assert after["user_notes_count"] == before["user_notes_count"] + 1
+    assert ms(after["updated_at"]) > ms(before["updated_at"])
+    jobs = api.get("/projects/11/jobs").json()
+    change(sim, kind="run_pipeline", project_id=11)
+    assert len(api.get("/projects/11/jobs", params={"per_page": 100}).json()) > len(jobs)
