@@ -235,6 +235,8 @@ def test_lists_read_before_a_change_show_it_after(sim: SimulatorThread,
     after = listed()[1]
     assert after["user_notes_count"] == before["user_notes_count"] + 1
     assert ms(after["updated_at"]) > ms(before["updated_at"])
+    label = change(sim, kind="add_label", project_id=11, iid=1)["label"]  # not an event
+    assert label in listed()[1]["labels"]
     jobs = api.get("/projects/11/jobs").json()
     change(sim, kind="run_pipeline", project_id=11)
     assert len(api.get("/projects/11/jobs", params={"per_page": 100}).json()) > len(jobs)
