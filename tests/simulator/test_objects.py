@@ -373,3 +373,15 @@ def test_per_endpoint_429s_carry_no_headers(route: str, path: str) -> None:
         assert not [h for h in refused.headers if h.startswith("ratelimit")
                     or h == "retry-after"]
         assert client.get("/projects/1/issues").status_code == 200  # other routes go on
+
+
+def test_gitlab_com_limits_preset_names_the_routes_it_limits() -> None:
+    from gitlab_producer.simulator import api, objects_api
+    from gitlab_producer.simulator.control import GITLAB_COM_BUDGETS
+
+    limits = {route: (b.limit, b.period_s) for route, b in GITLAB_COM_BUDGETS.items()}
+    assert limits == {"projects_list": (2000, 600), "project": (400, 60), "groups": (200, 60),
+                      "user": (300, 600)}
+    served = {path: (objects_api.route(path) or api.route(path) or ("?",))[0]
+              for path in ("projects", "projects/1", "groups", "users/2")}
+    assert set(served.values()) == set(limits) and set(limits) <= BARE_429_ROUTES
