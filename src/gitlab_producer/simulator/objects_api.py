@@ -125,7 +125,9 @@ def _page(req: ObjRequest, rows: Sequence[Any], render: Callable[[Any], bytes]) 
 
 
 def _dump(data: object) -> bytes:
-    return orjson.dumps(data)
+    # orjson's result keeps its whole working buffer (8 KB for a note of 1 KB): the rendered
+    # cache keeps a trimmed copy (as World.render does).
+    return bytes(memoryview(orjson.dumps(data)))
 
 
 def _sorted(rows: list[Any], q: dict[str, str], keys: dict[str, Callable[[Any], Any]],
