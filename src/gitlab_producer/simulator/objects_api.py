@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from gitlab_producer.simulator import objects_json as js
+from gitlab_producer.simulator.api import _project_id as project_id_of
 from gitlab_producer.simulator.catalog import (
     GROUPS,
     group_of,
@@ -97,13 +98,8 @@ def _time(q: dict[str, str], key: str) -> int | None:
 
 def _pid(req: ObjRequest) -> int:
     """``:id``: a numeric id or the URL-encoded full path; 404 for a deleted project."""
-    text = unquote(req.parts[0])
-    pid = int(text) if text.isdigit() else 0
-    if not pid:
-        match = re.fullmatch(r"(?:group\d+/)+project-(\d+)", text)
-        pid = int(match.group(1)) if match else 0
-    world = req.world
-    if not 1 <= pid <= world.project_count or pid in world.deleted_projects:
+    pid = project_id_of(req.world, req.parts[0])
+    if pid is None:
         raise _not_found("404 Project Not Found")
     return pid
 
