@@ -72,6 +72,7 @@ def test_python_gitlab_single_and_lazy_objects(gl: gitlab.Gitlab, sim: Simulator
     facts = truth(sim, 1)["1"]
     project = gl.projects.get(1)
     assert project.issues_enabled and project.merge_requests_enabled
+    assert project.open_issues_count == sum(row[3] == "opened" for row in facts["issues"])
     assert project.namespace["full_path"] in project.path_with_namespace
     issue_iid = facts["issues"][0][1]
     issue = project.issues.get(issue_iid)

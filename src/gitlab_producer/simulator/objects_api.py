@@ -142,7 +142,7 @@ def _in_range(value: int, lo: int | None, hi: int | None) -> bool:
 
 # -- projects and groups --------------------------------------------------------------------
 def project(req: ObjRequest) -> web.Response:
-    return _json(js.project_full(req.world, _pid(req)))
+    return _json(js.project_full(req.world, _project(req)))
 
 
 def groups_list(req: ObjRequest) -> web.Response:
@@ -191,7 +191,7 @@ def group_projects(req: ObjRequest) -> web.Response:
 def labels(req: ObjRequest) -> web.Response:
     po = _project(req)
     counts = req.q().get("with_counts", "false").lower() == "true"
-    names = [n for n, _ in LABELS]
+    names = sorted(n for n, _ in LABELS)  # by title
     return _page(req, names, lambda n: _dump(js.label_counts(po, n) if counts
                                              else js.label_json(po, n)))
 

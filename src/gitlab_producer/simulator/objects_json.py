@@ -41,11 +41,17 @@ def _web(world: World, pid: int, tail: str) -> str:
     return f"https://{world.spec.host}/{full}/-/{tail}"
 
 
-def project_full(world: World, pid: int) -> dict[str, Any]:
-    """``GET /projects/:id``: the full field set, with the project's switched-off features."""
+def project_full(world: World, po: ProjectObjects) -> dict[str, Any]:
+    """``GET /projects/:id``: the full field set, with the project's switched-off features and
+    its open issues counted."""
+    pid = po.pid
     data = project_json(pid, iso_ms(world.project_created_ms[pid - 1]),
                         iso_ms(world.project_last_activity_ms[pid - 1]), world.spec.host, False)
     off = features_off(world.spec.seed, pid, world.spec.feature_off_share)
+    data["open_issues_count"] = sum(not t.deleted and t.state == "opened"
+                                    for t in po.issues.values())
+    if "issues" in off:
+        del data["open_issues_count"]  # shown only where issues are on
     for feature in ("issues", "merge_requests", "builds", "wiki"):
         data[f"{'jobs' if feature == 'builds' else feature}_enabled"] = feature not in off
     for feature in ("issues", "merge_requests", "builds", "releases", "wiki", "repository"):
