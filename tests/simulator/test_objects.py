@@ -264,12 +264,23 @@ def test_jobs_keyset_has_only_a_next_link(api: httpx.Client) -> None:
     assert refused.status_code == 405
 
 
-def test_deployments_updated_filter_needs_updated_order(api: httpx.Client) -> None:
-    bad = api.get("/projects/1/deployments", params={"updated_after": "2000-01-01T00:00:00Z"})
-    assert bad.status_code == 400
-    good = api.get("/projects/1/deployments", params={"updated_after": "2000-01-01T00:00:00Z",
-                                                      "order_by": "updated_at"})
-    assert good.status_code == 200 and good.json()
+def test_deployments_filters_as_the_finder_validates_them(api: httpx.Client) -> None:
+    by_update = api.get("/projects/1/deployments", params={
+        "updated_after": "2000-01-01T00:00:00Z", "order_by": "id", "per_page": 100})
+    assert by_update.status_code == 200  # GitLab only logs the unpaired order ...
+    rows = by_update.json()
+    assert [d["updated_at"] for d in rows] == sorted(d["updated_at"] for d in rows)  # ... and
+    # orders by updated_at anyway
+    for params in ({"finished_after": "2000-01-01T00:00:00Z", "order_by": "finished_at"},
+                   {"finished_after": "2000-01-01T00:00:00Z", "status": "success"},
+                   {"updated_after": "2000-01-01T00:00:00Z", "order_by": "finished_at",
+                    "finished_after": "2000-01-01T00:00:00Z", "status": "success"}):
+        refused = api.get("/projects/1/deployments", params=params)
+        assert refused.status_code == 400 and refused.json()["message"].startswith("400 Bad")
+    done = api.get("/projects/1/deployments", params={
+        "finished_after": "2000-01-01T00:00:00Z", "order_by": "finished_at",
+        "status": "success", "per_page": 100}).json()
+    assert done and {d["status"] for d in done} == {"success"}
 
 
 def test_pipelines_filters(api: httpx.Client, sim: SimulatorThread) -> None:

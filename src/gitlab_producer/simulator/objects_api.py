@@ -28,6 +28,7 @@ from gitlab_producer.simulator.catalog import (
 )
 from gitlab_producer.simulator.objects import (
     LABELS,
+    Deployment,
     ObjectWorld,
     Pipeline,
     ProjectObjects,
@@ -576,23 +577,49 @@ def job(req: ObjRequest) -> web.Response:
     return _json(js.job_json(req.world, po, pipe, found))
 
 
+DEPLOYMENT_STATUSES = ("created", "running", "success", "failed", "canceled", "skipped",
+                       "blocked")
+
+
+def _deployments_invalid(q: dict[str, str], updated: bool, finished: bool) -> str | None:
+    """GitLab's DeploymentsFinder#validate! (the ``updated_at`` pairing is only logged)."""
+    if updated and finished:
+        return "Both `updated_at` filter and `finished_at` filter can not be specified"
+    if finished != (q.get("order_by") == "finished_at"):
+        return "`finished_at` filter and `finished_at` sorting must be paired"
+    if finished and q.get("status") != "success":
+        return "`finished_at` filter must be combined with `success` status filter."
+    if q.get("status", "success") not in DEPLOYMENT_STATUSES:
+        return f"The deployment status {q['status']} is invalid"
+    return None
+
+
 def deployments(req: ObjRequest) -> web.Response:
+    """Ordered by ``order_by`` (id, asc by default); filtering by ``updated_*`` orders by
+    ``updated_at`` whatever was asked, as GitLab does."""
     po = _project(req, "deployments")
     q = req.q()
     lo, hi = _time(q, "updated_after"), _time(q, "updated_before")
-    if (lo is not None or hi is not None) and q.get("order_by") != "updated_at":
-        raise _refuse(400, {"message": "400 Bad request - `updated_at` filter and "
-                            "`updated_at` sorting must be paired"})
+    f_lo, f_hi = _time(q, "finished_after"), _time(q, "finished_before")
+    updated = lo is not None or hi is not None
+    finished = f_lo is not None or f_hi is not None
+    invalid = _deployments_invalid(q, updated, finished)
+    if invalid:
+        raise _refuse(400, {"message": f"400 Bad request - {invalid}"})
     rows = [d for d in po.deployments if not d.pipeline.deleted
             and _in_range(d.updated, lo, hi) and q.get("status", d.status) == d.status
+            and (not finished or _in_range(d.job.finished or 0, f_lo, f_hi))
             and q.get("environment", "production") == "production"]
-    rows = _sorted(rows, q, {"id": lambda d: d.id, "iid": lambda d: d.iid,
-                             "created_at": lambda d: (d.created, d.id),
-                             "updated_at": lambda d: (d.updated, d.id),
-                             "finished_at": lambda d: (d.job.finished or 0, d.id),
-                             "ref": lambda d: (d.pipeline.ref, d.id)}, "id", "asc")
-    return _page(req, rows, lambda d: po.render(("deployment", d.id), lambda: _dump(
-        js.deployment_json(req.world, po, d))))
+    keys: dict[str, Callable[[Deployment], Any]] = {
+        "id": lambda d: d.id, "updated_at": lambda d: (d.updated, d.id),
+        "finished_at": lambda d: (d.job.finished or 0, d.id), "ref": lambda d: (d.pipeline.ref,
+                                                                                 d.id)}
+    order = q.get("order_by", "id")
+    order = "updated_at" if updated else {"created_at": "id", "iid": "id"}.get(order, order)
+    return _page(req, sorted(rows, key=keys.get(order, keys["id"]),
+                             reverse=q.get("sort") == "desc"),
+                 lambda d: po.render(("deployment", d.id), lambda: _dump(
+                     js.deployment_json(req.world, po, d))))
 
 
 def deployment(req: ObjRequest) -> web.Response:
