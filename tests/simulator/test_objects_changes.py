@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gitlab_producer.simulator.objects import ObjectWorld
 from gitlab_producer.simulator.objects_changes import truth
+from gitlab_producer.simulator.objects_store import ObjectWorld
 from gitlab_producer.simulator.server import SimulatorThread, running_simulator
 from gitlab_producer.simulator.world import World, WorldSpec
 

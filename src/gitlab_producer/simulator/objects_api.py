@@ -10,7 +10,6 @@ from collections.abc import Callable
 from aiohttp import web
 from multidict import MultiMapping
 
-from gitlab_producer.simulator.objects import ObjectWorld
 from gitlab_producer.simulator.objects_ci_api import (
     deployment,
     deployments,
@@ -42,6 +41,7 @@ from gitlab_producer.simulator.objects_repo_api import (
     upload,
     wikis,
 )
+from gitlab_producer.simulator.objects_store import ObjectWorld
 from gitlab_producer.simulator.objects_web import ObjRequest, Refusal, json_answer
 from gitlab_producer.simulator.objects_work_api import (
     award_emoji,

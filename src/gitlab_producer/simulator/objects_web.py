@@ -14,10 +14,10 @@ from multidict import MultiMapping
 
 from gitlab_producer.simulator.api import _project_id as project_id_of
 from gitlab_producer.simulator.objects import (
-    ObjectWorld,
     ProjectObjects,
     features_off,
 )
+from gitlab_producer.simulator.objects_store import ObjectWorld
 from gitlab_producer.simulator.paging import offset_page
 from gitlab_producer.simulator.world import World
 

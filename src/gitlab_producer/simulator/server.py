@@ -17,9 +17,9 @@ from aiohttp import web
 
 from gitlab_producer.simulator import api, objects_api
 from gitlab_producer.simulator.control import BARE_429_BODY, BARE_429_ROUTES, Control, Throttle
-from gitlab_producer.simulator.objects import ObjectWorld
 from gitlab_producer.simulator.objects_changes import ChangeError, Changer
 from gitlab_producer.simulator.objects_changes import truth as objects_truth
+from gitlab_producer.simulator.objects_store import ObjectWorld
 from gitlab_producer.simulator.webhooks import HOOK_KINDS, deliver
 from gitlab_producer.simulator.world import World, WorldSpec
 
