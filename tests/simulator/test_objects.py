@@ -226,6 +226,10 @@ def test_issue_filters(api: httpx.Client, sim: SimulatorThread) -> None:
     assert sorted(i["id"] for i in closed) == sorted(r[0] for r in rows if r[3] == "closed")
     picked = api.get("/projects/1/issues", params=[("iids[]", "1"), ("iids[]", "3")]).json()
     assert sorted(i["iid"] for i in picked) == [1, 3]
+    first = api.get("/projects/1/issues", params=[("iids[]", "1"), ("iids[]", "3"),
+                                                  ("per_page", "1")])
+    rest = httpx.get(parse_link(first.headers["link"])["next"], headers=TOKEN).json()
+    assert sorted([first.json()[0]["iid"], rest[0]["iid"]]) == [1, 3]  # links keep both
     details = api.get("/projects/1/issues", params={"with_labels_details": "true",
                                                     "per_page": 100}).json()
     assert all(isinstance(label, dict) and "color" in label

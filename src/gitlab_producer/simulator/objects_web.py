@@ -103,7 +103,7 @@ def project_of(req: ObjRequest, feature: str | None = None) -> ProjectObjects:
 
 def page(req: ObjRequest, rows: Sequence[Any], render: Callable[[Any], bytes]) -> web.Response:
     """One offset page of ``rows`` with GitLab's headers."""
-    found = offset_page(len(rows), req.q(), f"{req.base_url}/{req.path}")
+    found = offset_page(len(rows), req.query, f"{req.base_url}/{req.path}")
     body = b"[" + b",".join(render(r) for r in rows[found.start:found.stop]) + b"]"
     return web.Response(body=body, content_type=JSON, headers=found.headers)
 
