@@ -156,6 +156,12 @@ def test_python_gitlab_repository_and_project_lists(gl: gitlab.Gitlab) -> None:
     releases = project.releases.list(get_all=True)
     tags = project.tags.list(get_all=True)
     assert {r.tag_name for r in releases} == {t.name for t in tags}
+    targets = {t.name: t.target for t in tags}
+    assert releases and all(project.releases.get(r.tag_name).commit["id"] == targets[r.tag_name]
+                            for r in releases)
+    assert project.tags.get(tags[0].name).target == tags[0].target
+    assert project.commits.get(main[0].id).parent_ids == main[0].parent_ids
+    assert project.labels.get("bug").color.startswith("#")
 
 
 def test_python_gitlab_groups_walk_to_the_top(gl: gitlab.Gitlab) -> None:
@@ -169,6 +175,20 @@ def test_python_gitlab_groups_walk_to_the_top(gl: gitlab.Gitlab) -> None:
     assert len(chain) == 2 and project.path_with_namespace.startswith(chain[0] + "/")
     listed = gl.groups.get(project.namespace["id"], lazy=True).projects.list(get_all=True)
     assert 10 in {p.id for p in listed}
+
+
+def test_groups_by_path_and_with_subgroups(api: httpx.Client) -> None:
+    listed = api.get("/groups", params={"per_page": 100})
+    assert listed.headers["x-total"] == "50"
+    assert api.get("/groups/group1%2Fgroup11").json()["id"] == 11
+    assert api.get("/groups/group2%2Fgroup11").status_code == 404  # not its parent
+    own = {p["id"] for p in api.get("/groups/1/projects", params={"per_page": 100}).json()}
+    deep = {p["id"] for p in api.get("/groups/1/projects", params={
+        "per_page": 100, "include_subgroups": "true"}).json()}
+    subgroup = {p["id"] for p in api.get("/groups/11/projects", params={"per_page": 100}).json()}
+    assert subgroup and deep == own | subgroup | {
+        p["id"] for g in (21, 31, 41)
+        for p in api.get(f"/groups/{g}/projects", params={"per_page": 100}).json()}
 
 
 def test_users_show_email_only_to_administrators(sim: SimulatorThread) -> None:
