@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("configs/conf.yaml")
+MIN_UPLOAD_TOKEN_CHARS = 16
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -102,6 +103,8 @@ class Settings(BaseSettings):
     kafka_webhook_topic: str = Field("", description="default: <KAFKA_TOPIC>.hooks")
     kafka_artifact_topic: str = Field("", description="default: <KAFKA_TOPIC>.artifacts")
     artifact_store_url: str = "file://var/artifacts"
+    artifact_upload_token: SecretStr = SecretStr("")
+    artifact_max_bytes: int = Field(2 * 1024**3, ge=1, description="largest upload, in bytes")
     capture_rules: tuple[CaptureRule, ...] = ()
 
     @field_validator("gitlab_base_url")
@@ -158,6 +161,17 @@ class Settings(BaseSettings):
         if self.webhook_port and not self.webhook_secret.get_secret_value():
             raise ValueError("WEBHOOK_SECRET: must be set when WEBHOOK_PORT is, or anyone "
                              "could post events")
+        return self
+
+    @model_validator(mode="after")
+    def _uploads_need_the_port(self) -> Settings:
+        token = self.artifact_upload_token.get_secret_value()
+        if token and len(token) < MIN_UPLOAD_TOKEN_CHARS:
+            raise ValueError(f"ARTIFACT_UPLOAD_TOKEN: must be at least {MIN_UPLOAD_TOKEN_CHARS} "
+                             "characters")
+        if token and not self.webhook_port:
+            raise ValueError("ARTIFACT_UPLOAD_TOKEN: the upload API listens on WEBHOOK_PORT, "
+                             "which must be set too")
         return self
 
     @property
@@ -224,6 +238,6 @@ def load_settings(path: Path | None = DEFAULT_CONFIG_PATH, **overrides: Any) -> 
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]).upper() or "CONFIG"
         message = str(error["msg"]).removeprefix("Value error, ")
-        if message.startswith(("CACHE_TTL:", "WEBHOOK_SECRET:")):
+        if message.startswith(("CACHE_TTL:", "WEBHOOK_SECRET:", "ARTIFACT_UPLOAD_TOKEN:")):
             raise ConfigError(message) from exc
         raise ConfigError(f"{where}: {message}") from exc

@@ -62,6 +62,14 @@ class Metrics:
             "From a webhook request's arrival to its answer (200 only after Kafka's ack)",
             registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                  5, 10))
+        self.artifact_requests = Counter(
+            "gitlab_producer_artifact_requests_total",
+            "Artifact hand-back requests (upload, list) by answer", ["kind", "status"],
+            registry=r)
+        self.artifact_bytes = Counter(
+            "gitlab_producer_artifact_bytes_stored_total",
+            "Bytes of artifacts handed back and stored (identical repeats not counted)",
+            registry=r)
         self.entity_failures = Counter(
             "gitlab_producer_entity_failures_total", "Projects or users that failed in a round",
             ["kind"], registry=r)
