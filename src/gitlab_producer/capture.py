@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
+import posixpath
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,10 +30,12 @@ import orjson
 from aiohttp import web
 from fsspec.implementations.local import LocalFileSystem
 
+from gitlab_producer.artifact_paths import UnsafePathError, commit_sha, object_key
 from gitlab_producer.config import CaptureRule
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.errors import GitLabError
 from gitlab_producer.logs import get_logger
+from gitlab_producer.redaction import mask_userinfo
 from gitlab_producer.sinks.base import Message, Sink
 
 log = get_logger(__name__)
@@ -56,14 +60,32 @@ class Stored:
 
 
 class ArtifactStore:
-    """Atomic, idempotent writes under a base URL (``file://``, ``s3://``, ``hdfs://``, ...)."""
+    """Atomic, idempotent writes under a base URL (``file://``, ``s3://``, ``hdfs://``, ...).
+
+    Every write goes to :meth:`target`, which checks the parts of the key
+    (:mod:`gitlab_producer.artifact_paths`) and then the final resolved path: it must lie
+    under the store's root (symbolic links included, for the local file system)."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.base_url)
+        self.fs, root = fsspec.core.url_to_fs(self.base_url)
+        self.root = self._resolve(root.rstrip("/") or "/").rstrip("/")
+
+    def _resolve(self, path: str) -> str:
+        if isinstance(self.fs, LocalFileSystem):
+            return os.path.realpath(path)
+        return posixpath.normpath(str(self.fs._strip_protocol(path)))
+
+    def target(self, project_id: int, commit: str, path: str) -> str:
+        """The backend path of ``<project_id>/<commit>/<path>``; raises
+        :class:`UnsafePathError` for a bad part or a result outside the root."""
+        resolved = self._resolve(f"{self.root}/{object_key(project_id, commit, path)}")
+        if not resolved.startswith(self.root + "/"):
+            raise UnsafePathError("path resolves outside the artifact store")
+        return resolved
 
     def url_of(self, project_id: int, commit: str, path: str) -> str:
-        return f"{self.base_url}/{project_id}/{commit}/{path}"
+        return mask_userinfo(f"{self.base_url}/{object_key(project_id, commit, path)}")
 
     def _write(self, target: str, data: bytes) -> bool:
         if self.fs.exists(target):
@@ -79,7 +101,7 @@ class ArtifactStore:
         return True
 
     async def put(self, project_id: int, commit: str, path: str, data: bytes) -> Stored:
-        target = f"{self.root.rstrip('/')}/{project_id}/{commit}/{path}"
+        target = self.target(project_id, commit, path)
         written = await asyncio.to_thread(self._write, target, data)
         return Stored(project_id, commit, path, len(data), hashlib.sha256(data).hexdigest(),
                       self.url_of(project_id, commit, path), not written)
@@ -147,6 +169,9 @@ class Capturer:
 
     async def capture_files(self, project_id: int, commit: str, paths: tuple[str, ...],
                             as_user: str | None = None) -> list[Stored]:
+        commit = commit_sha(commit)
+        for path in paths:
+            self.store.target(project_id, commit, path)  # refused before GitLab is asked
         if as_user is not None and await self.access_level(project_id, as_user) < REPORTER:
             log.warning("capture_refused", project=project_id, user=as_user)
             raise CaptureRefused(f"{as_user} is not a Reporter (or higher) of {project_id}")
@@ -160,10 +185,12 @@ class Capturer:
 
     async def capture_artifacts(self, project_id: int, commit: str, job_id: int,
                                 job_name: str) -> Stored:
+        commit = commit_sha(commit)
+        path = f"artifacts/{job_name}.zip"
+        self.store.target(project_id, commit, path)  # refused before GitLab is asked
         answer = await self.client.get(f"projects/{project_id}/jobs/{job_id}/artifacts",
                                        endpoint="projects/:id/jobs/:id/artifacts", decode=None)
-        stored = await self.store.put(project_id, commit, f"artifacts/{job_name}.zip",
-                                      answer.body)
+        stored = await self.store.put(project_id, commit, path, answer.body)
         await self._announce([stored])
         return stored
 
@@ -200,6 +227,8 @@ class Capturer:
                   and payload.get("build_name") in {a.job for a in rule.artifacts}):
                 await self.capture_artifacts(project_id, payload["sha"],
                                              int(payload["build_id"]), payload["build_name"])
+        except UnsafePathError as exc:
+            log.warning("capture_refused", project=payload.get("project_id"), reason=str(exc))
         except (GitLabError, OSError, ValueError, TypeError) as exc:
             log.warning("capture_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -220,6 +249,8 @@ def capture_endpoint(capturer: Capturer, secret: str
             return web.json_response({"error": "expected project and ref"}, status=400)
         try:
             stored = await capturer.capture(project, ref, as_user)
+        except UnsafePathError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         except CaptureRefused as exc:
             return web.json_response({"error": str(exc)}, status=403)
         except GitLabError as exc:

@@ -65,6 +65,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
+    from gitlab_producer.artifact_paths import UnsafePathError
     from gitlab_producer.capture import CaptureRefused
     from gitlab_producer.gitlab.errors import GitLabError
     from gitlab_producer.service import Service
@@ -78,7 +79,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         capturer = service.capturer(client)
         try:
             stored = await capturer.capture(args.project, args.ref, args.as_user)
-        except (CaptureRefused, GitLabError) as exc:
+        except (CaptureRefused, GitLabError, UnsafePathError) as exc:
             print(f"capture refused or failed: {exc}", file=sys.stderr)
             return 1
         finally:
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     capture = sub.add_parser("capture", help="store a project's configured files at a commit")
     capture.add_argument("--project", required=True, help="project id or full path")
-    capture.add_argument("--ref", required=True, help="commit SHA (or branch)")
+    capture.add_argument("--ref", required=True, help="commit SHA (40 or 64 hex)")
     capture.add_argument("--as-user", default=None, help="capture on behalf of this user")
     capture.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="YAML config file")
     capture.set_defaults(func=cmd_capture)

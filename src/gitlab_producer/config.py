@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gitlab_producer.artifact_paths import relative_path
+
 DEFAULT_CONFIG_PATH = Path("configs/conf.yaml")
 MIN_UPLOAD_TOKEN_CHARS = 16
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -35,6 +37,12 @@ class ArtifactRule(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     job: str = Field(min_length=1)
 
+    @field_validator("job")
+    @classmethod
+    def _stored_safely(cls, value: str) -> str:
+        relative_path(f"artifacts/{value}.zip")  # where its archive is stored
+        return value
+
 
 class CaptureRule(BaseModel):
     """Files and artifacts to capture when someone pushes to ``branch`` of ``project``."""
@@ -44,6 +52,13 @@ class CaptureRule(BaseModel):
     branch: str | None = Field(None, description="default: the project's default branch")
     files: tuple[str, ...] = ()
     artifacts: tuple[ArtifactRule, ...] = ()
+
+    @field_validator("files")
+    @classmethod
+    def _relative(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            relative_path(path)
+        return value
 
 
 class ConfigError(Exception):
