@@ -20,7 +20,8 @@ import hmac
 import os
 import posixpath
 import uuid
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -30,7 +31,13 @@ import orjson
 from aiohttp import web
 from fsspec.implementations.local import LocalFileSystem
 
-from gitlab_producer.artifact_paths import UnsafePathError, commit_sha, object_key
+from gitlab_producer.artifact_paths import (
+    UnsafePathError,
+    commit_sha,
+    object_key,
+    project_segment,
+)
+from gitlab_producer.artifact_writes import is_temporary, write_stream
 from gitlab_producer.config import CaptureRule
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.errors import GitLabError
@@ -70,6 +77,10 @@ class ArtifactStore:
         self.base_url = base_url.rstrip("/")
         self.fs, root = fsspec.core.url_to_fs(self.base_url)
         self.root = self._resolve(root.rstrip("/") or "/").rstrip("/")
+        # Writers to the same path take turns to compare and publish (an entry lives as
+        # long as a writer holds it).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
 
     def _resolve(self, path: str) -> str:
         if isinstance(self.fs, LocalFileSystem):
@@ -105,6 +116,36 @@ class ArtifactStore:
         written = await asyncio.to_thread(self._write, target, data)
         return Stored(project_id, commit, path, len(data), hashlib.sha256(data).hexdigest(),
                       self.url_of(project_id, commit, path), not written)
+
+    async def put_stream(self, project_id: int, commit: str, path: str,
+                         chunks: AsyncIterable[bytes], max_bytes: int,
+                         expected_sha256: str | None = None, overwrite: bool = False) -> Stored:
+        """Stream ``chunks`` to ``<project_id>/<commit>/<path>``, atomically and hashed as
+        they arrive (:func:`~gitlab_producer.artifact_writes.write_stream`). An identical
+        file already there is left untouched (``skipped``); a different one raises
+        :class:`~gitlab_producer.artifact_writes.Conflict` unless ``overwrite``."""
+        target = self.target(project_id, commit, path)
+        lock = self._locks.setdefault(target, asyncio.Lock())
+        written = await write_stream(self.fs, target, chunks, max_bytes, expected_sha256,
+                                     overwrite, lock)
+        return Stored(project_id, commit, path, written.size, written.sha256,
+                      self.url_of(project_id, commit, path), not written.created)
+
+    async def remove(self, project_id: int, commit: str, path: str) -> None:
+        await asyncio.to_thread(self.fs.rm_file, self.target(project_id, commit, path))
+
+    async def listing(self, project_id: int, commit: str) -> list[dict[str, Any]]:
+        """What is stored for a commit: ``path``, ``size`` and ``url`` of each file."""
+        base = f"{self.root}/{project_segment(project_id)}/{commit_sha(commit)}"
+        found: dict[str, dict[str, Any]] = await asyncio.to_thread(
+            self.fs.find, base, detail=True)
+        out = []
+        for name, info in sorted(found.items()):
+            relative = name[len(base) + 1:]
+            if info.get("type") == "file" and relative and not is_temporary(relative):
+                out.append({"path": relative, "size": int(info["size"]),
+                            "url": self.url_of(project_id, commit, relative)})
+        return out
 
 
 def file_url(project_id: int, path: str) -> str:
@@ -161,7 +202,8 @@ class Capturer:
                           detail="the service account needs Reporter or higher there")
         return result
 
-    async def _rule_for(self, project_id: int) -> CaptureRule | None:
+    async def rule_for(self, project_id: int) -> CaptureRule | None:
+        """The capture rule of a project, if any."""
         for rule in self.rules:
             if await self.project_id(rule.project) == project_id:
                 return rule
@@ -180,7 +222,7 @@ class Capturer:
             answer = await self.client.get(file_url(project_id, path), {"ref": commit},
                                            "projects/:id/repository/files/:path/raw", decode=None)
             stored.append(await self.store.put(project_id, commit, path, answer.body))
-        await self._announce(stored)
+        await self.announce(stored)
         return stored
 
     async def capture_artifacts(self, project_id: int, commit: str, job_id: int,
@@ -191,10 +233,11 @@ class Capturer:
         answer = await self.client.get(f"projects/{project_id}/jobs/{job_id}/artifacts",
                                        endpoint="projects/:id/jobs/:id/artifacts", decode=None)
         stored = await self.store.put(project_id, commit, path, answer.body)
-        await self._announce([stored])
+        await self.announce([stored])
         return stored
 
-    async def _announce(self, stored: list[Stored]) -> None:
+    async def announce(self, stored: list[Stored]) -> None:
+        """Each newly stored file on ``KAFKA_ARTIFACT_TOPIC`` (skipped ones are not)."""
         fresh = [s for s in stored if not s.skipped]
         await self.sink.send([Message(
             str(s.project_id).encode(),
@@ -206,7 +249,7 @@ class Capturer:
                       ) -> list[Stored]:
         """The configured files of ``project`` at commit ``ref`` (CLI and HTTP)."""
         project_id = await self.project_id(project)
-        rule = await self._rule_for(project_id)
+        rule = await self.rule_for(project_id)
         if rule is None:
             raise CaptureRefused(f"no capture rule for project {project}")
         return await self.capture_files(project_id, ref, rule.files, as_user)
@@ -216,7 +259,7 @@ class Capturer:
         try:
             kind = payload.get("object_kind")
             project_id = int(payload.get("project_id") or payload.get("project", {}).get("id"))
-            rule = await self._rule_for(project_id)
+            rule = await self.rule_for(project_id)
             if rule is None:
                 return
             if kind == "push" and rule.files:

@@ -20,6 +20,7 @@ from gitlab_producer.capture import ArtifactStore, Capturer, capture_endpoint
 from gitlab_producer.config import Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.http.artifacts import ArtifactUploads
 from gitlab_producer.http.ops import OpsState, start_ops
 from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
 from gitlab_producer.logs import CONTROL, get_logger
@@ -49,6 +50,7 @@ class Service:
         CONTROL.add_secret(settings.gitlab_private_token.get_secret_value())
         CONTROL.add_secret(settings.kafka_password.get_secret_value())
         CONTROL.add_secret(settings.redis_password.get_secret_value())
+        CONTROL.add_secret(settings.artifact_upload_token.get_secret_value())
 
     def gitlab_client(self) -> GitLabClient:
         """A GitLab client with the settings' token, budget and retry policy."""
@@ -121,13 +123,17 @@ class Service:
                           s.cache_ttl * 60, s.instance),
             store, hook_sink, self.metrics,
             capturer.on_hook if s.capture_rules else None)
+        upload_token = s.artifact_upload_token.get_secret_value()
+        uploads = ArtifactUploads(capturer, upload_token, s.artifact_max_bytes, self.metrics)
         app = build_webhook_app(receiver, s.webhook_max_body,
-                                capture_endpoint(capturer, s.webhook_secret.get_secret_value()))
+                                capture_endpoint(capturer, s.webhook_secret.get_secret_value()),
+                                uploads.register if upload_token else None)
         await receiver.warm_up()
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, self.ops_host, s.webhook_port).start()
-        log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic)
+        log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic,
+                 artifact_uploads=bool(upload_token))
         return [runner], [hook_sink, capturer.sink]
 
     async def run(self, once: bool = False, max_rounds: int | None = None,
