@@ -120,6 +120,7 @@ class Settings(BaseSettings):
     artifact_store_url: str = "file://var/artifacts"
     artifact_upload_token: SecretStr = SecretStr("")
     artifact_max_bytes: int = Field(2 * 1024**3, ge=1, description="largest upload, in bytes")
+    artifact_idle_timeout: float = Field(60.0, gt=0, description="seconds an upload may stall")
     capture_rules: tuple[CaptureRule, ...] = ()
 
     @field_validator("gitlab_base_url")

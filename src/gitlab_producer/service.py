@@ -124,12 +124,15 @@ class Service:
             store, hook_sink, self.metrics,
             capturer.on_hook if s.capture_rules else None)
         upload_token = s.artifact_upload_token.get_secret_value()
-        uploads = ArtifactUploads(capturer, upload_token, s.artifact_max_bytes, self.metrics)
+        uploads = ArtifactUploads(capturer, upload_token, s.artifact_max_bytes,
+                                  s.artifact_idle_timeout, self.metrics)
         app = build_webhook_app(receiver, s.webhook_max_body,
                                 capture_endpoint(capturer, s.webhook_secret.get_secret_value()),
                                 uploads.register if upload_token else None)
         await receiver.warm_up()
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Uploads still running at SIGTERM get the grace period, then are cut (and cleaned up).
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=s.shutdown_grace)
         await runner.setup()
         await web.TCPSite(runner, self.ops_host, s.webhook_port).start()
         log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic,

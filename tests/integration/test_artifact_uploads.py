@@ -4,9 +4,11 @@ streamed into the store and announced on the broker; refusals and cut uploads le
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -38,6 +40,7 @@ class Api:
     env: ServiceRun
     topic: str
     root: Path
+    proc: subprocess.Popen[bytes]
 
     def put(self, project: object, commit: str, path: str, body: object = b"",
             token: str | None = TOKEN, **headers: str) -> httpx.Response:
@@ -61,8 +64,9 @@ class Api:
 
 
 @pytest.fixture
-def api(service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str
-        ) -> Iterator[Api]:
+def api(request: pytest.FixtureRequest, service_env: ServiceRun, broker: Broker,
+        redis_address: str, redis_prefix: str) -> Iterator[Api]:
+    """The service with uploads on; a test may add settings with an indirect parameter."""
     topic = f"uploads-{uuid.uuid4().hex[:8]}"
     port = free_port()
     root = service_env.cwd / "store"
@@ -74,17 +78,19 @@ def api(service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefi
             "WEBHOOK_PORT": str(port), "WEBHOOK_SECRET": "hook-secret-123",
             "WEBHOOK_MAX_BODY": "65536", "KAFKA_DELIVERY_TIMEOUT": "3",
             "ARTIFACT_STORE_URL": f"file://{root}", "ARTIFACT_UPLOAD_TOKEN": TOKEN,
-            "ARTIFACT_MAX_BYTES": str(MAX_BYTES),
+            "ARTIFACT_MAX_BYTES": str(MAX_BYTES), "ARTIFACT_IDLE_TIMEOUT": "2",
+            "SHUTDOWN_GRACE": "1",
             "CAPTURE_RULES": orjson.dumps([{"project": str(RULED), "branch": "main"}]).decode(),
-            "SCHEDULING_POLL_INTERVAL": "30",
+            "SCHEDULING_POLL_INTERVAL": "30", **getattr(request, "param", {}),
         })
         proc = service_env.start("run")
         try:
             wait_for_port(port)
-            yield Api(f"http://127.0.0.1:{port}", port, service_env, topic, root)
+            yield Api(f"http://127.0.0.1:{port}", port, service_env, topic, root, proc)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(15)
     assert TOKEN not in service_env.all_logs()
 
 
@@ -230,6 +236,53 @@ def test_an_upload_cut_off_midway_leaves_nothing(api: Api) -> None:
     assert api.files() == {}
     assert api.put(RULED, commit, "cut.jar", data).status_code == 201  # a retry succeeds
     assert api.files() == {f"{RULED}/{commit}/cut.jar": data}
+
+
+def _half_sent(api: Api, commit: str, size: int) -> socket.socket:
+    """An upload of ``size`` bytes of which half was sent, once its temporary file exists."""
+    sock = _raw_request(api.port, f"PUT /artifacts/{RULED}/{commit}/half.jar HTTP/1.1\r\n"
+                                  f"Host: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                                  f"Content-Length: {size}\r\n\r\n")
+    sock.sendall(payload(size // 2, "half"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(api.root.rglob("*.partial")):
+        time.sleep(0.05)
+    assert any(api.root.rglob("*.partial"))
+    return sock
+
+
+def test_a_stalled_upload_gets_408_and_leaves_nothing(api: Api) -> None:
+    sock = _half_sent(api, branch_commits(RULED, BRANCHES[0])[7], 4 * 1024 * 1024)
+    started = time.monotonic()
+    head = _read_head(sock)  # ARTIFACT_IDLE_TIMEOUT is 2 s here; the socket's timeout 30 s
+    assert head.startswith("HTTP/1.1 408"), head
+    assert time.monotonic() - started < 20
+    sock.close()
+    assert api.files() == {}
+
+
+@pytest.mark.parametrize("api", [{"ARTIFACT_IDLE_TIMEOUT": "60"}], indirect=True)
+def test_sigterm_during_an_upload_stops_promptly_and_leaves_nothing(api: Api) -> None:
+    sock = _half_sent(api, branch_commits(RULED, BRANCHES[0])[8], 4 * 1024 * 1024)
+    stop = threading.Event()
+
+    def trickle() -> None:  # a slow client, never idle long enough for the 408
+        with contextlib.suppress(OSError):
+            while not stop.wait(0.2):
+                sock.sendall(b"x" * 1024)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        started = time.monotonic()
+        api.proc.send_signal(signal.SIGTERM)
+        assert api.proc.wait(10) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        stop.set()
+        sender.join(10)
+        sock.close()
+    assert api.files() == {}
 
 
 def test_expect_continue_refuses_before_the_body_is_sent(api: Api) -> None:

@@ -16,9 +16,11 @@ stored:
 Then ``100 Continue`` (when the client asked for it) and the body is streamed into the store
 (:mod:`gitlab_producer.artifact_writes`), hashed as it arrives: 413 once it passes the limit,
 422 when ``Digest: sha-256=<base64>`` (or ``Content-Digest``, or ``X-Checksum-Sha256`` in hex)
-does not match, 409 for a different file at the path, 200 for an identical one (nothing
-rewritten), 201 for a new one, announced on ``KAFKA_ARTIFACT_TOPIC`` once complete. Every
-refusal answers ``{"error": <code>, "reason": <text>}`` and leaves nothing stored.
+does not match, 408 when nothing arrives for ``ARTIFACT_IDLE_TIMEOUT``, 409 for a different
+file at the path, 200 for an identical one (nothing rewritten), 201 for a new one, announced
+on ``KAFKA_ARTIFACT_TOPIC`` once complete (503, and the file removed again, when the broker
+does not take the announcement). Every refusal answers ``{"error": <code>, "reason": <text>}``
+and leaves nothing stored; so does an upload cut off midway or stopped by SIGTERM.
 
 ``GET /artifacts/<project>/<commit>/`` lists what is stored for a commit (same token; with a
 user named, that user must be at least Reporter).
@@ -26,6 +28,7 @@ user named, that user must be at least Reporter).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -121,11 +124,12 @@ def expected_sha256(headers: Any) -> str | None:
 class ArtifactUploads:
     """The hand-back API: checks against GitLab, then a streamed write into the store."""
 
-    def __init__(self, capturer: Capturer, token: str, max_bytes: int,
+    def __init__(self, capturer: Capturer, token: str, max_bytes: int, idle_timeout_s: float,
                  metrics: Metrics) -> None:
         self.capturer = capturer
         self.token = token.encode()
         self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
         self.metrics = metrics
 
     def register(self, app: web.Application) -> None:
@@ -232,12 +236,20 @@ class ArtifactUploads:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             stored = await self.capturer.store.put_stream(
-                pid, target.commit, target.path, _chunks(request), self.max_bytes, digest,
-                overwrite)
+                pid, target.commit, target.path, _chunks(request, self.idle_timeout_s),
+                self.max_bytes, digest, overwrite)
         except (ClientPayloadError, ConnectionError) as exc:
             log.warning("artifact_upload_interrupted", project=pid, commit=target.commit,
                         path=target.path, error=str(exc))
             raise Refusal(400, "interrupted", "the body ended before it was complete") from None
+        except asyncio.CancelledError:
+            log.warning("artifact_upload_cancelled", project=pid, commit=target.commit,
+                        path=target.path, detail="the service is stopping")
+            raise
+        except TimeoutError:
+            log.warning("artifact_upload_stalled", project=pid, commit=target.commit,
+                        path=target.path, idle_s=self.idle_timeout_s)
+            raise Refusal(408, "stalled", f"no data for {self.idle_timeout_s:g} s") from None
         if not stored.skipped:
             await self._announce(stored)
         status = 200 if stored.skipped else 201
@@ -280,8 +292,13 @@ def _record(stored: Stored) -> dict[str, Any]:
             "size": stored.size, "sha256": stored.sha256, "url": stored.url}
 
 
-async def _chunks(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(READ_BYTES):
+async def _chunks(request: web.Request, idle_timeout_s: float) -> AsyncIterator[bytes]:
+    """The body as it arrives; TimeoutError when nothing came for ``idle_timeout_s``."""
+    while True:
+        async with asyncio.timeout(idle_timeout_s):
+            chunk = await request.content.read(READ_BYTES)
+        if not chunk:
+            return
         yield chunk
 
 
