@@ -319,3 +319,24 @@ def test_concurrent_uploads_of_different_commits(api: Api) -> None:
     assert sorted(r["commit"] for r in records) == sorted(commits)
     assert {r["commit"]: r["sha256"] for r in records} == {
         c: hashlib.sha256(b).hexdigest() for c, b in bodies.items()}
+
+
+def test_broker_down_gives_503_removes_the_file_and_the_retry_lands(api: Api,
+                                                                    broker: Broker) -> None:
+    commit = branch_commits(RULED, BRANCHES[0])[9]
+    data = payload(300_000, "outage")
+    broker.pause()
+    try:
+        refused = api.put(RULED, commit, "app.jar", data)
+    finally:
+        broker.resume()
+    assert refused.status_code == 503, refused.text
+    assert api.files() == {}  # stored means announced: the file went again
+    deadline = time.monotonic() + 60
+    answer = refused
+    while time.monotonic() < deadline and answer.status_code != 201:  # the build tool retries
+        time.sleep(0.5)
+        answer = api.put(RULED, commit, "app.jar", data)
+    assert answer.status_code == 201, answer.text
+    assert api.files() == {f"{RULED}/{commit}/app.jar": data}
+    assert [r["commit"] for r in api.announced(1)] == [commit]
