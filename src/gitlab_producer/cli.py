@@ -8,7 +8,7 @@ import gc
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -19,11 +19,19 @@ EXIT_CONFIG = 2
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    path = DEFAULT_CONFIG_PATH if args.config is None else Path(args.config)
     try:
-        return load_settings(Path(args.config))
+        if args.config is not None and not path.exists():  # only the default is optional
+            raise ConfigError(f"--config: {path} does not exist")
+        return load_settings(path)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
+        config_exit(exc)
+
+
+def config_exit(exc: ConfigError) -> NoReturn:
+    """One line naming the variable on stderr, exit code 2."""
+    print(f"config error: {exc}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -40,7 +48,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Fewer, longer collections speed up catch-up rounds; a latency-bound webhook receiver
     # keeps the default collector (a precaution: bench/RESULTS.md, the measurements were not
     # conclusive either way).
-    return run_async(Service(settings).run(once=args.once), tune_gc=not settings.webhook_port)
+    try:
+        return run_async(Service(settings).run(once=args.once),
+                         tune_gc=not settings.webhook_port)
+    except ConfigError as exc:  # found at start: a port in use, a database Redis refuses
+        config_exit(exc)
 
 
 def run_async(main: Coroutine[Any, Any, int], tune_gc: bool = False) -> int:
@@ -116,13 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.set_defaults(func=cmd_check_config)
     for p in (run, check):
-        p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="YAML config file")
+        p.add_argument("--config", default=None,
+                       help=f"YAML config file (default: {DEFAULT_CONFIG_PATH}, if present)")
 
     capture = sub.add_parser("capture", help="store a project's configured files at a commit")
     capture.add_argument("--project", required=True, help="project id or full path")
     capture.add_argument("--ref", required=True, help="commit SHA (40 or 64 hex)")
     capture.add_argument("--as-user", default=None, help="capture on behalf of this user")
-    capture.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="YAML config file")
+    capture.add_argument("--config", default=None,
+                         help=f"YAML config file (default: {DEFAULT_CONFIG_PATH}, if present)")
     capture.set_defaults(func=cmd_capture)
 
     demo = sub.add_parser("demo", help="the simulator plus the service on embedded defaults")

@@ -7,11 +7,13 @@ used, in either case. A bad value raises :class:`ConfigError` naming the variabl
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+import fsspec
 import yaml
 from pydantic import (
     BaseModel,
@@ -22,13 +24,22 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from gitlab_producer.artifact_paths import relative_path
+from gitlab_producer.redaction import host_port, mask_userinfo, url_passwords
 
 DEFAULT_CONFIG_PATH = Path("configs/conf.yaml")
 MIN_UPLOAD_TOKEN_CHARS = 16
 LogLevel = Literal["debug", "info", "warning", "error"]
+DAY_S = 86_400
+MIB = 1024 * 1024
+MAX_REDIS_DB = 1023  # Redis has 16 by default (its "databases" setting)
 
 
 class ArtifactRule(BaseModel):
@@ -68,10 +79,12 @@ class ConfigError(Exception):
 class Settings(BaseSettings):
     """Typed, frozen settings. Units are in the names' docs: seconds unless said otherwise."""
 
-    model_config = SettingsConfigDict(frozen=True, case_sensitive=False, extra="forbid")
+    model_config = SettingsConfigDict(frozen=True, case_sensitive=False, extra="forbid",
+                                      allow_inf_nan=False)
 
     # -- seed 000's variables (names kept exactly) ------------------------------------------
-    scheduling_poll_interval: float = Field(30.0, ge=0, description="seconds between rounds")
+    scheduling_poll_interval: float = Field(30.0, ge=0, le=DAY_S,
+                                            description="seconds between rounds")
     gitlab_base_url: str = Field(description="GitLab API URL, e.g. https://gitlab.example.com/api/v4")
     gitlab_private_token: SecretStr = Field(description="token sent in the PRIVATE-TOKEN header")
     gitlab_per_page_pagination: int = Field(100, ge=1, le=100)
@@ -79,59 +92,98 @@ class Settings(BaseSettings):
     kafka_topic: str = Field("data-bus.gitlab.events", min_length=1)
     kafka_login: str = ""
     kafka_password: SecretStr = SecretStr("")
-    cache_ttl: int = Field(1440, ge=1, description="minutes an event id stays marked as sent")
-    operations_per_second: float = Field(10.0, gt=0, description="GitLab requests per second")
+    cache_ttl: int = Field(1440, ge=1, le=366 * 24 * 60,
+                           description="minutes an event id stays marked as sent")
+    operations_per_second: float = Field(10.0, ge=0.01, le=10_000,
+                                         description="GitLab requests per second")
     metrics_port: int = Field(9000, ge=0, le=65535)
     metrics_url: str = "metrics"
     redis_address: str = Field("", description="host:port; empty: embedded SQLite store")
     redis_password: SecretStr = SecretStr("")
     log_port: int = Field(8002, ge=0, le=65535)
     log_level: LogLevel = "info"
+    log_level_token: SecretStr = Field(SecretStr(""), description="required by PUT /log_level")
 
     # -- additions, same style ---------------------------------------------------------------
     sync_since: datetime | None = Field(None, description="where the very first round starts")
     sync_users: bool = True
-    sync_overlap: float = Field(300.0, ge=0, description="seconds re-read behind each cursor")
-    project_activity_lag: float = Field(3600.0, ge=0, description="GitLab's last_activity_at lag")
-    user_resync_interval: float = Field(600.0, ge=0, description="re-read of users active today")
+    sync_overlap: float = Field(300.0, ge=0, le=DAY_S,
+                                description="seconds re-read behind each cursor")
+    project_activity_lag: float = Field(3600.0, ge=0, le=7 * DAY_S,
+                                        description="GitLab's last_activity_at lag")
+    user_resync_interval: float = Field(600.0, ge=0, le=DAY_S,
+                                        description="re-read of users active today")
     gitlab_concurrency: int = Field(8, ge=1, le=64, description="entities synced at once")
-    gitlab_timeout: float = Field(30.0, gt=0, description="seconds per GitLab request")
+    gitlab_timeout: float = Field(30.0, ge=0.1, le=600, description="seconds per GitLab request")
     gitlab_max_retries: int = Field(6, ge=0, le=20)
-    gitlab_rate_limit_retries: int = Field(30, ge=0, description="429s tolerated per request")
+    gitlab_rate_limit_retries: int = Field(30, ge=0, le=1000,
+                                           description="429s tolerated per request")
+    gitlab_max_body: int = Field(16 * MIB, ge=64 * 1024, le=1024 * MIB,
+                                 description="bytes of one GitLab answer held in memory")
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_security_protocol: Literal["", "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = ""
-    kafka_delivery_timeout: float = Field(300.0, gt=0, description="seconds before a send fails")
+    kafka_delivery_timeout: float = Field(300.0, ge=1, le=DAY_S,
+                                          description="seconds before a send fails")
     kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    redis_db: int = Field(0, ge=0)
+    redis_db: int = Field(0, ge=0, le=MAX_REDIS_DB)
     redis_key_prefix: str = "gitlab-producer:"
     state_path: Path = Path("var/state.sqlite3")
     output_file: str = Field("-", description="file sink path when no Kafka; '-' is stdout")
     source_instance: str = Field("", description="instance name in message headers")
-    shutdown_grace: float = Field(8.0, ge=0, description="seconds to finish in-flight work")
+    shutdown_grace: float = Field(8.0, ge=0, le=300,
+                                  description="seconds to finish in-flight work")
 
     # -- real-time path: webhooks and captured files ------------------------------------------
     webhook_port: int = Field(0, ge=0, le=65535, description="0: no webhook receiver")
     webhook_secret: SecretStr = SecretStr("")
     webhook_signing_token: SecretStr = SecretStr("")
-    webhook_max_body: int = Field(25 * 1024 * 1024, ge=1024)
-    webhook_max_skew: float = Field(300.0, gt=0, description="seconds a signature stays valid")
+    webhook_max_body: int = Field(25 * MIB, ge=1024, le=256 * MIB)
+    webhook_max_skew: float = Field(300.0, ge=1, le=DAY_S,
+                                    description="seconds a signature stays valid")
     kafka_webhook_topic: str = Field("", description="default: <KAFKA_TOPIC>.hooks")
     kafka_artifact_topic: str = Field("", description="default: <KAFKA_TOPIC>.artifacts")
     artifact_store_url: str = "file://var/artifacts"
     artifact_upload_token: SecretStr = SecretStr("")
-    artifact_max_bytes: int = Field(2 * 1024**3, ge=1, description="largest upload, in bytes")
-    artifact_idle_timeout: float = Field(60.0, gt=0, description="seconds an upload may stall")
+    artifact_max_bytes: int = Field(2 * 1024 * MIB, ge=1, le=1024**4,
+                                    description="largest upload, in bytes")
+    artifact_idle_timeout: float = Field(60.0, ge=0.1, le=3600,
+                                         description="seconds an upload may send nothing")
     capture_rules: tuple[CaptureRule, ...] = ()
 
     @field_validator("gitlab_base_url")
     @classmethod
     def _url(cls, value: str) -> str:
         parsed = urlparse(value)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError("must be an http(s) URL such as https://gitlab.example.com/api/v4")
+        try:
+            port = parsed.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError("has a port outside 1-65535")
         if parsed.query:
             raise ValueError("must not carry a query string (the token goes in a header)")
+        if parsed.fragment or value.endswith("#"):
+            raise ValueError("must not carry a #fragment")
         return value.rstrip("/")
+
+    @field_validator("artifact_store_url")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        # Chained URLs (simplecache::s3://...) name one backend per link.
+        for link in value.split("::"):
+            protocol = fsspec.core.split_protocol(link)[0] or "file"
+            try:
+                fs_class = fsspec.get_filesystem_class(protocol)
+            except ValueError:
+                raise ValueError(f"unknown storage protocol {protocol}://") from None
+            except ImportError as exc:
+                raise ValueError(f"the {protocol}:// backend is not installed "
+                                 f"({str(exc).splitlines()[0]})") from None
+            if getattr(fs_class, "read_only", False) or protocol in ("http", "https"):
+                raise ValueError(f"{protocol}:// is read-only; the store needs writes")
+        return value
 
     @field_validator("gitlab_private_token")
     @classmethod
@@ -160,10 +212,24 @@ class Settings(BaseSettings):
     @classmethod
     def _redis(cls, value: str) -> str:
         if value:
-            host, _, port = value.removeprefix("redis://").rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError("must be host:port, e.g. redis:6379")
+            if "://" in value and not value.startswith("redis://"):
+                raise ValueError("must be host:port or redis://host:port")
+            parsed = urlparse(value if "://" in value else f"redis://{value}")
+            try:
+                port = parsed.port
+            except ValueError:
+                port = 0
+            if not parsed.hostname or not port or parsed.path.strip("/"):
+                raise ValueError("must be host:port, e.g. redis:6379, with a port in 1-65535")
         return value
+
+    @property
+    def redis_endpoint(self) -> tuple[str, int, str]:
+        """(host, port, password) of REDIS_ADDRESS; REDIS_PASSWORD wins over one in the URL."""
+        value = self.redis_address
+        parsed = urlparse(value if "://" in value else f"redis://{value}")
+        password = self.redis_password.get_secret_value() or unquote(parsed.password or "")
+        return parsed.hostname or "", parsed.port or 6379, password
 
     @model_validator(mode="after")
     def _ttl_covers_overlap(self) -> Settings:
@@ -200,7 +266,7 @@ class Settings(BaseSettings):
 
     @property
     def instance(self) -> str:
-        return self.source_instance or urlparse(self.gitlab_base_url).netloc
+        return self.source_instance or host_port(self.gitlab_base_url)
 
     def since(self, now: datetime) -> datetime:
         """Start of the very first round: SYNC_SINCE, else the start of today (UTC)."""
@@ -211,9 +277,22 @@ class Settings(BaseSettings):
         out: dict[str, Any] = {}
         for name, value in self.model_dump(mode="json", exclude={"capture_rules"}).items():
             secret = isinstance(getattr(self, name), SecretStr)
-            out[name.upper()] = ("***" if value else "") if secret else value
+            if secret:
+                value = "***" if value else ""
+            elif isinstance(value, str):
+                value = mask_userinfo(value)
+            out[name.upper()] = value
         out["CAPTURE_RULES"] = [rule.model_dump(mode="json") for rule in self.capture_rules]
         return out
+
+    def secrets(self) -> list[str]:
+        """Every secret value: the secret settings and the credentials inside URLs."""
+        found = [getattr(self, name).get_secret_value() for name in type(self).model_fields
+                 if isinstance(getattr(self, name), SecretStr)]
+        for name, value in self.model_dump(mode="json").items():
+            if isinstance(value, str) and name != "source_instance":
+                found.extend(url_passwords(value))
+        return [s for s in found if s]
 
     @classmethod
     def settings_customise_sources(
@@ -230,30 +309,48 @@ class Settings(BaseSettings):
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
     except FileNotFoundError:
         return {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {path}: cannot be read: {exc}".replace("\n", " ")) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: is not UTF-8 text (byte {exc.start})") from None
+    except yaml.MarkedYAMLError as exc:
+        # Only the position: the offending line may hold a token.
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
+        raise ConfigError(f"config file {path}: cannot be read: invalid YAML at {where}"
+                          ) from None
+    except yaml.YAMLError:
+        raise ConfigError(f"config file {path}: cannot be read: invalid YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read: {exc.strerror or exc}"
+                          ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: must be a mapping of VARIABLE: value")
     known = set(Settings.model_fields)
-    unknown = sorted(k for k in data if str(k).lower() not in known)
+    unknown = sorted(str(k) for k in data if str(k).lower() not in known)
     if unknown:
-        raise ConfigError(f"{str(unknown[0]).upper()}: unknown setting in {path}")
+        raise ConfigError(f"{unknown[0].upper()}: unknown setting in {path}")
     return {str(k).lower(): v for k, v in data.items() if v is not None}
 
 
 def load_settings(path: Path | None = DEFAULT_CONFIG_PATH, **overrides: Any) -> Settings:
-    """Read the YAML file (``None``: none), then ``overrides``, then the environment."""
+    """Read the YAML file (``None`` or missing: none), then ``overrides``, then the
+    environment."""
     values = _read_yaml(path) if path is not None else {}
     values.update(overrides)
     try:
         return Settings(**values)
+    except SettingsError as exc:
+        # pydantic-settings failed to parse a complex value (CAPTURE_RULES) from the
+        # environment; its message names the field, the cause holds the value: not shown.
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = field.group(1).upper() if field else "CONFIG"
+        raise ConfigError(f"{name}: is not valid JSON") from None
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]).upper() or "CONFIG"
         message = str(error["msg"]).removeprefix("Value error, ")
         if message.startswith(("CACHE_TTL:", "WEBHOOK_SECRET:", "ARTIFACT_UPLOAD_TOKEN:")):
-            raise ConfigError(message) from exc
-        raise ConfigError(f"{where}: {message}") from exc
+            raise ConfigError(message) from None
+        raise ConfigError(f"{where}: {mask_userinfo(message)}") from None

@@ -1,7 +1,8 @@
 """JSON logs (structlog) with a level that can be changed while the service runs.
 
-Known secrets are scrubbed from every log line as a last line of defence; code never logs
-them on purpose.
+Known secrets (every secret setting, the passwords inside configured URLs) are scrubbed from
+every log line, however deeply nested (lists, dicts, exception texts), and credentials inside
+any URL are masked: a last line of defence; code never logs them on purpose.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+
+from gitlab_producer.redaction import mask_userinfo
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
@@ -36,8 +39,9 @@ class LogControl:
         self._threshold = LEVELS[value]
 
     def add_secret(self, secret: str) -> None:
-        if secret and len(secret) >= 4:
+        if secret and len(secret) >= 4 and secret not in self._secrets:
             self._secrets.append(secret)
+            self._secrets.sort(key=len, reverse=True)  # a longer secret may contain a shorter
 
     def filter(self, _: Any, method: str, event: MutableMapping[str, Any]
                ) -> MutableMapping[str, Any]:
@@ -46,13 +50,22 @@ class LogControl:
         return event
 
     def scrub(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        if self._secrets:
-            for key, value in event.items():
-                if isinstance(value, str):
-                    for secret in self._secrets:
-                        value = value.replace(secret, "***")
-                    event[key] = value
+        for key, value in event.items():
+            event[key] = self._clean(value)
         return event
+
+    def _clean(self, value: Any) -> Any:
+        """``value`` without secrets or URL credentials, however deeply nested."""
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, dict):
+            return {self._clean(k): self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self._clean(v) for v in value]
+        text = value if isinstance(value, str) else str(value)  # exceptions, paths, ...
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return mask_userinfo(text)
 
 
 CONTROL = LogControl()

@@ -4,7 +4,7 @@ removed wherever a URL is shown: ``check-config``, log lines, message headers an
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 # scheme://userinfo@ -- userinfo has no '/', '@' or whitespace (RFC 3986 section 3.2.1)
 _USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
@@ -16,11 +16,14 @@ def mask_userinfo(text: str) -> str:
 
 
 def url_passwords(text: str) -> list[str]:
-    """The user names and passwords inside the URLs of ``text`` (to scrub from logs)."""
+    """The passwords inside the URLs of ``text``, as written and decoded (to scrub)."""
     found: list[str] = []
     for match in _USERINFO_RE.finditer(text):
-        userinfo = match.group(0)[len(match.group("scheme")):-1]
-        found.extend(part for part in userinfo.split(":", 1) if part)
+        user, colon, password = match.group(0)[len(match.group("scheme")):-1].partition(":")
+        # user:password -> the password; a lone name is often a token (https://TOKEN@host)
+        secret = password if colon else user
+        if secret:
+            found.extend({secret, unquote(secret)})
     return found
 
 

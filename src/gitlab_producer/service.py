@@ -17,16 +17,16 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from gitlab_producer.capture import ArtifactStore, Capturer, capture_endpoint
-from gitlab_producer.config import Settings
+from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.http.artifacts import ArtifactUploads
-from gitlab_producer.http.ops import OpsState, start_ops
+from gitlab_producer.http.ops import OpsState, listen, start_ops
 from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks import Sink, open_sink
-from gitlab_producer.store import Store, open_store
+from gitlab_producer.store import Store, StoreError, open_store
 from gitlab_producer.sync.delivery import Deliverer
 from gitlab_producer.sync.entities import SyncContext
 from gitlab_producer.sync.round import RoundResult, SyncRound
@@ -47,10 +47,8 @@ class Service:
         self.stop = asyncio.Event()
         self.last_success_end: float | None = None
         self.started = time.time()
-        CONTROL.add_secret(settings.gitlab_private_token.get_secret_value())
-        CONTROL.add_secret(settings.kafka_password.get_secret_value())
-        CONTROL.add_secret(settings.redis_password.get_secret_value())
-        CONTROL.add_secret(settings.artifact_upload_token.get_secret_value())
+        for secret in settings.secrets():
+            CONTROL.add_secret(secret)
 
     def gitlab_client(self) -> GitLabClient:
         """A GitLab client with the settings' token, budget and retry policy."""
@@ -90,7 +88,8 @@ class Service:
             return None if age <= limit else f"no successful round for {age:.0f} s"
 
         return OpsState(self.metrics, CONTROL, {"gitlab": gitlab, "store": store_ok,
-                                               "sink": sink_ok, "rounds": fresh})
+                                               "sink": sink_ok, "rounds": fresh},
+                        self.settings.log_level_token.get_secret_value())
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -134,7 +133,11 @@ class Service:
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                shutdown_timeout=s.shutdown_grace)
         await runner.setup()
-        await web.TCPSite(runner, self.ops_host, s.webhook_port).start()
+        try:
+            await listen(runner, self.ops_host, s.webhook_port, "WEBHOOK_PORT")
+        except ConfigError:
+            await runner.cleanup()
+            raise
         log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic,
                  artifact_uploads=bool(upload_token))
         return [runner], [hook_sink, capturer.sink]
@@ -156,7 +159,13 @@ class Service:
                                       s.metrics_port, s.metrics_url, s.log_port)
             hook_runners, extra_sinks = await self._start_webhooks(client, store)
             runners += hook_runners
-            since = await self._since(store)
+            try:
+                since = await self._since(store)
+            except StoreError as exc:
+                if "DB index is out of range" in str(exc):  # retrying cannot help
+                    raise ConfigError(f"REDIS_DB: the Redis server refuses database "
+                                      f"{s.redis_db} (see its 'databases' setting)") from None
+                raise
             ctx = SyncContext(
                 client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance),
                 self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,

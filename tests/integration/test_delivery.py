@@ -229,6 +229,9 @@ def test_check_config_redacts_secrets(service_env: ServiceRun) -> None:
 
 def test_missing_config_file_and_no_token(service_env: ServiceRun) -> None:
     done = service_env.run("check-config", "--config", "nowhere.yaml")
+    assert done.returncode == 2  # a file named on the command line must exist
+    assert done.stderr == "config error: --config: nowhere.yaml does not exist\n"
+    done = service_env.run("check-config")  # the default file is optional
     assert done.returncode == 2
     assert "GITLAB_BASE_URL" in done.stderr
 

@@ -151,11 +151,26 @@ async def test_token_never_in_the_url() -> None:
     assert "tok-secret" not in transport.urls[0]
 
 
-async def test_links_to_another_host_are_refused() -> None:
+@pytest.mark.parametrize("link", [
+    "https://evil.test/api/v4/projects?page=2",
+    "http://gitlab.test/api/v4/projects?page=2",  # a downgrade: the token in clear text
+    "https://gitlab.test:8443/api/v4/projects?page=2",
+    "https://gitlab.test:99999/api/v4/projects?page=2",
+    "https://gitlab.test@evil.test/api/v4/projects?page=2",
+])
+async def test_links_to_another_origin_are_refused(link: str) -> None:
     client, transport = make_client(scripted(OK))
-    with pytest.raises(GitLabError, match="another host"):
-        await client.get("https://evil.test/api/v4/projects?page=2")
+    with pytest.raises(GitLabError, match="another origin"):
+        await client.get(link)
     assert not transport.urls
+
+
+@pytest.mark.parametrize("link", ["https://gitlab.test/api/v4/projects?page=2",
+                                  "https://GitLab.test:443/api/v4/projects?page=2"])
+async def test_links_to_the_same_origin_are_followed(link: str) -> None:
+    client, transport = make_client(scripted(OK))
+    await client.get(link)
+    assert transport.urls == [link]
 
 
 async def test_pages_follow_headers_past_short_and_empty_pages() -> None:

@@ -35,6 +35,7 @@ from gitlab_producer.gitlab.transport import (
 )
 from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
+from gitlab_producer.redaction import mask_userinfo
 
 log = get_logger(__name__)
 Decoder = Callable[[bytes], Any]  # raises ValueError on a body it cannot read
@@ -45,6 +46,16 @@ def decode_json_list(body: bytes) -> list[Any]:
     if not isinstance(data, list):
         raise ValueError("expected a JSON array")
     return data
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in; userinfo ignored."""
+    parsed = urlparse(url)
+    try:
+        port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    except ValueError:
+        port = -1  # never equal to a valid origin
+    return parsed.scheme.lower(), (parsed.hostname or "").lower(), port
 
 
 class _Retry(Exception):
@@ -99,7 +110,7 @@ class GitLabClient:
         rng: random.Random | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._origin = urlparse(self.base_url).netloc
+        self._origin = _origin(self.base_url)
         self.limiter = limiter
         self.metrics = metrics or Metrics()
         self.policy = policy or RetryPolicy()
@@ -153,9 +164,11 @@ class GitLabClient:
     def _url(self, path: str, params: Mapping[str, Any] | None) -> str:
         """The full, encoded URL; ``path`` is relative and already encoded, or a link."""
         if "://" in path:
-            # Only ever follow links back to the same GitLab: the token goes with them.
-            if urlparse(path).netloc != self._origin:
-                raise GitLabError(f"refusing to follow a link to another host: {path}")
+            # Only ever follow links back to the same GitLab (scheme, host and port): the
+            # token goes with them, and an https -> http link would send it in clear text.
+            if _origin(path) != self._origin:
+                raise GitLabError("refusing to follow a link to another origin: "
+                                  f"{mask_userinfo(path.split('?', 1)[0])}")
             url = path
         else:
             url = f"{self.base_url}/{path.lstrip('/')}"

@@ -3,19 +3,24 @@
 - ``GET  :METRICS_PORT/<METRICS_URL>``: Prometheus text format
 - ``GET  :METRICS_PORT/healthz``: the process is alive
 - ``GET  :METRICS_PORT/readyz``: GitLab, store and sink reachable, last round recent enough
-- ``PUT  :LOG_PORT/log_level`` with form body ``level=debug|info|warning|error``
+- ``PUT  :LOG_PORT/log_level`` with form body ``level=debug|info|warning|error``; with
+  ``LOG_LEVEL_TOKEN`` set, also the token (``Authorization: Bearer`` or a ``token`` field),
+  else 401. The other endpoints stay open, as Prometheus and orchestrators expect.
 - ``GET  :LOG_PORT/log_level``
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import errno
+import hmac
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gitlab_producer.config import ConfigError
 from gitlab_producer.logs import LEVELS, LogControl, get_logger
 from gitlab_producer.metrics import Metrics
 
@@ -30,6 +35,7 @@ class OpsState:
     metrics: Metrics
     logs: LogControl
     checks: dict[str, Check]
+    level_token: str = ""  # when set, PUT /log_level needs it
 
 
 STATE_KEY = web.AppKey("ops", OpsState)
@@ -67,8 +73,22 @@ async def get_level(request: web.Request) -> web.Response:
     return web.json_response({"level": request.app[STATE_KEY].logs.level})
 
 
+def _token_given(request: web.Request, form: Mapping[str, object]) -> str:
+    bearer = request.headers.get("Authorization", "")
+    if bearer[:7].lower() == "bearer ":
+        return bearer[7:].strip()
+    return str(form.get("token", ""))
+
+
 async def put_level(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
     form = await request.post()
+    if state.level_token and not hmac.compare_digest(
+            _token_given(request, form).encode(), state.level_token.encode()):
+        log.warning("log_level_refused", remote=request.remote)
+        return web.json_response(
+            {"error": "LOG_LEVEL_TOKEN required (Authorization: Bearer, or a token field)"},
+            status=401, headers={"WWW-Authenticate": "Bearer"})
     level = str(form.get("level", "")).strip().lower()
     if level not in LEVELS:
         return web.json_response(
@@ -108,6 +128,21 @@ async def start_ops(state: OpsState, host: str, metrics_port: int, metrics_url: 
         runner = web.AppRunner(build_ops_app(state, url, with_level), access_log=None,
                                handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
         runners.append(runner)
+        try:
+            await listen(runner, host, port, "METRICS_PORT" if url is not None else "LOG_PORT")
+        except ConfigError:
+            for started in runners:
+                await started.cleanup()
+            raise
     return runners
+
+
+async def listen(runner: web.AppRunner, host: str, port: int, variable: str) -> None:
+    """Serve ``runner`` on ``port``; a port in use (or not ours to take) is a config error."""
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        reason = "is already in use" if exc.errno == errno.EADDRINUSE else (
+            f"cannot be opened: {exc.strerror or exc}")
+        raise ConfigError(f"{variable}: port {port} {reason}") from None

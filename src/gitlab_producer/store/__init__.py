@@ -13,7 +13,7 @@ __all__ = ["Cursor", "RedisStore", "SQLiteStore", "Store", "StoreError", "open_s
 def open_store(settings: Settings) -> Store:
     """The store the settings ask for."""
     if settings.redis_address:
-        return RedisStore.from_address(settings.redis_address,
-                                       settings.redis_password.get_secret_value(),
-                                       settings.redis_db, settings.redis_key_prefix)
+        host, port, password = settings.redis_endpoint
+        return RedisStore.from_address(f"{host}:{port}", password, settings.redis_db,
+                                       settings.redis_key_prefix)
     return SQLiteStore(settings.state_path)
