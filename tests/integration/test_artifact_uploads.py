@@ -130,6 +130,11 @@ def test_an_upload_is_stored_byte_exact_announced_once_and_listed(api: Api) -> N
     assert listed.json() == {"project_id": FREE, "commit": commit, "artifacts": [
         {"path": path, "size": len(data), "url": record["url"]}]}
     assert httpx.get(f"{api.url}/artifacts/{FREE}/{commit}/", timeout=30).status_code == 401
+    stranger = next(f"user{u}" for u in range(2, SPEC.users + 1)
+                    if u not in dict(members(FREE, SPEC.users)))
+    hidden = httpx.get(f"{api.url}/artifacts/{FREE}/{commit}/", timeout=30,
+                       headers={"Authorization": f"Bearer {TOKEN}", "X-Gitlab-User": stranger})
+    assert hidden.status_code == 403
 
 
 def test_each_refusal_stores_and_announces_nothing(api: Api) -> None:

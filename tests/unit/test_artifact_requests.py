@@ -28,7 +28,7 @@ def test_targets_are_decoded_segment_by_segment() -> None:
     f"/artifacts/3/{SHA}/a/%2E%2E/%2E%2E/x", f"/artifacts/3/{SHA}/%2Fetc%2Fpasswd",
     f"/artifacts/3/{SHA}/a%5Cb", f"/artifacts/3/{SHA}/a%00b", f"/artifacts/3/{SHA}/a//b",
     f"/artifacts/3/{SHA}/", "/artifacts/3/abc123/x", f"/artifacts/3/{SHA}x/y",
-    f"/artifacts//{SHA}/x", "/artifacts/3",
+    f"/artifacts//{SHA}/x", "/artifacts/3", f"/artifacts/3/{SHA}/dist/.0a1b.partial",
 ])
 def test_unsafe_or_incomplete_targets_are_400(raw: str) -> None:
     with pytest.raises(Refusal) as caught:

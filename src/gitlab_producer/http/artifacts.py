@@ -41,7 +41,7 @@ from urllib.parse import quote, unquote
 from aiohttp import ClientPayloadError, web
 
 from gitlab_producer.artifact_paths import UnsafePathError, commit_sha, relative_path
-from gitlab_producer.artifact_writes import WriteRefused
+from gitlab_producer.artifact_writes import TEMP_SUFFIX, WriteRefused, is_temporary
 from gitlab_producer.capture import REPORTER, Capturer, Stored
 from gitlab_producer.gitlab.errors import GitLabError, NotFoundError
 from gitlab_producer.logs import get_logger
@@ -92,6 +92,9 @@ def parse_target(raw_path: str, listing: bool) -> Target:
         raise Refusal(400, "bad_path", str(exc)) from None
     if not project:
         raise Refusal(400, "bad_path", "the project is missing")
+    if path and is_temporary(path):
+        raise Refusal(400, "bad_path", f"names like '.*{TEMP_SUFFIX}' are the store's "
+                                       "temporary files")
     return Target(project, commit, path)
 
 
