@@ -5,8 +5,9 @@
   API, the path URL-encoded exactly once: ``lib%2Fclass.rb``).
 - A successful job named in a rule captures that job's artifacts archive, stored as
   ``<project_id>/<sha>/artifacts/<job>.zip``.
-- Writes are atomic (a temporary name, then a rename; object stores put whole objects) and
-  what is already stored is skipped. Each stored file is announced on
+- Downloads stream into the store (:mod:`gitlab_producer.artifact_store`), whose writes are
+  checked against path traversal and atomic; what is already stored is not fetched again.
+  Commits must be full ids (40 or 64 hex). Each stored file is announced on
   ``KAFKA_ARTIFACT_TOPIC`` with project, commit, path, size, sha256 and URL.
 - A capture on behalf of a GitLab user proceeds only if that user is a member of the project
   with at least Reporter access (the service account may see more than the user may).
@@ -14,138 +15,30 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import hmac
-import os
-import posixpath
-import uuid
-import weakref
-from collections.abc import AsyncIterable, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
-import fsspec
 import orjson
 from aiohttp import web
-from fsspec.implementations.local import LocalFileSystem
 
-from gitlab_producer.artifact_paths import (
-    UnsafePathError,
-    commit_sha,
-    object_key,
-    project_segment,
-)
-from gitlab_producer.artifact_writes import is_temporary, write_stream
+from gitlab_producer.artifact_paths import UnsafePathError, commit_sha
+from gitlab_producer.artifact_store import ArtifactStore, Stored
 from gitlab_producer.config import CaptureRule
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.errors import GitLabError
 from gitlab_producer.logs import get_logger
-from gitlab_producer.redaction import mask_userinfo
 from gitlab_producer.sinks.base import Message, Sink
 
+__all__ = ["ArtifactStore", "CaptureRefused", "Capturer", "Stored", "capture_endpoint",
+           "file_url"]
 log = get_logger(__name__)
 REPORTER = 20
 
 
 class CaptureRefused(Exception):
     """The requesting user may not read the project."""
-
-
-@dataclass(frozen=True)
-class Stored:
-    """One file in the artifact store."""
-
-    project_id: int
-    commit: str
-    path: str
-    size: int
-    sha256: str
-    url: str
-    skipped: bool
-
-
-class ArtifactStore:
-    """Atomic, idempotent writes under a base URL (``file://``, ``s3://``, ``hdfs://``, ...).
-
-    Every write goes to :meth:`target`, which checks the parts of the key
-    (:mod:`gitlab_producer.artifact_paths`) and then the final resolved path: it must lie
-    under the store's root (symbolic links included, for the local file system)."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.base_url)
-        self.root = self._resolve(root.rstrip("/") or "/").rstrip("/")
-        # Writers to the same path take turns to compare and publish (an entry lives as
-        # long as a writer holds it).
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary())
-
-    def _resolve(self, path: str) -> str:
-        if isinstance(self.fs, LocalFileSystem):
-            return os.path.realpath(path)
-        return posixpath.normpath(str(self.fs._strip_protocol(path)))
-
-    def target(self, project_id: int, commit: str, path: str) -> str:
-        """The backend path of ``<project_id>/<commit>/<path>``; raises
-        :class:`UnsafePathError` for a bad part or a result outside the root."""
-        resolved = self._resolve(f"{self.root}/{object_key(project_id, commit, path)}")
-        if not resolved.startswith(self.root + "/"):
-            raise UnsafePathError("path resolves outside the artifact store")
-        return resolved
-
-    def url_of(self, project_id: int, commit: str, path: str) -> str:
-        return mask_userinfo(f"{self.base_url}/{object_key(project_id, commit, path)}")
-
-    def _write(self, target: str, data: bytes) -> bool:
-        if self.fs.exists(target):
-            return False
-        parent = target.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        if isinstance(self.fs, LocalFileSystem):
-            temp = f"{parent}/.{uuid.uuid4().hex}.partial"
-            self.fs.pipe_file(temp, data)
-            self.fs.mv(temp, target)
-        else:
-            self.fs.pipe_file(target, data)  # object stores publish whole objects only
-        return True
-
-    async def put(self, project_id: int, commit: str, path: str, data: bytes) -> Stored:
-        target = self.target(project_id, commit, path)
-        written = await asyncio.to_thread(self._write, target, data)
-        return Stored(project_id, commit, path, len(data), hashlib.sha256(data).hexdigest(),
-                      self.url_of(project_id, commit, path), not written)
-
-    async def put_stream(self, project_id: int, commit: str, path: str,
-                         chunks: AsyncIterable[bytes], max_bytes: int,
-                         expected_sha256: str | None = None, overwrite: bool = False) -> Stored:
-        """Stream ``chunks`` to ``<project_id>/<commit>/<path>``, atomically and hashed as
-        they arrive (:func:`~gitlab_producer.artifact_writes.write_stream`). An identical
-        file already there is left untouched (``skipped``); a different one raises
-        :class:`~gitlab_producer.artifact_writes.Conflict` unless ``overwrite``."""
-        target = self.target(project_id, commit, path)
-        lock = self._locks.setdefault(target, asyncio.Lock())
-        written = await write_stream(self.fs, target, chunks, max_bytes, expected_sha256,
-                                     overwrite, lock)
-        return Stored(project_id, commit, path, written.size, written.sha256,
-                      self.url_of(project_id, commit, path), not written.created)
-
-    async def remove(self, project_id: int, commit: str, path: str) -> None:
-        await asyncio.to_thread(self.fs.rm_file, self.target(project_id, commit, path))
-
-    async def listing(self, project_id: int, commit: str) -> list[dict[str, Any]]:
-        """What is stored for a commit: ``path``, ``size`` and ``url`` of each file."""
-        base = f"{self.root}/{project_segment(project_id)}/{commit_sha(commit)}"
-        found: dict[str, dict[str, Any]] = await asyncio.to_thread(
-            self.fs.find, base, detail=True)
-        out = []
-        for name, info in sorted(found.items()):
-            relative = name[len(base) + 1:]
-            if info.get("type") == "file" and relative and not is_temporary(relative):
-                out.append({"path": relative, "size": int(info["size"]),
-                            "url": self.url_of(project_id, commit, relative)})
-        return out
 
 
 def file_url(project_id: int, path: str) -> str:
@@ -217,22 +110,30 @@ class Capturer:
         if as_user is not None and await self.access_level(project_id, as_user) < REPORTER:
             log.warning("capture_refused", project=project_id, user=as_user)
             raise CaptureRefused(f"{as_user} is not a Reporter (or higher) of {project_id}")
-        stored = []
-        for path in paths:
-            answer = await self.client.get(file_url(project_id, path), {"ref": commit},
-                                           "projects/:id/repository/files/:path/raw", decode=None)
-            stored.append(await self.store.put(project_id, commit, path, answer.body))
+        stored = [await self._fetch(project_id, commit, path, file_url(project_id, path),
+                                    {"ref": commit}, "projects/:id/repository/files/:path/raw")
+                  for path in paths]
         await self.announce(stored)
         return stored
+
+    async def _fetch(self, project_id: int, commit: str, path: str, url: str,
+                     params: dict[str, str] | None, endpoint: str) -> Stored:
+        """Stream a GitLab download into the store, unless it is stored already."""
+        found = await self.store.find(project_id, commit, path)
+        if found is not None:
+            return found
+        writer = await self.client.download(
+            url, params, endpoint, lambda: self.store.open_writer(project_id, commit, path))
+        return await writer.commit()
 
     async def capture_artifacts(self, project_id: int, commit: str, job_id: int,
                                 job_name: str) -> Stored:
         commit = commit_sha(commit)
         path = f"artifacts/{job_name}.zip"
         self.store.target(project_id, commit, path)  # refused before GitLab is asked
-        answer = await self.client.get(f"projects/{project_id}/jobs/{job_id}/artifacts",
-                                       endpoint="projects/:id/jobs/:id/artifacts", decode=None)
-        stored = await self.store.put(project_id, commit, path, answer.body)
+        stored = await self._fetch(project_id, commit, path,
+                                   f"projects/{project_id}/jobs/{job_id}/artifacts", None,
+                                   "projects/:id/jobs/:id/artifacts")
         await self.announce([stored])
         return stored
 

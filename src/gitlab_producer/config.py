@@ -246,14 +246,11 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _uploads_need_the_port(self) -> Settings:
+    def _upload_token_long_enough(self) -> Settings:
         token = self.artifact_upload_token.get_secret_value()
         if token and len(token) < MIN_UPLOAD_TOKEN_CHARS:
             raise ValueError(f"ARTIFACT_UPLOAD_TOKEN: must be at least {MIN_UPLOAD_TOKEN_CHARS} "
                              "characters")
-        if token and not self.webhook_port:
-            raise ValueError("ARTIFACT_UPLOAD_TOKEN: the upload API listens on WEBHOOK_PORT, "
-                             "which must be set too")
         return self
 
     @property

@@ -58,7 +58,7 @@ class Service:
             RateLimiter(s.operations_per_second), self.metrics, s.gitlab_timeout,
             RetryPolicy(max_retries=s.gitlab_max_retries,
                         rate_limit_retries=s.gitlab_rate_limit_retries),
-            max_connections=max(4, s.gitlab_concurrency * 2 + 2))
+            max_connections=max(4, s.gitlab_concurrency * 2 + 2), max_body=s.gitlab_max_body)
 
     async def _since(self, store: Store) -> float:
         """The first round's start, fixed in the store so restarts do not move it."""
@@ -111,6 +111,9 @@ class Service:
         """The webhook receiver (and captures it triggers), when WEBHOOK_PORT is set."""
         s = self.settings
         if not s.webhook_port:
+            if s.artifact_upload_token.get_secret_value():
+                log.warning("artifact_uploads_off", detail="ARTIFACT_UPLOAD_TOKEN is set but "
+                            "the API listens on WEBHOOK_PORT, which is 0")
             return [], []
         capturer = self.capturer(client)
         if s.capture_rules:

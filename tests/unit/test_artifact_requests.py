@@ -64,8 +64,6 @@ def test_upload_settings() -> None:
     on = load_settings(None, **REQUIRED, webhook_port=8080, webhook_secret="s",
                        artifact_upload_token="u" * 16)
     assert on.redacted()["ARTIFACT_UPLOAD_TOKEN"] == "***"
-    with pytest.raises(ConfigError, match=r"^ARTIFACT_UPLOAD_TOKEN: .*WEBHOOK_PORT"):
-        load_settings(None, **REQUIRED, artifact_upload_token="u" * 16)
     with pytest.raises(ConfigError, match=r"^ARTIFACT_UPLOAD_TOKEN: must be at least 16"):
         load_settings(None, **REQUIRED, webhook_port=8080, webhook_secret="s",
                       artifact_upload_token="short")

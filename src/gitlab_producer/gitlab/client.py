@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode, urlparse
 
 import orjson
@@ -22,12 +22,16 @@ from gitlab_producer.gitlab.errors import (
     FatalGitLabError,
     GitLabError,
     NotFoundError,
+    ResponseTooLargeError,
     RetriesExhaustedError,
 )
 from gitlab_producer.gitlab.pagination import KeysetPaginator, OffsetPaginator, Paginator
 from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.gitlab.transport import (
+    DEFAULT_MAX_BODY,
     AiohttpTransport,
+    BodyTooLarge,
+    ChunkWrite,
     RawResponse,
     Transport,
     TransportFailure,
@@ -35,10 +39,24 @@ from gitlab_producer.gitlab.transport import (
 )
 from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
-from gitlab_producer.redaction import mask_userinfo
+from gitlab_producer.redaction import host_port, mask_userinfo
 
 log = get_logger(__name__)
 Decoder = Callable[[bytes], Any]  # raises ValueError on a body it cannot read
+T = TypeVar("T")
+
+
+class ChunkWriter(Protocol):
+    """Where :meth:`GitLabClient.download` streams a body."""
+
+    async def write(self, chunk: bytes) -> None:
+        """Take the next chunk."""
+
+    async def abort(self) -> None:
+        """Drop what was written: the attempt failed."""
+
+
+W = TypeVar("W", bound=ChunkWriter)
 
 
 def decode_json_list(body: bytes) -> list[Any]:
@@ -108,6 +126,7 @@ class GitLabClient:
         transport: Transport | None = None,
         max_connections: int = 32,
         rng: random.Random | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
@@ -119,7 +138,7 @@ class GitLabClient:
         self.reachable: bool | None = None  # None until the first answer
         self._http: Transport = transport or AiohttpTransport(
             {"PRIVATE-TOKEN": token, "Accept": "application/json",
-             "User-Agent": "gitlab-producer"}, timeout_s, max_connections)
+             "User-Agent": "gitlab-producer"}, timeout_s, max_connections, max_body)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -138,10 +157,31 @@ class GitLabClient:
         decode is retried like a 5xx, since GitLab's proxies send truncated or HTML pages."""
         endpoint = endpoint or path
         url = self._url(path, params)
+        return await self._retrying(endpoint, lambda: self._attempt(url, endpoint, decode))
+
+    async def download(self, path: str, params: Mapping[str, Any] | None, endpoint: str,
+                       open_writer: Callable[[], Awaitable[W]]) -> W:
+        """GET ``path`` and stream the body into a writer from ``open_writer`` (one per
+        attempt: a failed attempt's writer is aborted). Same budget, retries and errors as
+        :meth:`get`; the body is not held in memory, so it has no size cap."""
+        url = self._url(path, params)
+
+        async def attempt() -> W:
+            writer = await open_writer()
+            try:
+                await self._attempt(url, endpoint, None, writer.write)
+            except BaseException:
+                await writer.abort()
+                raise
+            return writer
+
+        return await self._retrying(endpoint, attempt)
+
+    async def _retrying(self, endpoint: str, attempt: Callable[[], Awaitable[T]]) -> T:
         failures = throttles = 0
         while True:
             try:
-                return await self._attempt(url, endpoint, decode)
+                return await attempt()
             except _Retry as retry:
                 if retry.status == 429:
                     throttles += 1
@@ -176,13 +216,21 @@ class GitLabClient:
             url += ("&" if "?" in url else "?") + urlencode(params)
         return url
 
-    async def _attempt(self, url: str, endpoint: str, decode: Decoder | None) -> Answer:
+    async def _attempt(self, url: str, endpoint: str, decode: Decoder | None,
+                       write: ChunkWrite | None = None) -> Answer:
         waited = await self.limiter.acquire()
         if waited:
             self.metrics.rate_limit_wait.inc(waited)
         started = time.perf_counter()
         try:
-            response = await self._http.get(url)
+            if write is None:
+                response = await self._http.get(url)
+            else:
+                response = await self._http.download(url, write)
+        except BodyTooLarge as exc:
+            self.metrics.gitlab_requests.labels(endpoint, "too_large").inc()
+            raise ResponseTooLargeError(f"{endpoint}: answer refused: {exc} "
+                                        "(GITLAB_MAX_BODY)") from None
         except TransportTimeout:
             self.reachable = False
             self.metrics.gitlab_requests.labels(endpoint, "timeout").inc()
@@ -201,6 +249,12 @@ class GitLabClient:
             raise _Retry("429", 429)
         if status >= 500:
             raise _Retry(f"status {status}", status)
+        if 300 <= status < 400:
+            # Never followed: the token would go along (possibly to another host, or to a
+            # link-local metadata address). Not retried: the answer will not change.
+            to = host_port(response.headers.get("location", "")) or "nowhere"
+            raise BadRequestError(f"{endpoint}: GitLab answered {status}, a redirect to {to}: "
+                                  "not followed (is GITLAB_BASE_URL the final URL?)", status)
         if status in (401, 403):
             raise FatalGitLabError(f"{endpoint}: GitLab answered {status}: check the token "
                                    "and that its account can read the instance", status)

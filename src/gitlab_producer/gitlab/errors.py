@@ -4,6 +4,7 @@
     ├── FatalGitLabError        401/403: the token is wrong or lacks rights; stop the round
     ├── NotFoundError           404: the project or user is gone; skip it
     ├── BadRequestError         other 4xx: our request is wrong; report it
+    ├── ResponseTooLargeError   the body is over GITLAB_MAX_BODY; retrying cannot help
     └── RetriesExhaustedError   429/5xx/timeouts/bad bodies outlasted the retry budget
 
 Transport failures (no response) and bad statuses are retried inside the client and only
@@ -31,6 +32,10 @@ class NotFoundError(GitLabError):
 
 class BadRequestError(GitLabError):
     """GitLab refused the request as malformed."""
+
+
+class ResponseTooLargeError(GitLabError):
+    """The answer's body is larger than the configured cap (``GITLAB_MAX_BODY``)."""
 
 
 class RetriesExhaustedError(GitLabError):

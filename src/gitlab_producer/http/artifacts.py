@@ -33,6 +33,7 @@ import base64
 import binascii
 import hmac
 import re
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,14 @@ from urllib.parse import quote, unquote
 from aiohttp import ClientPayloadError, web
 
 from gitlab_producer.artifact_paths import UnsafePathError, commit_sha, relative_path
-from gitlab_producer.artifact_writes import TEMP_SUFFIX, WriteRefused, is_temporary
+from gitlab_producer.artifact_writes import (
+    TEMP_SUFFIX,
+    WriteRefused,
+    is_temporary,
+    listing,
+    remove,
+    store_upload,
+)
 from gitlab_producer.capture import REPORTER, Capturer, Stored
 from gitlab_producer.gitlab.errors import GitLabError, NotFoundError
 from gitlab_producer.logs import get_logger
@@ -134,6 +142,15 @@ class ArtifactUploads:
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
         self.metrics = metrics
+        # Uploads to one path take turns; an entry lives while an upload holds it.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
+
+    def _lock_for(self, target: str) -> asyncio.Lock:
+        lock = self._locks.get(target)
+        if lock is None:
+            lock = self._locks[target] = asyncio.Lock()
+        return lock
 
     def register(self, app: web.Application) -> None:
         """Add the routes; the body is read by the handler only once everything is checked."""
@@ -238,9 +255,10 @@ class ArtifactUploads:
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            stored = await self.capturer.store.put_stream(
-                pid, target.commit, target.path, _chunks(request, self.idle_timeout_s),
-                self.max_bytes, digest, overwrite)
+            stored = await store_upload(
+                self.capturer.store, pid, target.commit, target.path,
+                _chunks(request, self.idle_timeout_s), self.max_bytes, digest, overwrite,
+                self._lock_for(self.capturer.store.target(pid, target.commit, target.path)))
         except (ClientPayloadError, ConnectionError) as exc:
             log.warning("artifact_upload_interrupted", project=pid, commit=target.commit,
                         path=target.path, error=str(exc))
@@ -269,7 +287,7 @@ class ArtifactUploads:
         try:
             await self.capturer.announce([stored])
         except DeliveryError as exc:
-            await self.capturer.store.remove(stored.project_id, stored.commit, stored.path)
+            await remove(self.capturer.store, stored.project_id, stored.commit, stored.path)
             raise Refusal(503, "not_announced", f"stored but not announced ({exc}); the file "
                                                 "was removed again, retry the upload") from None
 
@@ -284,7 +302,7 @@ class ArtifactUploads:
         except GitLabError as exc:
             return self._refused("list", Refusal(502, "gitlab_unavailable", str(exc)))
         pid = int(project["id"])
-        found = await self.capturer.store.listing(pid, target.commit)
+        found = await listing(self.capturer.store, pid, target.commit)
         self.metrics.artifact_requests.labels("list", "200").inc()
         return web.json_response({"project_id": pid, "commit": target.commit,
                                   "artifacts": found})

@@ -81,6 +81,11 @@ class Control:
         self.fault_rate = fault_rate
         self.fault_kinds = fault_kinds
         self.slow_s = slow_s
+        # Hostile answers, for the client's hardening tests: Link headers pointing elsewhere
+        # (another scheme or port), a redirect for every API request, padded JSON bodies.
+        self.link_base = ""
+        self.redirect_to = ""
+        self.pad_bytes = 0
         self.stats = Stats()
         self._rng = random.Random(seed ^ 0x5EED)
         self._second_counts: Counter[int] = Counter()

@@ -118,8 +118,14 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
         if early is not None:
             sim.control.record(route_name, early.status, in_query)
             return early
-    base = f"{request.scheme}://{request.host}/api/v4"
+    if sim.control.redirect_to:
+        sim.control.record(route_name, 302, in_query)
+        return web.Response(status=302, headers={"Location": sim.control.redirect_to})
+    base = sim.control.link_base or f"{request.scheme}://{request.host}/api/v4"
     name, response = api.handle(sim.world, raw_path, request.query, request.method, base)
+    if sim.control.pad_bytes and isinstance(response, web.Response) and response.body and (
+            response.content_type == "application/json"):
+        response.body = bytes(response.body) + b" " * sim.control.pad_bytes  # type: ignore[arg-type]
     if fault == "truncated" and isinstance(response, web.Response) and response.body:
         body = bytes(response.body)  # type: ignore[arg-type]
         response = web.Response(body=body[: max(1, len(body) // 2)], status=response.status,
@@ -180,6 +186,12 @@ async def settings(request: web.Request) -> web.Response:
             control.rate_limit = float(body["rate_limit"])
         if "slow_s" in body:
             control.slow_s = float(body["slow_s"])
+        if "link_base" in body:
+            control.link_base = str(body["link_base"])
+        if "redirect_to" in body:
+            control.redirect_to = str(body["redirect_to"])
+        if "pad_bytes" in body:
+            control.pad_bytes = int(body["pad_bytes"])
     return web.json_response({"live_rate": sim.live_rate, "fault_rate": control.fault_rate,
                               "fault_kinds": list(control.fault_kinds),
                               "rate_limit": control.rate_limit})
