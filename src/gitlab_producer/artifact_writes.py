@@ -64,8 +64,8 @@ async def store_upload(store: ArtifactStore, project_id: int, commit: str, path:
     (:class:`WriteRefused`); ``skipped`` in the answer: the identical file was there."""
     store.target(project_id, commit, path)  # an unsafe path is refused before any wait
     async with lock:
-        existing = await store.find(project_id, commit, path)
-        if existing is not None and not overwrite:
+        existing = None if overwrite else await store.find(project_id, commit, path)
+        if existing is not None:
             digest = hashlib.sha256()
             size = await _drain(chunks, max_bytes, _in_thread(digest.update))
             _check_digest(digest.hexdigest(), expected_sha256)
