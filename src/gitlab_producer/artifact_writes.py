@@ -127,6 +127,22 @@ def _check_digest(actual: str, expected: str | None) -> None:
         raise DigestMismatch(f"the body's sha-256 is {actual}, the request announced {expected}")
 
 
+async def refuse_early(store: ArtifactStore, project_id: int, commit: str, path: str,
+                       declared: int | None) -> None:
+    """Before the body is read: :class:`Conflict` when a file of another size is already
+    at the path (the body could only be refused after it arrived)."""
+    if declared is None:
+        return
+    target = store.target(project_id, commit, path)
+    try:
+        info = await asyncio.to_thread(store.fs.info, target)
+    except FileNotFoundError:
+        return
+    if info.get("type") == "file" and int(info["size"]) != declared:
+        raise Conflict(f"a different file ({info['size']} bytes) is stored at this path "
+                       "(artifacts of a commit are immutable)")
+
+
 async def remove(store: ArtifactStore, project_id: int, commit: str, path: str) -> None:
     """Delete one stored file (an upload whose announcement failed)."""
     await asyncio.to_thread(store.fs.rm_file, store.target(project_id, commit, path))

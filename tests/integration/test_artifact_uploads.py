@@ -303,6 +303,11 @@ def test_expect_continue_refuses_before_the_body_is_sent(api: Api) -> None:
     assert _read_head(accepted).startswith("HTTP/1.1 201")
     accepted.close()
     assert api.files() == {f"{RULED}/{commit}/e.jar": b"hello"}
+    other_size = _raw_request(api.port, head.replace("Content-Length: 5", "Content-Length: 6")
+                              + f"Authorization: Bearer {TOKEN}\r\n\r\n")
+    assert _read_head(other_size).startswith("HTTP/1.1 409")  # known from the length alone
+    other_size.close()
+    assert api.files() == {f"{RULED}/{commit}/e.jar": b"hello"}
 
 
 def test_concurrent_uploads_of_different_commits(api: Api) -> None:

@@ -11,7 +11,8 @@ stored:
   otherwise); with a capture rule for the project, the commit is on the rule's branch (the
   default branch when the rule names none);
 - with ``X-Gitlab-User`` (or ``?as_user=``) that user is at least Developer in the project,
-  and ``?overwrite=true`` needs a Maintainer (403).
+  and ``?overwrite=true`` needs a Maintainer (403);
+- a declared length that differs from the file already at the path is a 409.
 
 Then ``100 Continue`` (when the client asked for it) and the body is streamed into the store
 (:mod:`gitlab_producer.artifact_writes`), hashed as it arrives: 413 once it passes the limit,
@@ -47,6 +48,7 @@ from gitlab_producer.artifact_writes import (
     WriteRefused,
     is_temporary,
     listing,
+    refuse_early,
     remove,
     store_upload,
 )
@@ -252,6 +254,8 @@ class ArtifactUploads:
         project, user = await self._checked(request, target,
                                             MAINTAINER if overwrite else DEVELOPER)
         pid = int(project["id"])
+        if not overwrite:
+            await refuse_early(self.capturer.store, pid, target.commit, target.path, declared)
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
