@@ -163,8 +163,8 @@ def test_each_refusal_stores_and_announces_nothing(api: Api) -> None:
         (403, "stranger", {"X-Gitlab-User": stranger}),
         (403, "developer overwriting", {"X-Gitlab-User": developer, "query": "?overwrite=true"}),
         (403, "overwrite without a user", {"query": "?overwrite=true"}),
-        (413, "declared too large", {"body": payload(MAX_BYTES + 1, "big")}),
-        (413, "streamed too large", {"body": iter([payload(1024 * 1024, "c")] * 9)}),
+        (413, "streamed too large",  # chunked: counted as it arrives; all of it sent
+         {"body": iter([payload(1024 * 1024, "c")] * (MAX_BYTES // 2**20) + [b"!"])}),
         (422, "digest mismatch", {"X-Checksum-Sha256": "ab" * 32}),
         (422, "Digest mismatch", {"Digest": "sha-256=" + base64.b64encode(b"x" * 32).decode()}),
         (409, "a different file", {"commit": main[2], "path": "app.jar", "body": data[::-1]}),
@@ -186,6 +186,12 @@ def test_each_refusal_stores_and_announces_nothing(api: Api) -> None:
                                timeout=60)
         assert answer.status_code == status, (name, answer.status_code, answer.text)
         assert answer.json()["reason"], name
+    declared = _raw_request(api.port, f"PUT /artifacts/{RULED}/{main[1]}/big.jar HTTP/1.1\r\n"
+                                      f"Host: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                                      f"Content-Length: {MAX_BYTES + 1}\r\n"
+                                      "Expect: 100-continue\r\n\r\n")
+    assert _read_head(declared).startswith("HTTP/1.1 413")  # before a byte of the body
+    declared.close()
     assert api.files() == {f"{RULED}/{main[2]}/app.jar": data}
     records = api.announced(1)
     assert [r["path"] for r in records] == ["app.jar"]
