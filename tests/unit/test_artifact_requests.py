@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
+from gitlab_producer.artifact_store import ArtifactStore
+from gitlab_producer.capture import Capturer
 from gitlab_producer.config import ConfigError, load_settings
-from gitlab_producer.http.artifacts import Refusal, expected_sha256, parse_target
+from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
+from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.http.artifacts import (
+    ArtifactUploads,
+    Refusal,
+    expected_sha256,
+    parse_target,
+)
+from gitlab_producer.metrics import Metrics
+from gitlab_producer.sinks.file import FileSink
 
 SHA = "a" * 40
 REQUIRED = {"gitlab_base_url": "https://gitlab.test/api/v4", "gitlab_private_token": "t0ken"}
@@ -69,3 +83,39 @@ def test_upload_settings() -> None:
                       artifact_upload_token="short")
     with pytest.raises(ConfigError, match="ARTIFACT_MAX_BYTES"):
         load_settings(None, **REQUIRED, artifact_max_bytes=0)
+
+
+async def test_gitlab_refusing_the_service_account_is_a_404_and_a_bad_token_a_502(
+        tmp_path: Path) -> None:
+    status = {"commit": 403}
+
+    async def project(_: web.Request) -> web.Response:
+        return web.json_response({"id": 5, "default_branch": "main"})
+
+    async def commit(_: web.Request) -> web.Response:
+        return web.json_response({"message": "403 Forbidden"}, status=status["commit"])
+
+    gitlab = web.Application()
+    gitlab.router.add_get("/api/v4/projects/5", project)
+    gitlab.router.add_get("/api/v4/projects/5/repository/commits/{sha}", commit)
+    async with TestServer(gitlab) as fake:
+        client = GitLabClient(str(fake.make_url("/api/v4")), "t", RateLimiter(1000),
+                              policy=RetryPolicy(max_retries=0))
+        sink = FileSink(str(tmp_path / "out.jsonl"), "bus.artifacts")
+        capturer = Capturer(client, ArtifactStore(f"file://{tmp_path / 'store'}"), sink, (),
+                            "gl.test")
+        app = web.Application()
+        ArtifactUploads(capturer, "u" * 16, 1 << 20, 5.0, Metrics()).register(app)
+        try:
+            async with TestClient(TestServer(app)) as api:
+                headers = {"Authorization": "Bearer " + "u" * 16}
+                hidden = await api.put(f"/artifacts/5/{SHA}/a.jar", data=b"x", headers=headers)
+                assert hidden.status == 404
+                assert "Reporter" in (await hidden.json())["reason"]
+                status["commit"] = 401
+                broken = await api.put(f"/artifacts/5/{SHA}/a.jar", data=b"x", headers=headers)
+                assert broken.status == 502
+        finally:
+            await client.aclose()
+            await sink.close()
+    assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
