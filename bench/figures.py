@@ -7,10 +7,12 @@ import contextlib
 import math
 import os
 import statistics
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -591,3 +593,92 @@ async def _import_pages(url: str, queue: Iterator[int], seconds: float, concurre
                                      connector=connector) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return pages, time.monotonic() - started
+
+
+def artifact_upload(size_mib: int = 1024, block_mib: int = 1) -> list[Figure]:
+    """One ``size_mib`` upload through the hand-back API: generated on the fly by the benchmark
+    process, streamed over loopback with a declared length and its SHA-256, written to a
+    ``file://`` store. Throughput from the request's start to the 201; the service's memory
+    growth is its peak RSS during the upload (VmHWM, reset just before it) over its RSS just
+    before, after a small warm-up upload."""
+    import hashlib
+    import shutil
+
+    from bench.harness import OUT, cpu_seconds, free_port, run_service_background, wait_for_port
+    from gitlab_producer.simulator.repository import BRANCHES, branch_commits
+
+    size = size_mib * 1024 * 1024
+    block = hashlib.sha256(b"bench").digest() * (block_mib * 1024 * 1024 // 32)
+    digest = hashlib.sha256()
+    for _ in range(size // len(block)):
+        digest.update(block)
+    token = "bench-upload-token-0123"
+    store = OUT / f"artifacts-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    commits = branch_commits(3, BRANCHES[0])
+    try:
+        with simulator(20, 10, 100) as sim, broker() as kafka:
+            env = service_env(sim, kafka, f"art-{uuid.uuid4().hex[:6]}", _since(0.01),
+                              WEBHOOK_PORT=str(port), WEBHOOK_SECRET="bench-secret",
+                              ARTIFACT_UPLOAD_TOKEN=token, ARTIFACT_STORE_URL=f"file://{store}",
+                              ARTIFACT_MAX_BYTES=str(size + 1), SCHEDULING_POLL_INTERVAL="30",
+                              OPERATIONS_PER_SECOND="10000")
+            url = f"http://127.0.0.1:{port}/artifacts/3"
+            headers = {"Authorization": f"Bearer {token}"}
+            with run_service_background(env) as proc, httpx.Client(timeout=600) as client:
+                wait_for_port(port)
+                warm = client.put(f"{url}/{commits[0]}/warm.jar", content=block, headers=headers)
+                assert warm.status_code == 201, warm.text
+                before = _status_mb(proc.pid, "VmRSS")
+                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+                sampled = [before]
+                done = threading.Event()
+
+                def sample() -> None:
+                    while not done.wait(0.05):
+                        sampled.append(_status_mb(proc.pid, "VmRSS"))
+
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+
+                def body() -> Iterator[bytes]:
+                    for _ in range(size // len(block)):
+                        yield block
+
+                cpu_before = cpu_seconds(proc.pid)
+                started = time.perf_counter()
+                answer = client.put(f"{url}/{commits[1]}/dist/app.jar", content=body(),
+                                    headers={**headers, "Content-Length": str(size),
+                                             "X-Checksum-Sha256": digest.hexdigest()})
+                took = time.perf_counter() - started
+                cpu = cpu_seconds(proc.pid) - cpu_before
+                done.set()
+                sampler.join(10)
+                peak = max(_status_mb(proc.pid, "VmHWM"), max(sampled))
+                assert answer.status_code == 201, answer.text
+                assert answer.json()["size"] == size
+                stored = store / "3" / commits[1] / "dist" / "app.jar"
+                assert stored.stat().st_size == size
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    rate = size / took / 1e6
+    growth = peak - before
+    return [
+        {"figure": f"artifact upload, {size_mib} MiB: throughput", "value": round(rate),
+         "unit": "MB/s", "limit": "reported", "ratio": None,
+         "detail": f"{took:.1f} s for {size:,} bytes (loopback, declared length and sha-256, "
+                   f"file:// store on the same disk; {size / took / 2**20:.0f} MiB/s); service "
+                   f"CPU {cpu:.1f} s, the rest the client and the disk"},
+        {"figure": f"artifact upload, {size_mib} MiB: service memory growth",
+         "value": round(growth, 1), "unit": "MB", "limit": "< 64",
+         "ratio": round(growth / 64, 3),
+         "detail": f"RSS {before:.0f} MB before, peak {peak:.0f} MB during (VmHWM reset "
+                   f"before the upload, and RSS sampled every 50 ms)"},
+    ]
+
+
+def _status_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -95,7 +95,8 @@ class Capturer:
                           detail="the service account needs Reporter or higher there")
         return result
 
-    async def _rule_for(self, project_id: int) -> CaptureRule | None:
+    async def rule_for(self, project_id: int) -> CaptureRule | None:
+        """The capture rule of a project, if any."""
         for rule in self.rules:
             if await self.project_id(rule.project) == project_id:
                 return rule
@@ -112,7 +113,7 @@ class Capturer:
         stored = [await self._fetch(project_id, commit, path, file_url(project_id, path),
                                     {"ref": commit}, "projects/:id/repository/files/:path/raw")
                   for path in paths]
-        await self._announce(stored)
+        await self.announce(stored)
         return stored
 
     async def _fetch(self, project_id: int, commit: str, path: str, url: str,
@@ -133,10 +134,11 @@ class Capturer:
         stored = await self._fetch(project_id, commit, path,
                                    f"projects/{project_id}/jobs/{job_id}/artifacts", None,
                                    "projects/:id/jobs/:id/artifacts")
-        await self._announce([stored])
+        await self.announce([stored])
         return stored
 
-    async def _announce(self, stored: list[Stored]) -> None:
+    async def announce(self, stored: list[Stored]) -> None:
+        """Each newly stored file on ``KAFKA_ARTIFACT_TOPIC`` (skipped ones are not)."""
         fresh = [s for s in stored if not s.skipped]
         await self.sink.send([Message(
             str(s.project_id).encode(),
@@ -148,7 +150,7 @@ class Capturer:
                       ) -> list[Stored]:
         """The configured files of ``project`` at commit ``ref`` (CLI and HTTP)."""
         project_id = await self.project_id(project)
-        rule = await self._rule_for(project_id)
+        rule = await self.rule_for(project_id)
         if rule is None:
             raise CaptureRefused(f"no capture rule for project {project}")
         return await self.capture_files(project_id, ref, rule.files, as_user)
@@ -158,7 +160,7 @@ class Capturer:
         try:
             kind = payload.get("object_kind")
             project_id = int(payload.get("project_id") or payload.get("project", {}).get("id"))
-            rule = await self._rule_for(project_id)
+            rule = await self.rule_for(project_id)
             if rule is None:
                 return
             if kind == "push" and rule.files:

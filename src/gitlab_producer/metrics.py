@@ -70,6 +70,14 @@ class Metrics:
             "gitlab_producer_store_retries_total",
             "Start-up steps or rounds retried because the store could not be reached",
             registry=r)
+        self.artifact_requests = Counter(
+            "gitlab_producer_artifact_requests_total",
+            "Artifact hand-back requests (upload, list) by answer", ["kind", "status"],
+            registry=r)
+        self.artifact_bytes = Counter(
+            "gitlab_producer_artifact_bytes_stored_total",
+            "Bytes of artifacts handed back and stored (identical repeats not counted)",
+            registry=r)
         self.entity_failures = Counter(
             "gitlab_producer_entity_failures_total", "Projects or users that failed in a round",
             ["kind"], registry=r)

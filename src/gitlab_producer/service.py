@@ -26,6 +26,7 @@ from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError
 from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.http.artifacts import ArtifactUploads
 from gitlab_producer.http.ops import OpsState, RoundWatch, listen, start_ops
 from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
 from gitlab_producer.logs import CONTROL, get_logger
@@ -173,6 +174,9 @@ class Service:
         """The webhook receiver (and captures it triggers), when WEBHOOK_PORT is set."""
         s = self.settings
         if not s.webhook_port:
+            if s.artifact_upload_token.get_secret_value():
+                log.warning("artifact_uploads_off", detail="ARTIFACT_UPLOAD_TOKEN is set but "
+                            "the API listens on WEBHOOK_PORT, which is 0")
             return [], []
         capturer = self.capturer(client)
         if s.capture_rules:
@@ -184,17 +188,24 @@ class Service:
                           s.cache_ttl * 60, s.instance),
             store, hook_sink, self.metrics,
             capturer.on_hook if s.capture_rules else None)
+        upload_token = s.artifact_upload_token.get_secret_value()
+        uploads = ArtifactUploads(capturer, upload_token, s.artifact_max_bytes,
+                                  s.artifact_idle_timeout, self.metrics)
         app = build_webhook_app(receiver, s.webhook_max_body,
-                                capture_endpoint(capturer, s.webhook_secret.get_secret_value()))
+                                capture_endpoint(capturer, s.webhook_secret.get_secret_value()),
+                                uploads.register if upload_token else None)
         await receiver.warm_up()
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Uploads still running at SIGTERM get the grace period, then are cut (and cleaned up).
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=s.shutdown_grace)
         await runner.setup()
         try:
             await listen(runner, self.ops_host, s.webhook_port, "WEBHOOK_PORT")
         except ConfigError:
             await runner.cleanup()
             raise
-        log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic)
+        log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic,
+                 artifact_uploads=bool(upload_token))
         return [runner], [hook_sink, capturer.sink]
 
     async def _start_up(self, client: GitLabClient, store: Store, sink: Sink,

@@ -222,8 +222,11 @@ class WebhookReceiver:
 
 
 def build_webhook_app(receiver: WebhookReceiver, max_body: int,
-                      capture: Callable[[web.Request], Awaitable[web.Response]] | None = None
+                      capture: Callable[[web.Request], Awaitable[web.Response]] | None = None,
+                      more_routes: Callable[[web.Application], None] | None = None
                       ) -> web.Application:
+    """The receiver's app; ``more_routes`` adds others (the artifact hand-back, whose
+    streamed bodies ``max_body`` does not cap)."""
     app = web.Application(client_max_size=max_body)
 
     async def drain(_app: web.Application) -> None:
@@ -233,4 +236,6 @@ def build_webhook_app(receiver: WebhookReceiver, max_body: int,
     app.router.add_post("/webhooks/gitlab", receiver.handle)
     if capture is not None:
         app.router.add_post("/capture", capture)
+    if more_routes is not None:
+        more_routes(app)
     return app
