@@ -62,6 +62,17 @@ class Metrics:
             "From a webhook request's arrival to its answer (200 only after Kafka's ack)",
             registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                  5, 10))
+        self.webhook_inflight_bytes = Gauge(
+            "gitlab_producer_webhook_inflight_bytes",
+            "Bytes of webhook bodies being read, checked or produced (WEBHOOK_MAX_INFLIGHT_BYTES)",
+            registry=r)
+        self.captures = Counter(
+            "gitlab_producer_captures_total",
+            "Captures triggered by hooks, by outcome (captured, ignored, failed, abandoned)",
+            ["outcome"], registry=r)
+        self.captures_pending = Gauge(
+            "gitlab_producer_captures_pending", "Captures triggered by hooks still running",
+            registry=r)
         self.entity_failures = Counter(
             "gitlab_producer_entity_failures_total", "Projects or users that failed in a round",
             ["kind"], registry=r)

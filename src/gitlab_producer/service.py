@@ -21,7 +21,13 @@ from gitlab_producer.config import Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.http.ops import OpsState, start_ops
-from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
+from gitlab_producer.http.webhooks import (
+    DRAIN_TIMEOUT_S,
+    WebhookConfig,
+    WebhookReceiver,
+    WebhookRunner,
+    build_webhook_app,
+)
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks import Sink, open_sink
@@ -46,9 +52,12 @@ class Service:
         self.stop = asyncio.Event()
         self.last_success_end: float | None = None
         self.started = time.time()
-        CONTROL.add_secret(settings.gitlab_private_token.get_secret_value())
-        CONTROL.add_secret(settings.kafka_password.get_secret_value())
-        CONTROL.add_secret(settings.redis_password.get_secret_value())
+        self.stopping_at: float | None = None  # monotonic time of the stop signal
+        self.receiver: WebhookReceiver | None = None
+        for secret in (settings.gitlab_private_token, settings.kafka_password,
+                       settings.redis_password, settings.webhook_secret,
+                       settings.webhook_signing_token):
+            CONTROL.add_secret(secret.get_secret_value())
 
     def gitlab_client(self) -> GitLabClient:
         """A GitLab client with the settings' token, budget and retry policy."""
@@ -98,6 +107,8 @@ class Service:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("stopping", signal=sig.name)
+        if self.stopping_at is None:
+            self.stopping_at = time.monotonic()
         self.stop.set()
 
     def capturer(self, client: GitLabClient) -> Capturer:
@@ -115,16 +126,18 @@ class Service:
         if s.capture_rules:
             await capturer.check_access()
         hook_sink = open_sink(s, s.webhook_topic, low_latency=True)
-        receiver = WebhookReceiver(
+        receiver = self.receiver = WebhookReceiver(
             WebhookConfig(s.webhook_secret.get_secret_value(),
                           s.webhook_signing_token.get_secret_value(), s.webhook_max_skew,
-                          s.cache_ttl * 60, s.instance),
+                          s.cache_ttl * 60, s.instance, s.webhook_max_body,
+                          s.webhook_body_timeout, s.webhook_max_inflight_bytes,
+                          s.webhook_delivery_timeout),
             store, hook_sink, self.metrics,
             capturer.on_hook if s.capture_rules else None)
         app = build_webhook_app(receiver, s.webhook_max_body,
                                 capture_endpoint(capturer, s.webhook_secret.get_secret_value()))
         await receiver.warm_up()
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = WebhookRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, self.ops_host, s.webhook_port).start()
         log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic)
@@ -202,7 +215,12 @@ class Service:
 
     async def _shutdown(self, client: GitLabClient, store: Store, sinks: list[Sink],
                         runners: list[web.AppRunner]) -> None:
-        # Stop answering first, then flush what was produced, then release the rest.
+        # Let hook-triggered captures finish within what is left of SHUTDOWN_GRACE (the round
+        # had the same window), stop answering, flush what was produced, release the rest.
+        if self.receiver is not None:
+            started = self.stopping_at or time.monotonic()
+            left = started + self.settings.shutdown_grace - time.monotonic()
+            await self.receiver.drain(max(DRAIN_TIMEOUT_S, left))
         for closer in (*(r.cleanup for r in runners), *(s.close for s in sinks),
                        client.aclose, store.close):
             try:

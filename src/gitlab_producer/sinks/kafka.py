@@ -15,7 +15,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from gitlab_producer.config import Settings
 from gitlab_producer.logs import get_logger
-from gitlab_producer.sinks.base import DeliveryError, Message
+from gitlab_producer.sinks.base import DeliveryError, Message, MessageTooLarge
 
 log = get_logger(__name__)
 
@@ -59,12 +59,13 @@ UNRECOVERABLE = frozenset({
 class _Batch:
     """Counts acknowledgements from librdkafka's thread and wakes the event loop at zero."""
 
-    __slots__ = ("error", "future", "lock", "loop", "remaining", "unrecoverable")
+    __slots__ = ("error", "future", "lock", "loop", "remaining", "too_large", "unrecoverable")
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
         self.remaining = size
         self.error: str | None = None
         self.unrecoverable = False
+        self.too_large = False
         self.lock = threading.Lock()
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
@@ -81,6 +82,8 @@ class _Batch:
     def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
         if err is not None and (err.fatal() or err.code() in UNRECOVERABLE):
             self.unrecoverable = True
+        if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+            self.too_large = True  # the broker's (topic's) limit
         self.settle(1, None if err is None else str(err))
 
     def _finish(self) -> None:
@@ -123,10 +126,14 @@ class KafkaSink:
                     await asyncio.sleep(0.005)  # local queue full: let librdkafka drain
                 except KafkaException as exc:
                     batch.settle(len(messages) - index, str(exc))
+                    if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:  # message.max.bytes
+                        raise MessageTooLarge(f"kafka refused the message: {exc}") from exc
                     raise DeliveryError(f"kafka produce failed: {exc}") from exc
         await batch.future
         if batch.unrecoverable and producer is self._producer:  # once, not per failed batch
             await self._renew()
+        if batch.too_large:
+            raise MessageTooLarge(f"kafka refused a message: {batch.error}")
         if batch.error is not None:
             raise DeliveryError(f"kafka delivery failed: {batch.error}")
 
