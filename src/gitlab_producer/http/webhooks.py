@@ -362,7 +362,12 @@ class JsonErrorServer(web.Server):
 
 
 class WebhookRunner(web.AppRunner):
-    """``AppRunner`` for the webhook app: JSON answers to malformed requests too."""
+    """``AppRunner`` for the webhook app: JSON answers to malformed requests too, and a
+    connection whose body was not read (an early 401, 408, 413) is closed after the answer
+    instead of aiohttp's 10 s of reading and discarding the rest."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **{"lingering_time": 0, **kwargs})
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

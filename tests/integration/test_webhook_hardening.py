@@ -1,0 +1,190 @@
+"""The webhook receiver against hostile or broken clients, on the running service process:
+undecodable header bytes, replays of signed hooks, stalled and oversized bodies, a slow
+broker."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import random
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+
+from gitlab_producer.simulator.server import free_port, running_simulator
+from gitlab_producer.simulator.world import WorldSpec
+from tests.conftest import ServiceRun, wait_for_port
+
+pytestmark = pytest.mark.integration
+SECRET = "fuzz-secret-9f3"
+SIGNING = "signing-key-77"
+SPEC = WorldSpec(projects=5, users=5, events=20, seed=3)
+BODY = b'{"object_kind":"issue","project":{"id":1}}'
+FUZZED = [b"X-Gitlab-Token", b"X-Gitlab-Event", b"Idempotency-Key", b"webhook-id",
+          b"webhook-timestamp", b"webhook-signature", b"X-Gitlab-Webhook-UUID",
+          b"X-Gitlab-Event-UUID", b"X-Gitlab-Instance", b"Content-Type", b"X-Other"]
+
+
+def raw_exchange(port: int, request: bytes, timeout_s: float = 10.0) -> tuple[int, bytes]:
+    """Send ``request`` as it is on a fresh connection; the status and body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout_s) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def raw_request(headers: list[tuple[bytes, bytes]], body: bytes = BODY) -> bytes:
+    lines = [b"POST /webhooks/gitlab HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close",
+             b"Content-Length: %d" % len(body), *(k + b": " + v for k, v in headers)]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def junk(rng: random.Random) -> bytes:
+    """A few random bytes, high ones (not UTF-8) more often than not, never CR or LF."""
+    alphabet = [b for b in range(256) if b not in (10, 13)]
+    data = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 10)))
+    return data + bytes([rng.randint(0x80, 0xFF)]) if rng.random() < 0.5 else data
+
+
+def fuzzed(rng: random.Random, secret: bytes) -> tuple[bytes, str]:
+    """A hook with random bytes in one header's value or name; what was fuzzed."""
+    headers = {b"X-Gitlab-Token": secret, b"X-Gitlab-Event": b"Issue Hook",
+               b"Content-Type": b"application/json",
+               b"Idempotency-Key": b"fz-%d" % rng.randrange(10**9)}
+    if rng.random() < 0.8:
+        name = rng.choice(FUZZED)
+        value = headers.get(name, b"")
+        cut = rng.randint(0, len(value))
+        headers[name] = value[:cut] + junk(rng) + value[cut:]
+        what = name.decode()
+    else:
+        headers[junk(rng)] = b"v"
+        what = "name"
+    return raw_request(list(headers.items())), what
+
+
+@pytest.fixture
+def receiver(service_env: ServiceRun) -> Iterator[tuple[ServiceRun, int]]:
+    """The service with webhooks on the file sink and the SQLite store."""
+    port = free_port()
+    with running_simulator(SPEC) as sim:
+        proc = service_env.start(
+            "run", GITLAB_BASE_URL=f"{sim.url}/api/v4", GITLAB_PRIVATE_TOKEN="sim-token",
+            WEBHOOK_PORT=str(port), WEBHOOK_SECRET=SECRET, SCHEDULING_POLL_INTERVAL="30",
+            WEBHOOK_BODY_TIMEOUT="2", WEBHOOK_MAX_BODY="1048576")
+        try:
+            wait_for_port(port)
+            yield service_env, port
+            assert proc.poll() is None, "the service died"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+
+
+def test_fuzzed_header_bytes_get_400_or_401_never_5xx(receiver: tuple[ServiceRun, int]
+                                                       ) -> None:
+    env, port = receiver
+    rng = random.Random(20261201)
+    statuses: Counter[tuple[int, str]] = Counter()
+    for _ in range(300):
+        request, what = fuzzed(rng, SECRET.encode())
+        status, body = raw_exchange(port, request)
+        assert status < 500, (request, body)
+        assert body.startswith(b"{"), (request, status, body)
+        assert isinstance(orjson.loads(body)["status"], str), body  # JSON, with a reason
+        assert SECRET.encode() not in body
+        statuses[status, what] += 1
+    token_fuzzed = sum(n for (status, what), n in statuses.items() if what == "X-Gitlab-Token")
+    assert statuses[401, "X-Gitlab-Token"] + statuses[400, "X-Gitlab-Token"] == token_fuzzed > 0
+    assert statuses[401, "X-Gitlab-Token"] > 0
+    for header in ("Idempotency-Key", "webhook-id", "X-Gitlab-Webhook-UUID"):
+        assert statuses[400, header] > 0
+    # Pinned cases: the undecodable bytes the parser lets through.
+    for name in (b"X-Gitlab-Event", b"Idempotency-Key", b"X-Gitlab-Event-UUID", b"X-Other"):
+        request = raw_request([(b"X-Gitlab-Token", SECRET.encode()), (name, b"a\xff\xed")])
+        assert raw_exchange(port, request) == (400, b'{"status": "headers must be UTF-8"}')
+    request = raw_request([(b"X-Gitlab-Token", SECRET.encode() + b"\xe9")])
+    assert raw_exchange(port, request)[0] == 401
+    request = raw_request([(b"X-Gitlab-Token", SECRET.encode() + b"\x01")])
+    assert raw_exchange(port, request) == (400, b'{"status": "malformed request"}')
+    logs = env.all_logs()
+    assert "Traceback" not in logs and SECRET not in logs
+    health = httpx.get(f"http://127.0.0.1:{env.env['METRICS_PORT']}/healthz", timeout=5)
+    assert health.status_code == 200
+
+
+def test_stalled_and_oversized_bodies_are_answered_at_once(receiver: tuple[ServiceRun, int]
+                                                           ) -> None:
+    _, port = receiver
+    headers = [(b"X-Gitlab-Token", SECRET.encode()), (b"X-Gitlab-Event", b"Issue Hook")]
+    started = time.monotonic()
+    request = raw_request(headers, b"x" * 2_000_000)  # Content-Length over WEBHOOK_MAX_BODY
+    with socket.create_connection(("127.0.0.1", port), 10) as conn:
+        conn.sendall(request.split(b"\r\n\r\n")[0] + b"\r\n\r\n{}")
+        status = conn.recv(65536).split(b" ", 2)[1]
+    assert status == b"413" and time.monotonic() - started < 1.5
+    # A body that stops coming: 408 at WEBHOOK_BODY_TIMEOUT (2 s), not held open.
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), 10) as conn:
+        conn.sendall(raw_request(headers, b"y" * 500_000).split(b"\r\n\r\n")[0]
+                     + b"\r\n\r\n{\"a")
+        answer = b""
+        while chunk := conn.recv(65536):  # the server closes after answering
+            answer += chunk
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert answer.endswith(b'{"status": "body not received in time"}')
+    assert 1.5 < elapsed < 5
+
+
+def sign(webhook_id: str, timestamp: int, body: bytes) -> str:
+    digest = hmac.new(SIGNING.encode(), f"{webhook_id}.{timestamp}.".encode() + body,
+                      hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def test_signed_hook_replayed_with_a_fresh_key_is_not_produced_again(
+        service_env: ServiceRun) -> None:
+    port = free_port()
+    events = service_env.cwd / "events.jsonl"
+    with running_simulator(SPEC) as sim:
+        env = {"GITLAB_BASE_URL": f"{sim.url}/api/v4", "GITLAB_PRIVATE_TOKEN": "sim-token",
+               "WEBHOOK_PORT": str(port), "WEBHOOK_SECRET": SECRET,
+               "WEBHOOK_SIGNING_TOKEN": SIGNING, "SCHEDULING_POLL_INTERVAL": "30",
+               "OUTPUT_FILE": str(events), "SYNC_USERS": "false"}
+        now = int(time.time())
+        headers = {"X-Gitlab-Token": SECRET, "X-Gitlab-Event": "Issue Hook",
+                   "webhook-id": "wh-1", "webhook-timestamp": str(now),
+                   "webhook-signature": sign("wh-1", now, BODY)}
+        url = f"http://127.0.0.1:{port}/webhooks/gitlab"
+        answers = []
+        for restart in range(2):  # the webhook-id is remembered across a restart too
+            proc = service_env.start("run", **env)
+            try:
+                wait_for_port(port)
+                for attempt in range(2):
+                    key = f"fresh-{restart}-{attempt}"
+                    answers.append(httpx.post(url, content=BODY, timeout=10, headers={
+                        **headers, "Idempotency-Key": key}).json()["status"])
+                other = {**headers, "webhook-id": "wh-2",
+                         "webhook-signature": sign("wh-2", now, BODY)}
+                answers.append(httpx.post(url, content=BODY, timeout=10, headers={
+                    **other, "Idempotency-Key": f"other-{restart}"}).json()["status"])
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(15)
+    assert answers == ["delivered", "duplicate", "delivered",
+                       "duplicate", "duplicate", "duplicate"]
+    hooks = [orjson.loads(line) for line in events.read_bytes().splitlines()
+             if b"idempotency_key" in line]
+    assert [h["headers"]["idempotency_key"] for h in hooks] == ["fresh-0-0", "other-0"]
