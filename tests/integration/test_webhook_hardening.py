@@ -13,6 +13,8 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import orjson
@@ -20,7 +22,7 @@ import pytest
 
 from gitlab_producer.simulator.server import free_port, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
-from tests.conftest import ServiceRun, wait_for_port
+from tests.conftest import ServiceRun, running_broker, wait_for_port
 
 pytestmark = pytest.mark.integration
 SECRET = "fuzz-secret-9f3"
@@ -188,3 +190,64 @@ def test_signed_hook_replayed_with_a_fresh_key_is_not_produced_again(
     hooks = [orjson.loads(line) for line in events.read_bytes().splitlines()
              if b"idempotency_key" in line]
     assert [h["headers"]["idempotency_key"] for h in hooks] == ["fresh-0-0", "other-0"]
+
+
+def inflight_bytes(metrics_port: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    line = next(x for x in text.splitlines()
+                if x.startswith("gitlab_producer_webhook_inflight_bytes "))
+    return float(line.split()[1])
+
+
+def test_slow_broker_gets_503_within_gitlab_timeout_and_bodies_wait_their_turn(
+        service_env: ServiceRun, tmp_path: Path) -> None:
+    """A broker that stops answering (SIGSTOP, a broker of this test's own): the hook gets
+    503 after WEBHOOK_DELIVERY_TIMEOUT, not after KAFKA_DELIVERY_TIMEOUT (300 s); a body that
+    does not fit in WEBHOOK_MAX_INFLIGHT_BYTES meanwhile waits, then gets 503 with
+    Retry-After; once the broker is back, the retry lands."""
+    port = free_port()
+    big = orjson.dumps({"object_kind": "note", "project_id": 2, "x": "a" * 900_000})
+    small = orjson.dumps({"object_kind": "note", "project_id": 2, "x": "b" * 200_000})
+    headers = {"X-Gitlab-Token": SECRET, "X-Gitlab-Event": "Note Hook"}
+    url = f"http://127.0.0.1:{port}/webhooks/gitlab"
+    with running_simulator(SPEC) as sim, running_broker(tmp_path) as broker:
+        proc = service_env.start(
+            "run", GITLAB_BASE_URL=f"{sim.url}/api/v4", GITLAB_PRIVATE_TOKEN="sim-token",
+            KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap, KAFKA_TOPIC="slow",
+            WEBHOOK_PORT=str(port), WEBHOOK_SECRET=SECRET, SCHEDULING_POLL_INTERVAL="30",
+            WEBHOOK_MAX_BODY="1048576", WEBHOOK_MAX_INFLIGHT_BYTES="1048576",
+            WEBHOOK_BODY_TIMEOUT="2", SYNC_USERS="false")
+        try:
+            wait_for_port(port)
+            broker.pause()
+            with ThreadPoolExecutor(1) as pool:
+                started = time.monotonic()
+                first = pool.submit(httpx.post, url, content=big, timeout=30,
+                                    headers={**headers, "Idempotency-Key": "slow-1"})
+                deadline = time.monotonic() + 10
+                while inflight_bytes(service_env.env["METRICS_PORT"]) < len(big):
+                    assert time.monotonic() < deadline, "the first body was never held"
+                busy_started = time.monotonic()
+                busy = httpx.post(url, content=small, timeout=30,
+                                  headers={**headers, "Idempotency-Key": "slow-2"})
+                busy_took = time.monotonic() - busy_started
+                refused = first.result()
+                took = time.monotonic() - started
+            broker.resume()
+            assert (busy.status_code, busy.headers.get("Retry-After")) == (503, "5")
+            assert busy.json() == {"status": "busy, retry"}
+            assert 1.5 < busy_took < 5
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+            assert took < 9.5  # GitLab gives up at 10 s
+            landed = None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                landed = httpx.post(url, content=big, timeout=30,
+                                    headers={**headers, "Idempotency-Key": "slow-1"})
+                if landed.status_code == 200:
+                    break
+            assert landed is not None and landed.status_code == 200
+        finally:
+            broker.resume()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
