@@ -10,6 +10,7 @@ import hmac
 import random
 import signal
 import socket
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import httpx
 import orjson
 import pytest
 
-from gitlab_producer.simulator.server import free_port, running_simulator
+from gitlab_producer.simulator.server import SimulatorThread, free_port, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
 from tests.conftest import ServiceRun, running_broker, wait_for_port
 
@@ -192,11 +193,15 @@ def test_signed_hook_replayed_with_a_fresh_key_is_not_produced_again(
     assert [h["headers"]["idempotency_key"] for h in hooks] == ["fresh-0-0", "other-0"]
 
 
-def inflight_bytes(metrics_port: str) -> float:
+def metric(metrics_port: str, sample: str) -> float:
+    """One sample of the service's metrics (0 when not exported yet)."""
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-    line = next(x for x in text.splitlines()
-                if x.startswith("gitlab_producer_webhook_inflight_bytes "))
-    return float(line.split()[1])
+    line = next((x for x in text.splitlines() if x.startswith(sample + " ")), None)
+    return 0.0 if line is None else float(line.split()[1])
+
+
+def inflight_bytes(metrics_port: str) -> float:
+    return metric(metrics_port, "gitlab_producer_webhook_inflight_bytes")
 
 
 def test_slow_broker_gets_503_within_gitlab_timeout_and_bodies_wait_their_turn(
@@ -251,3 +256,106 @@ def test_slow_broker_gets_503_within_gitlab_timeout_and_bodies_wait_their_turn(
             broker.resume()
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
+
+
+RULES = [{"project": "3", "branch": "main", "files": ["README.md", "no/such-file.txt"],
+          "artifacts": [{"job": "build"}]}]
+COMMIT = hashlib.sha1(b"capture-outcomes", usedforsecurity=False).hexdigest()
+Capturing = tuple[ServiceRun, str, SimulatorThread, "subprocess.Popen[bytes]"]
+
+
+def push(project: int) -> bytes:
+    return orjson.dumps({"object_kind": "push", "ref": "refs/heads/main", "checkout_sha": COMMIT,
+                         "project_id": project, "project": {"id": project}})
+
+
+@pytest.fixture
+def capturing(service_env: ServiceRun) -> Iterator[Capturing]:
+    """The service with a capture rule for project 3 that names a file GitLab lacks."""
+    port = free_port()
+    with running_simulator(SPEC) as sim:
+        proc = service_env.start(
+            "run", GITLAB_BASE_URL=f"{sim.url}/api/v4", GITLAB_PRIVATE_TOKEN="sim-token",
+            WEBHOOK_PORT=str(port), WEBHOOK_SECRET=SECRET, SCHEDULING_POLL_INTERVAL="30",
+            CAPTURE_RULES=orjson.dumps(RULES).decode(), SHUTDOWN_GRACE="2",
+            GITLAB_MAX_RETRIES="0", SYNC_USERS="false", GITLAB_TIMEOUT="20",
+            ARTIFACT_STORE_URL=f"file://{service_env.cwd / 'artifacts'}")
+        try:
+            wait_for_port(port)
+            yield service_env, f"http://127.0.0.1:{port}", sim, proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+
+
+def hook(url: str, body: bytes, event: str, key: str) -> int:
+    return httpx.post(f"{url}/webhooks/gitlab", content=body, timeout=10, headers={
+        "X-Gitlab-Token": SECRET, "X-Gitlab-Event": event, "Idempotency-Key": key}).status_code
+
+
+def test_hook_captures_are_counted_by_outcome_and_failures_logged(
+        capturing: Capturing) -> None:
+    env, url, _, _ = capturing
+    job = orjson.dumps({"object_kind": "build", "build_status": "success", "build_name": "build",
+                        "build_id": 7, "sha": COMMIT, "project_id": 3})
+    assert hook(url, push(3), "Push Hook", "p3") == 200  # a file is missing: failed
+    assert hook(url, push(4), "Push Hook", "p4") == 200  # no rule for project 4: ignored
+    assert hook(url, job, "Job Hook", "j3") == 200  # the rule's job: captured
+    assert hook(url, orjson.dumps({"object_kind": "issue"}), "Issue Hook", "i1") == 200
+    port = env.env["METRICS_PORT"]
+    expected = {"failed": 1, "ignored": 2, "captured": 1}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        counts = {o: metric(port, f'gitlab_producer_captures_total{{outcome="{o}"}}')
+                  for o in expected}
+        if counts == expected:
+            break
+    assert counts == expected
+    assert metric(port, "gitlab_producer_captures_pending") == 0
+    failures = [orjson.loads(line) for line in env.all_logs().splitlines()
+                if '"capture_failed"' in line]
+    assert len(failures) == 1
+    assert (failures[0]["project"], failures[0]["commit"]) == (3, COMMIT)
+    assert failures[0]["level"] == "warning" and "not found" in failures[0]["error"]
+
+
+def test_capture_endpoint_refuses_projects_without_a_rule_and_bad_fields(
+        capturing: Capturing) -> None:
+    _, url, _, _ = capturing
+    auth = {"X-Gitlab-Token": SECRET}
+    no_rule = httpx.post(f"{url}/capture", headers=auth, timeout=10,
+                         json={"project": "4", "ref": COMMIT})
+    assert (no_rule.status_code, no_rule.json()) == (
+        403, {"error": "no capture rule for project 4"})
+    for fields in ({"project": "3", "ref": COMMIT, "as_user": ""},
+                   {"project": "3", "ref": COMMIT, "as_user": 12},
+                   {"project": "3"}, {"project": ["3"], "ref": COMMIT}):
+        answer = httpx.post(f"{url}/capture", headers=auth, timeout=10, json=fields)
+        assert answer.status_code == 400 and answer.json()["error"], fields
+    port = int(url.rsplit(":", 1)[1])
+    body = orjson.dumps({"project": "3", "ref": COMMIT})
+    request = (b"POST /capture HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\nX-Gitlab-Token: %s\xe9\r\n\r\n" % (
+                   len(body), SECRET.encode())) + body
+    assert raw_exchange(port, request) == (401, b'{"error": "bad token"}')
+
+
+def test_captures_still_running_at_shutdown_are_reported(
+        capturing: Capturing) -> None:
+    env, url, sim, proc = capturing
+    control = sim.sim.control
+    control.fault_kinds, control.slow_s, control.fault_rate = ("slow",), 30.0, 1.0
+    assert hook(url, push(3), "Push Hook", "slow-push") == 200
+    port = env.env["METRICS_PORT"]
+    deadline = time.monotonic() + 10
+    while metric(port, "gitlab_producer_captures_pending") < 1:
+        assert time.monotonic() < deadline, "the capture never started"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(15)
+    assert time.monotonic() - started < 8  # SHUTDOWN_GRACE 2 s, then the report
+    control.fault_rate = 0.0
+    report = [orjson.loads(line) for line in env.all_logs().splitlines()
+              if '"webhook_work_abandoned"' in line]
+    assert len(report) == 1
+    assert report[0]["captures"] == 1 and report[0]["abandoned"] == [f"3@{COMMIT}"]
