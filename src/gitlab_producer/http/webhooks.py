@@ -21,7 +21,8 @@ An answer of 200 means Kafka acknowledged the payload; anything else makes GitLa
   A signed delivery is keyed by its ``webhook-id`` instead (GitLab sets it to the
   ``Idempotency-Key``, and it is covered by the signature, which the key is not), remembered
   for at least twice ``WEBHOOK_MAX_SKEW``: a replay with a fresh ``Idempotency-Key`` is
-  acknowledged as a duplicate and not produced.
+  acknowledged as a duplicate and not produced. The key is claimed in the store before it is
+  produced (atomically, so across instances); a repeat meeting that claim gets 503.
 - Kafka gets ``WEBHOOK_DELIVERY_TIMEOUT`` to acknowledge (503 after it), so GitLab's 10 s hold;
   a message Kafka can never take (``MSG_SIZE_TOO_LARGE``) is a 413, not a 503 retried for ever.
 """
@@ -260,25 +261,42 @@ class WebhookReceiver:
     async def _deliver_once(self, key: str, message: Message) -> bool:
         """Produce unless this key was delivered before; True when this call produced.
 
-        Concurrent repeats wait for the first one (a claim taken before the lookup). The
-        store's mark is written after the 200, off the hook's critical path; the claim is
-        held until it is written. A mark that fails lets a later retry produce again, exactly
-        as when it failed before the answer (GitLab got a 503 and retried), so answering first
-        gives up nothing."""
+        Concurrent repeats in this process wait for the first one (a claim taken before the
+        store is asked). In the store, the key is claimed atomically (``SET NX``, for a little
+        longer than a delivery may take), so a repeat reaching another instance, or this one
+        after a restart, while the first is being produced gets 503 instead of producing it
+        again; a failed delivery drops its claim. The store's mark is written after the 200,
+        off the hook's critical path; the in-process claim is held until it is written. A mark
+        that fails lets a later retry produce again, exactly as when it failed before the
+        answer (GitLab got a 503 and retried), so answering first gives up nothing."""
         claim = self._claims.take([key])
         if not claim.mine:
             await claim.wait_for_others()
             return False
         try:
-            if not await self.store.unseen_keys(HOOK_NAMESPACE, [key]):
+            state = await self.store.claim_key(HOOK_NAMESPACE, key,
+                                               self.config.delivery_timeout_s + 2.0)
+            if state == "done":
                 claim.release()
                 return False
-            await self.sink.send([message])
+            if state == "pending":
+                raise DeliveryError("the same delivery is being produced by another instance")
+            try:
+                await self.sink.send([message])
+            except BaseException:
+                self._spawn(self._release(key))
+                raise
         except BaseException as exc:
             claim.release(exc)
             raise
         self._spawn(self._mark(key, claim))
         return True
+
+    async def _release(self, key: str) -> None:
+        try:
+            await self.store.release_key(HOOK_NAMESPACE, key)
+        except StoreError as exc:  # the claim then expires on its own
+            log.warning("webhook_release_failed", error=str(exc))
 
     async def _mark(self, key: str, claim: Claim[str]) -> None:
         # A webhook-id must outlive every timestamp its signature could still pass with.
