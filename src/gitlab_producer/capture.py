@@ -219,7 +219,7 @@ class Capturer:
             return "failed"
 
 
-def capture_endpoint(capturer: Capturer, secret: str
+def capture_endpoint(capturer: Capturer, secret: str, body_timeout_s: float = 3.0
                      ) -> Callable[[web.Request], Awaitable[web.Response]]:
     """``POST /capture`` ``{"project", "ref", "as_user"}``, authenticated like webhooks.
 
@@ -233,7 +233,14 @@ def capture_endpoint(capturer: Capturer, secret: str
         if not secret or not hmac.compare_digest(token, secret.encode()):
             return web.json_response({"error": "bad token"}, status=401)
         try:
-            body = orjson.loads(await request.read())
+            async with asyncio.timeout(body_timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            return web.json_response({"error": "body not received in time"}, status=408)
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": "body too large"}, status=413)
+        try:
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
         fields = body if isinstance(body, dict) else {}

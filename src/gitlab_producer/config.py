@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     webhook_signing_token: SecretStr = SecretStr("")
     webhook_max_body: int = Field(25 * 1024 * 1024, ge=1024)
     webhook_max_skew: float = Field(300.0, gt=0, description="seconds a signature stays valid")
-    webhook_body_timeout: float = Field(4.0, gt=0, description="seconds a body may take: 408")
+    webhook_body_timeout: float = Field(3.0, gt=0, description="seconds a body may take: 408")
     webhook_max_inflight_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="bytes of hook bodies held at once, all requests")
     webhook_delivery_timeout: float = Field(

@@ -135,7 +135,8 @@ class Service:
             store, hook_sink, self.metrics,
             capturer.on_hook if s.capture_rules else None)
         app = build_webhook_app(receiver, s.webhook_max_body,
-                                capture_endpoint(capturer, s.webhook_secret.get_secret_value()))
+                                capture_endpoint(capturer, s.webhook_secret.get_secret_value(),
+                                                 s.webhook_body_timeout))
         await receiver.warm_up()
         runner = WebhookRunner(app, access_log=None, handle_signals=False)
         await runner.setup()

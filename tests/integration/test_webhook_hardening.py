@@ -279,6 +279,7 @@ def capturing(service_env: ServiceRun) -> Iterator[Capturing]:
             WEBHOOK_PORT=str(port), WEBHOOK_SECRET=SECRET, SCHEDULING_POLL_INTERVAL="30",
             CAPTURE_RULES=orjson.dumps(RULES).decode(), SHUTDOWN_GRACE="2",
             GITLAB_MAX_RETRIES="0", SYNC_USERS="false", GITLAB_TIMEOUT="20",
+            WEBHOOK_BODY_TIMEOUT="1",
             ARTIFACT_STORE_URL=f"file://{service_env.cwd / 'artifacts'}")
         try:
             wait_for_port(port)
@@ -338,6 +339,11 @@ def test_capture_endpoint_refuses_projects_without_a_rule_and_bad_fields(
                b"Content-Length: %d\r\nX-Gitlab-Token: %s\xe9\r\n\r\n" % (
                    len(body), SECRET.encode())) + body
     assert raw_exchange(port, request) == (401, b'{"error": "bad token"}')
+    stalled = (b"POST /capture HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+               b"Content-Length: 100\r\nX-Gitlab-Token: %s\r\n\r\n{}" % SECRET.encode())
+    started = time.monotonic()
+    assert raw_exchange(port, stalled) == (408, b'{"error": "body not received in time"}')
+    assert time.monotonic() - started < 4
 
 
 def test_captures_still_running_at_shutdown_are_reported(
