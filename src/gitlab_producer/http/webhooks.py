@@ -321,7 +321,11 @@ class WebhookReceiver:
         on_hook = self.on_hook
 
         async def run() -> None:
-            outcome = await on_hook(payload)
+            try:
+                outcome = await on_hook(payload)
+            except Exception as exc:  # a bug must still be counted and seen, not lost
+                log.warning("capture_failed", error=f"{type(exc).__name__}: {exc}")
+                outcome = "failed"
             self.metrics.captures.labels(outcome).inc()
 
         task = self._spawn(run())
@@ -369,8 +373,11 @@ class JsonErrorHandler(web.RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None
                      ) -> web.StreamResponse:
-        log.warning("webhook_request_refused", status=status,
-                    error=type(exc).__name__ if exc is not None else None)
+        # The parser's message quotes the request; a handler's error (500) does not.
+        error = None if exc is None else type(exc).__name__
+        if status >= 500 and exc is not None:
+            error = f"{error}: {exc}"
+        log.warning("webhook_request_refused", status=status, error=error)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         reason = "internal error" if status >= 500 else "malformed request"
