@@ -270,14 +270,16 @@ def push(project: int) -> bytes:
 
 
 @pytest.fixture
-def capturing(service_env: ServiceRun) -> Iterator[Capturing]:
-    """The service with a capture rule for project 3 that names a file GitLab lacks."""
+def capturing(service_env: ServiceRun, request: pytest.FixtureRequest) -> Iterator[Capturing]:
+    """The service with a capture rule for project 3 that names a file GitLab lacks;
+    SHUTDOWN_GRACE 2 s unless the test passes another (indirect parametrization)."""
     port = free_port()
+    grace = str(getattr(request, "param", 2))
     with running_simulator(SPEC) as sim:
         proc = service_env.start(
             "run", GITLAB_BASE_URL=f"{sim.url}/api/v4", GITLAB_PRIVATE_TOKEN="sim-token",
             WEBHOOK_PORT=str(port), WEBHOOK_SECRET=SECRET, SCHEDULING_POLL_INTERVAL="30",
-            CAPTURE_RULES=orjson.dumps(RULES).decode(), SHUTDOWN_GRACE="2",
+            CAPTURE_RULES=orjson.dumps(RULES).decode(), SHUTDOWN_GRACE=grace,
             GITLAB_MAX_RETRIES="0", SYNC_USERS="false", GITLAB_TIMEOUT="20",
             WEBHOOK_BODY_TIMEOUT="1",
             ARTIFACT_STORE_URL=f"file://{service_env.cwd / 'artifacts'}")
@@ -365,3 +367,24 @@ def test_captures_still_running_at_shutdown_are_reported(
               if '"webhook_work_abandoned"' in line]
     assert len(report) == 1
     assert report[0]["captures"] == 1 and report[0]["abandoned"] == [f"3@{COMMIT}"]
+
+
+@pytest.mark.parametrize("capturing", [8], indirect=True)
+def test_captures_running_at_shutdown_finish_within_the_grace(capturing: Capturing) -> None:
+    env, url, sim, proc = capturing
+    control = sim.sim.control
+    control.fault_kinds, control.slow_s, control.fault_rate = ("slow",), 1.0, 1.0
+    assert hook(url, push(3), "Push Hook", "slowish-push") == 200
+    port = env.env["METRICS_PORT"]
+    deadline = time.monotonic() + 10
+    while metric(port, "gitlab_producer_captures_pending") < 1:
+        assert time.monotonic() < deadline, "the capture never started"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(15)
+    assert time.monotonic() - started < 12  # SHUTDOWN_GRACE 8 s at most, then the flush
+    control.fault_rate = 0.0
+    logs = env.all_logs()
+    assert '"webhook_work_abandoned"' not in logs and '"webhook_work_finished"' in logs
+    stored = env.cwd / "artifacts" / "3" / COMMIT / "README.md"
+    assert stored.is_file()  # fetched during the grace (the rule's other file is missing)
