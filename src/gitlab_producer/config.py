@@ -143,6 +143,14 @@ class Settings(BaseSettings):
     webhook_max_body: int = Field(25 * MIB, ge=1024, le=256 * MIB)
     webhook_max_skew: float = Field(300.0, ge=1, le=DAY_S,
                                     description="seconds a signature stays valid")
+    webhook_body_timeout: float = Field(3.0, ge=0.1, le=600,
+                                        description="seconds a body may take: 408")
+    webhook_max_inflight_bytes: int = Field(
+        64 * MIB, ge=1024, le=64 * 1024 * MIB,
+        description="bytes of hook bodies held at once, all requests")
+    webhook_delivery_timeout: float = Field(
+        5.0, ge=0.1, le=600,
+        description="seconds Kafka may take to acknowledge a hook before a 503")
     kafka_webhook_topic: str = Field("", description="default: <KAFKA_TOPIC>.hooks")
     kafka_artifact_topic: str = Field("", description="default: <KAFKA_TOPIC>.artifacts")
     artifact_store_url: str = "file://var/artifacts"
