@@ -16,6 +16,7 @@ import pytest
 from gitlab_producer.gitlab.pagination import parse_link
 from gitlab_producer.simulator.control import BARE_429_ROUTES, RouteBudget
 from gitlab_producer.simulator.objects import BIG_MR_NOTES
+from gitlab_producer.simulator.repository import COMMITS_PER_BRANCH, FORK_AT
 from gitlab_producer.simulator.server import SimulatorThread, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
 
@@ -149,7 +150,9 @@ def test_python_gitlab_repository_and_project_lists(gl: gitlab.Gitlab) -> None:
     assert project.milestones.get(milestones[0].id).iid == milestones[0].iid
     main = project.commits.list(get_all=True, ref_name="main")
     everything = project.commits.list(get_all=True, all=True, with_stats=True)
-    assert len(everything) == len(main) + 2 and all("stats" in c.attributes for c in everything)
+    feature_only = COMMITS_PER_BRANCH - FORK_AT  # the feature branch forks from main
+    assert len(everything) == len(main) + feature_only
+    assert all("stats" in c.attributes for c in everything)
     assert main[0].parent_ids == [main[1].id]  # newest first, a linear history
     members = project.members_all.list(get_all=True)
     assert members and all(m.access_level in (10, 20, 30, 40, 50) for m in members)

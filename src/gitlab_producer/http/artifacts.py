@@ -53,7 +53,7 @@ from gitlab_producer.artifact_writes import (
     store_upload,
 )
 from gitlab_producer.capture import REPORTER, Capturer, Stored
-from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError, NotFoundError
+from gitlab_producer.gitlab.errors import ForbiddenError, GitLabError, NotFoundError
 from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError
@@ -191,9 +191,7 @@ class ArtifactUploads:
                 f"projects/{pid}/repository/commits/{sha}", endpoint="projects/:id/commit")
         except NotFoundError:
             raise Refusal(404, "not_found", f"commit {sha} not found in project {pid}") from None
-        except FatalGitLabError as exc:
-            if exc.status != 403:  # 401: the service's own token is wrong; a 502 says so
-                raise
+        except ForbiddenError:  # a 401 (the service's own token is wrong) stays a 502
             raise Refusal(404, "not_found", f"the service account cannot read the repository "
                                             f"of project {pid} (it needs Reporter)") from None
         if str(answer.body.get("id", "")).lower() != sha:

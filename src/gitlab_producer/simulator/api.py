@@ -334,22 +334,6 @@ def file_unencoded(req: ApiRequest) -> web.Response:
     return not_found("404 File Not Found")
 
 
-def commit(req: ApiRequest) -> web.Response:
-    """A single commit by id or branch name; 404 for a commit the project does not have."""
-    pid = _project_id(req.world, req.parts[0])
-    if pid is None:
-        return not_found("404 Project Not Found")
-    sha = repo.resolve_ref(pid, unquote(req.parts[1])) or ""
-    web_base = project_json(pid, "", "", req.world.spec.host, True)["web_url"]
-    data = repo.commit_json(pid, sha, web_base)
-    if data is None:
-        return not_found("404 Commit Not Found")
-    if len(req.parts) > 2:  # /refs: the branches containing it
-        return json_response([{"type": "branch", "name": b}
-                              for b in repo.commit_branches(pid, sha)])
-    return json_response(data)
-
-
 def _zip(pid: int, job_id: int) -> web.Response:
     return web.Response(body=repo.artifacts_zip(pid, job_id), content_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="artifacts.zip"'
@@ -401,7 +385,6 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = tuple(
         ("files", rf"projects/{SEG}/repository/files/{SEG}", file_json),
         ("files_raw", rf"projects/{SEG}/repository/files/{SEG}/raw", file_raw),
         ("files", rf"projects/{SEG}/repository/files/(.+)", file_unencoded),
-        ("commit", rf"projects/{SEG}/repository/commits/{SEG}(/refs)?", commit),
         ("artifacts", rf"projects/{SEG}/jobs/(\d+)/artifacts(?:/(.+))?", job_artifacts),
         ("artifacts", rf"projects/{SEG}/jobs/artifacts/{SEG}/download", ref_artifacts),
         ("artifacts", rf"projects/{SEG}/jobs/artifacts/{SEG}/raw/(.+)", ref_artifacts),

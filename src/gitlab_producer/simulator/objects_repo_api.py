@@ -209,7 +209,19 @@ def commit(req: ObjRequest) -> web.Response:
                   and c.id == js.latest_commit(po, sha).id)), None)
     if found is None:
         raise not_found("404 Commit Not Found")
-    return json_answer(js.commit_json(req.world, po, found, stats=True))
+    # The single commit is GitLab's CommitDetail: the list's fields plus project_id and stats.
+    return json_answer({**js.commit_json(req.world, po, found, stats=True),
+                        "project_id": po.pid})
+
+
+def commit_refs(req: ObjRequest) -> web.Response:
+    """``/repository/commits/:sha/refs?type=branch``: the branches whose history holds it."""
+    po = project_of(req)
+    sha = unquote(req.parts[1])
+    if not any(c.id == sha for c in po.commits):
+        raise not_found("404 Commit Not Found")
+    found = [b for b in BRANCHES if any(c.id == sha for c in js.history(po, b))]
+    return page(req, found, lambda b: dump({"type": "branch", "name": b}))
 
 
 def wikis(req: ObjRequest) -> web.Response:

@@ -31,7 +31,7 @@ from gitlab_producer.simulator.objects import (
     new_pipeline,
     set_state,
 )
-from gitlab_producer.simulator.repository import BRANCHES, resolve_ref
+from gitlab_producer.simulator.repository import BRANCHES, FORK_AT, branch_commits
 from gitlab_producer.simulator.world import World
 
 
@@ -173,23 +173,24 @@ class Generator:
         return None
 
     def _commits(self) -> None:
-        n = 5 + tg.mix(self.spec.seed, self.pid, 4) % 25
+        # The repository's one history (repository.branch_commits): the files, the single
+        # commit endpoint and the commit lists all name the same commits.
+        main = branch_commits(self.pid, BRANCHES[0])
         parent: str | None = None
-        for k in range(n):
-            sha = resolve_ref(self.pid, "main") if k == n - 1 else sha_for("commit", self.pid, k)
-            assert sha is not None
-            created = tg.created_of(self.spec.seed, self.pid, k + 1, n, self.first, self.end, 4)
+        for k, sha in enumerate(main):
+            created = tg.created_of(self.spec.seed, self.pid, k + 1, len(main), self.first,
+                                    self.end, 4)
             self.po.commits.append(Commit(sha, parent, f"Commit {k} of project {self.pid}",
-                                          self.user(), created, "main"))
+                                          self.user(), created, BRANCHES[0]))
             parent = sha
-        base = self.po.commits[-2] if n > 1 else self.po.commits[-1]
+        feature = branch_commits(self.pid, BRANCHES[1])
+        base = next(c for c in self.po.commits if c.id == feature[FORK_AT - 1])
         parent = base.id
-        for k in range(2):
-            sha = (resolve_ref(self.pid, BRANCHES[1]) if k == 1
-                   else sha_for("commit", self.pid, "feature", k))
-            assert sha is not None
+        own = feature[FORK_AT:]
+        times = sorted(self.between(base.created, self.end) for _ in own)  # a child is newer
+        for k, (sha, created) in enumerate(zip(own, times, strict=True)):
             self.po.commits.append(Commit(sha, parent, f"Feature work {k}", self.user(),
-                                          self.between(base.created, self.end), BRANCHES[1]))
+                                          created, BRANCHES[1]))
             parent = sha
         self.po.commits.sort(key=lambda c: c.created)
 

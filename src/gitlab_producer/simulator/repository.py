@@ -88,32 +88,6 @@ def branch_commits(project_id: int, branch: str) -> list[str]:
     return branch_commits(project_id, BRANCHES[0])[:FORK_AT] + own[FORK_AT:]
 
 
-def commit_branches(project_id: int, sha: str) -> list[str]:
-    """The branches that contain commit ``sha`` (empty: no such commit in the project)."""
-    return [b for b in BRANCHES if sha in branch_commits(project_id, b)]
-
-
-def commit_json(project_id: int, sha: str, web_base: str) -> dict[str, Any] | None:
-    """``GET /projects/:id/repository/commits/:sha`` for a commit of the project."""
-    branches = commit_branches(project_id, sha)
-    if not branches:
-        return None
-    history = branch_commits(project_id, branches[0])
-    index = history.index(sha)
-    when = f"2024-01-{1 + index:02d}T{index % 24:02d}:00:00.000+00:00"
-    author = (index + project_id) % 5 + 2
-    return {
-        "id": sha, "short_id": sha[:8], "title": f"Change {index} of project {project_id}",
-        "message": f"Change {index} of project {project_id}\n", "author_name": f"User {author}",
-        "author_email": f"user{author}@example.com", "authored_date": when,
-        "committer_name": f"User {author}", "committer_email": f"user{author}@example.com",
-        "committed_date": when, "created_at": when, "parent_ids": history[index - 1:index],
-        "trailers": {}, "extended_trailers": {}, "web_url": f"{web_base}/-/commit/{sha}",
-        "stats": {"additions": index + 1, "deletions": index % 3, "total": index + 1 + index % 3},
-        "status": None, "last_pipeline": None, "project_id": project_id,
-    }
-
-
 def file_content(project_id: int, path: str, commit_id: str) -> bytes:
     text = f"{path} of project {project_id} at {commit_id}\nünïcødé ✓\n"
     if path.endswith(".jar"):
