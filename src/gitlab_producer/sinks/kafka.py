@@ -138,7 +138,10 @@ class KafkaSink:
 
         def retire() -> None:
             old.purge()
-            old.flush(0)
+            # Serve the purged messages' delivery reports: they fail the batches still
+            # waiting on the old producer (flush(0) polls not once, and the poller thread
+            # serves only the new producer, so those batches would wait forever).
+            old.flush(10)
 
         await asyncio.get_running_loop().run_in_executor(None, retire)
 
