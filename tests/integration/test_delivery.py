@@ -53,7 +53,6 @@ def configure(service_env: ServiceRun, sim_url: str, world_start_ms: int, broker
         "SYNC_SINCE": datetime.fromtimestamp(world_start_ms / 1000, UTC).isoformat(),
         "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "KAFKA_TOPIC": topic,
         "REDIS_ADDRESS": redis_address, "REDIS_KEY_PREFIX": prefix,
-        "USER_RESYNC_INTERVAL": "0",
     })
     return topic
 
