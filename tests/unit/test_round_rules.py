@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -95,16 +95,13 @@ class Harness:
     store: SQLiteStore
     ctx: SyncContext
     sink: Sink
-    rounds: list[RoundResult] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return self.sim.url
 
     async def round(self, sync_users: bool) -> RoundResult:
-        result = await SyncRound(self.ctx, 4, sync_users).run()
-        self.rounds.append(result)
-        return result
+        return await SyncRound(self.ctx, 4, sync_users).run()
 
     def truth(self) -> list[TruthEvent]:
         rows = httpx.get(f"{self.url}/_simulator/truth", params={"times": "1"},
