@@ -17,6 +17,7 @@ from gitlab_producer.gitlab.pagination import parse_link
 from gitlab_producer.simulator.repository import FILE_PATHS
 from gitlab_producer.simulator.server import SimulatorThread, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
+from tests.waits import wait_until
 
 SPEC = WorldSpec(projects=60, users=20, events=3000, seed=3, history_days=2.0,
                  hidden_share=0.2)
@@ -349,11 +350,11 @@ def test_world_is_deterministic_from_the_seed() -> None:
 def test_live_mode_adds_events(sim: SimulatorThread) -> None:
     start = len(sim.sim.world.ev_time)
     httpx.post(f"{sim.url}/_simulator/settings", json={"live_rate": 200})
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(sim.sim.world.ev_time) < start + 50:
-        time.sleep(0.05)
-    httpx.post(f"{sim.url}/_simulator/settings", json={"live_rate": 0})
-    assert len(sim.sim.world.ev_time) >= start + 50
+    try:
+        wait_until(lambda: len(sim.sim.world.ev_time) >= start + 50, 5, "50 live events",
+                   interval_s=0.05)
+    finally:
+        httpx.post(f"{sim.url}/_simulator/settings", json={"live_rate": 0})
 
 
 def test_stats_count_routes_and_busiest_second(sim: SimulatorThread) -> None:
