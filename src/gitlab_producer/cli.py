@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet-minutes", type=float, default=0.0,
                      help="the generated history ends this long before start-up")
     sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--utc-offset", default="Z",
+                     help="the server's time zone, e.g. -08:00 (UTC-12..UTC+14; default UTC)")
     sim.set_defaults(func=cmd_simulate)
     return parser
 
