@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gitlab_producer.gitlab.calendar import utc_day_start
+
 DEFAULT_CONFIG_PATH = Path("configs/conf.yaml")
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -172,9 +174,10 @@ class Settings(BaseSettings):
     def instance(self) -> str:
         return self.source_instance or urlparse(self.gitlab_base_url).netloc
 
-    def since(self, now: datetime) -> datetime:
-        """Start of the very first round: SYNC_SINCE, else the start of today (UTC)."""
-        return self.sync_since or datetime.combine(now.astimezone(UTC).date(), time(), UTC)
+    def since(self, now: float) -> float:
+        """Start of the very first round: SYNC_SINCE, else the start of today (UTC) at ``now``
+        (GitLab's time)."""
+        return self.sync_since.timestamp() if self.sync_since else utc_day_start(now)
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets masked, under their variable names."""

@@ -12,7 +12,6 @@ import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 from aiohttp import web
 
@@ -60,12 +59,12 @@ class Service:
                         rate_limit_retries=s.gitlab_rate_limit_retries),
             max_connections=max(4, s.gitlab_concurrency * 2 + 2))
 
-    async def _since(self, store: Store) -> float:
+    async def _since(self, store: Store, client: GitLabClient) -> float:
         """The first round's start, fixed in the store so restarts do not move it."""
         stored = await store.get_meta(SINCE_KEY)
         if stored:
             return float(stored)
-        since = self.settings.since(datetime.now(UTC)).timestamp()
+        since = self.settings.since(client.clock.now())
         await store.set_meta(SINCE_KEY, repr(since))
         return since
 
@@ -147,7 +146,7 @@ class Service:
                                       s.metrics_port, s.metrics_url, s.log_port)
             hook_runners, extra_sinks = await self._start_webhooks(client, store)
             runners += hook_runners
-            since = await self._since(store)
+            since = await self._since(store, client)
             ctx = SyncContext(
                 client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance),
                 self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,

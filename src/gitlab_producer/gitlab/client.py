@@ -17,6 +17,7 @@ from urllib.parse import urlencode, urlparse
 
 import orjson
 
+from gitlab_producer.gitlab.calendar import GitLabClock
 from gitlab_producer.gitlab.errors import (
     BadRequestError,
     FatalGitLabError,
@@ -106,6 +107,7 @@ class GitLabClient:
         self._rng = rng or random.Random()
         self._throttle_streak = 0
         self.reachable: bool | None = None  # None until the first answer
+        self.clock = GitLabClock(self.metrics.gitlab_clock_skew.set)  # from every answer's Date
         self._http: Transport = transport or AiohttpTransport(
             {"PRIVATE-TOKEN": token, "Accept": "application/json",
              "User-Agent": "gitlab-producer"}, timeout_s, max_connections)
@@ -167,7 +169,7 @@ class GitLabClient:
         waited = await self.limiter.acquire()
         if waited:
             self.metrics.rate_limit_wait.inc(waited)
-        started = time.perf_counter()
+        started, sent = time.perf_counter(), time.time()
         try:
             response = await self._http.get(url)
         except TransportTimeout:
@@ -180,6 +182,7 @@ class GitLabClient:
             raise _Retry(f"connection: {exc}") from None
         finally:
             self.metrics.gitlab_latency.labels(endpoint).observe(time.perf_counter() - started)
+        self.clock.observe(response.headers.get("date"), sent, time.time())
         status, content = response.status, response.body
         self.reachable = status < 500
         self.metrics.gitlab_requests.labels(endpoint, str(status)).inc()
@@ -213,7 +216,7 @@ class GitLabClient:
         if retry_after.isdigit():
             pause = float(retry_after)
         elif reset.isdigit():
-            pause = max(0.0, float(reset) - time.time())
+            pause = max(0.0, float(reset) - self.clock.now())  # an instant in GitLab's time
         if pause is None:
             # gitlab.com's projects and users APIs send no headers with their 429s.
             self._throttle_streak += 1
