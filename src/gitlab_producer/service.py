@@ -148,7 +148,8 @@ class Service:
             runners += hook_runners
             since = await self._since(store, client)
             ctx = SyncContext(
-                client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance),
+                client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance,
+                                         client.clock.now),
                 self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,
                                           s.user_resync_interval),
                 s.gitlab_per_page_pagination, since, self.stop)

@@ -104,35 +104,57 @@ def assert_all_once(expected: set[int], got: Counter[int], service_env: ServiceR
     assert max(got.values()) == 1
 
 
-def test_server_at_utc_minus_8_across_its_midnight(
-    service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str,
-    tmp_path: Path,
-) -> None:
-    # GitLab at UTC-8, its clock moved back to 23:59:15 there (07:59:15 UTC): the server's
-    # date is the day before the UTC date, and its midnight falls inside the test, with live
-    # events on both sides of it. (The service keeps the real clock: it must follow
-    # GitLab's, from the Date header.)
+def gitlab_moved_back_to(hour: int, minute: int, second: int) -> tuple[datetime, float]:
+    """The latest past instant at that UTC time of day, and how far back that is."""
     now = datetime.now(UTC)
-    start = now.replace(hour=7, minute=59, second=15, microsecond=0)
+    start = now.replace(hour=hour, minute=minute, second=second, microsecond=0)
     if start > now - timedelta(seconds=2):
         start -= timedelta(days=1)
-    back_s = (now - start).total_seconds()
-    local_midnight_ms = int((start + timedelta(seconds=45)).timestamp() * 1000)
-    with simulator_process(tmp_path / "sim.log", *SIM_ARGS,
+    return start, (now - start).total_seconds()
+
+
+# More users than projects in the evening: no round covers warm projects by reading every
+# recent user, so events outside projects arrive only if the users' day rule is right.
+EVENING_ARGS = ("--projects", "8", "--users", "30", "--events", "800", "--history-days", "1",
+                "--seed", "31")
+
+
+@pytest.mark.parametrize("utc_start,sim_args", [((7, 59, 15), SIM_ARGS),
+                                                ((3, 0, 0), EVENING_ARGS)],
+                         ids=["midnight", "evening"])
+def test_server_at_utc_minus_8(
+    service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str,
+    tmp_path: Path, utc_start: tuple[int, int, int], sim_args: tuple[str, ...],
+) -> None:
+    # GitLab at UTC-8, its clock moved back to an hour when its date is the day before the UTC
+    # date: to 23:59:15 there (07:59:15 UTC), so that its midnight falls inside the test with
+    # live events on both sides of it; or to 19:00 there (03:00 UTC), so that its date stays
+    # the same all along while UTC's day has long begun, and users' days must not be taken
+    # as ended. (The service keeps the real clock: it follows GitLab's, from the Date header.)
+    start, back_s = gitlab_moved_back_to(*utc_start)
+    local_midnight_ms = int((start.replace(hour=8, minute=0, second=0)).timestamp() * 1000)
+    crossing = utc_start[0] == 7
+    with simulator_process(tmp_path / "sim.log", *sim_args,
                            "--utc-offset=-08:00", clock_shift_s=-back_s) as sim:
         info = sim.get("/_simulator/stats")
         assert info["utc_offset_s"] == UTC_MINUS_8
         topic = configure(service_env, sim.url, info["start_ms"], broker, redis_address,
                           redis_prefix)
+        first_live = int(info["events"])
 
-        def past_midnight() -> bool:
-            return max(row[3] for row in truth(sim.url)) >= local_midnight_ms + 15_000
+        def live_enough() -> bool:
+            if crossing:
+                return max(row[3] for row in truth(sim.url)) >= local_midnight_ms + 15_000
+            return int(sim.get("/_simulator/stats")["events"]) >= first_live + 600
 
-        expected, got = live_run(service_env, sim.url, topic, broker, past_midnight)
-        times = {row[0]: row[3] for row in truth(sim.url)}
-    before = [i for i, t in times.items() if local_midnight_ms - 40_000 <= t < local_midnight_ms]
-    after = [i for i, t in times.items() if t >= local_midnight_ms]
-    assert len(before) > 100 and len(after) > 100  # live events on both sides of the boundary
+        expected, got = live_run(service_env, sim.url, topic, broker, live_enough)
+        rows = truth(sim.url)
+    live = [row for row in rows if row[0] > first_live]
+    projectless = [row for row in live if row[1] is None]
+    assert len(live) > 500 and len(projectless) > 10  # also events only users' lists show
+    if crossing:  # live events on both sides of the server's midnight
+        assert sum(1 for row in live if row[3] < local_midnight_ms) > 100
+        assert sum(1 for row in live if row[3] >= local_midnight_ms) > 100
     assert_all_once(expected, got, service_env)
 
 

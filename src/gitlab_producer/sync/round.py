@@ -43,7 +43,7 @@ RECOVERABLE = (GitLabError, DeliveryError, StoreError)
 class RoundResult:
     """What a round did."""
 
-    started: float  # the host's clock (the gauge and durations); windows use gitlab_started
+    started: float  # the host's clock (durations, the gauge); stored in GitLab's time
     ok: bool = True
     queued: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
     synced: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
