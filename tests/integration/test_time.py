@@ -11,6 +11,7 @@ import signal
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def event_ids(messages: list[object]) -> Counter[int]:
     return Counter(int(orjson.loads(m.value())["id"]) for m in messages)  # type: ignore[attr-defined]
 
 
-def wait_until(condition: object, timeout_s: float, what: str) -> None:
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
@@ -77,7 +78,7 @@ def metric(service_env: ServiceRun, name: str) -> float | None:
 
 
 def live_run(service_env: ServiceRun, sim_url: str, topic: str, broker: Broker,
-             live_until: object, live_s: float = 90.0) -> tuple[set[int], Counter[int]]:
+             live_until: Callable[[], bool], live_s: float = 90.0) -> tuple[set[int], Counter[int]]:
     """Run the service while the simulator creates live events until ``live_until()``;
     then stop them, let the service catch up, stop it. Returns (truth ids, delivered ids)."""
     proc = service_env.start("run")

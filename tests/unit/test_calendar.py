@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -15,6 +17,11 @@ from gitlab_producer.gitlab.calendar import (
     earliest_date,
     utc_day_start,
 )
+from gitlab_producer.gitlab.client import GitLabClient
+from gitlab_producer.gitlab.errors import RetriesExhaustedError
+from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.gitlab.transport import RawResponse
+from tests.unit.test_gitlab_client import FAST, ScriptedTransport, answer
 
 OFFSETS_S = range(-12 * 3600, 14 * 3600 + 1, 15 * 60)  # every quarter hour a zone may use
 DAY = 86_400
@@ -136,3 +143,32 @@ def test_skew_beyond_a_few_seconds_is_warned_about_now_and_then() -> None:
     assert [w["skew_s"] for w in warnings] == [pytest.approx(15, abs=0.6),
                                                pytest.approx(-20, abs=0.6)]
     assert all(w["log_level"] == "warning" for w in warnings)
+
+
+# -- the client learns the clock from every answer --------------------------------------------
+@pytest.mark.parametrize("skew_s", [900.0, -900.0])
+async def test_client_takes_gitlab_time_from_the_date_header(skew_s: float) -> None:
+    def handler(url: str) -> RawResponse:
+        gitlab_now = time.time() - skew_s
+        headers = {"date": http_date(gitlab_now)}
+        if "throttled" in url:
+            headers["ratelimit-reset"] = str(int(gitlab_now) + 2)  # 1-2 s ahead
+            return answer(429, text="Retry later", headers=headers)
+        return answer(200, [{"id": 1}], headers=headers)
+
+    client = GitLabClient("https://gitlab.test/api/v4", "tok", RateLimiter(10_000),
+                          policy=replace(FAST, rate_limit_retries=0),
+                          transport=ScriptedTransport(handler))
+    assert client.clock.skew_s is None
+    await client.get("projects")
+    assert client.clock.skew_s == pytest.approx(skew_s, abs=0.6)
+    assert client.clock.now() <= time.time() - skew_s + 0.01  # never ahead of GitLab
+    gauge = client.metrics.registry.get_sample_value("gitlab_producer_gitlab_clock_skew_seconds")
+    assert gauge == pytest.approx(skew_s, abs=0.6)
+    # RateLimit-Reset is an instant on GitLab's clock: the pause is 1-2 s (plus jitter),
+    # not 15 minutes more, nor none.
+    with pytest.raises(RetriesExhaustedError):
+        await client.get("throttled")
+    waited = client.metrics.registry.get_sample_value(
+        "gitlab_producer_rate_limit_wait_seconds_total")
+    assert waited is not None and 0.5 <= waited <= 3.3
