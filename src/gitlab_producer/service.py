@@ -119,7 +119,7 @@ class Service:
                           s.webhook_signing_token.get_secret_value(), s.webhook_max_skew,
                           s.cache_ttl * 60, s.instance),
             store, hook_sink, self.metrics,
-            capturer.on_hook if s.capture_rules else None)
+            capturer.on_hook if s.capture_rules else None, client.clock.now)
         app = build_webhook_app(receiver, s.webhook_max_body,
                                 capture_endpoint(capturer, s.webhook_secret.get_secret_value()))
         await receiver.warm_up()
