@@ -172,3 +172,14 @@ async def test_client_takes_gitlab_time_from_the_date_header(skew_s: float) -> N
     waited = client.metrics.registry.get_sample_value(
         "gitlab_producer_rate_limit_wait_seconds_total")
     assert waited is not None and 0.5 <= waited <= 3.3
+
+
+def test_sync_since_defaults_to_the_utc_day_of_the_given_now() -> None:
+    from gitlab_producer.config import load_settings
+
+    required = {"gitlab_base_url": "https://gitlab.test/api/v4", "gitlab_private_token": "t0k"}
+    late = datetime(2026, 3, 10, 23, 59, tzinfo=UTC).timestamp()
+    assert load_settings(None, **required).since(late) == \
+        datetime(2026, 3, 10, tzinfo=UTC).timestamp()
+    assert load_settings(None, **required, sync_since="2026-03-01").since(late) == \
+        datetime(2026, 3, 1, tzinfo=UTC).timestamp()
