@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from gitlab_producer.artifact_paths import relative_path
+from gitlab_producer.gitlab.calendar import utc_day_start
 from gitlab_producer.gitlab.pagination import DEFAULT_MAX_PAGES
 from gitlab_producer.redaction import host_port, mask_userinfo, url_passwords
 
@@ -276,9 +277,10 @@ class Settings(BaseSettings):
     def instance(self) -> str:
         return self.source_instance or host_port(self.gitlab_base_url)
 
-    def since(self, now: datetime) -> datetime:
-        """Start of the very first round: SYNC_SINCE, else the start of today (UTC)."""
-        return self.sync_since or datetime.combine(now.astimezone(UTC).date(), time(), UTC)
+    def since(self, now: float) -> float:
+        """Start of the very first round: SYNC_SINCE, else the start of today (UTC) at ``now``
+        (GitLab's time)."""
+        return self.sync_since.timestamp() if self.sync_since else utc_day_start(now)
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets masked, under their variable names."""

@@ -17,6 +17,7 @@ from urllib.parse import urlencode, urlparse
 
 import orjson
 
+from gitlab_producer.gitlab.calendar import GitLabClock
 from gitlab_producer.gitlab.errors import (
     BadRequestError,
     FatalGitLabError,
@@ -145,6 +146,7 @@ class GitLabClient:
         self.max_pages = max_pages
         self.reachable: bool | None = None  # None until the first answer
         self.answered_at: float | None = None  # monotonic time of the last useful answer
+        self.clock = GitLabClock(self.metrics.gitlab_clock_skew.set)  # from every answer's Date
         self._http: Transport = transport or AiohttpTransport(
             {"PRIVATE-TOKEN": token, "Accept": "application/json",
              "User-Agent": "gitlab-producer"}, timeout_s, max_connections, max_body)
@@ -232,7 +234,7 @@ class GitLabClient:
         waited = await self.limiter.acquire()
         if waited:
             self.metrics.rate_limit_wait.inc(waited)
-        started = time.perf_counter()
+        started, sent = time.perf_counter(), time.time()
         try:
             if write is None:
                 response = await self._http.get(url)
@@ -252,6 +254,7 @@ class GitLabClient:
             raise _Retry(f"connection: {exc}") from None
         finally:
             self.metrics.gitlab_latency.labels(endpoint).observe(time.perf_counter() - started)
+        self.clock.observe(response.headers.get("date"), sent, time.time())
         status, content = response.status, response.body
         self.reachable = status < 500
         self.metrics.gitlab_requests.labels(endpoint, str(status)).inc()
@@ -294,7 +297,7 @@ class GitLabClient:
         if retry_after.isdigit():
             pause = float(retry_after)
         elif reset.isdigit():
-            pause = max(0.0, float(reset) - time.time())
+            pause = max(0.0, float(reset) - self.clock.now())  # an instant in GitLab's time
         if pause is None:
             # gitlab.com's projects and users APIs send no headers with their 429s.
             self._throttle_streak += 1
