@@ -265,18 +265,27 @@ def simulator_process(log: Path, *args: str, clock_shift_s: float = 0.0
     command = clock_shifted([sys.executable, "-m", "gitlab_producer", "simulate",
                              "--port", str(port), *args], clock_shift_s)
     with log.open("wb") as out:
+        # A session of its own: faketime runs the simulator as its child, and stopping only
+        # faketime would leave the simulator running.
         proc = subprocess.Popen(command, env={**os.environ, "FAKETIME_DONT_FAKE_MONOTONIC": "1"},
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, 60)
         yield SimulatorProcess(f"http://127.0.0.1:{port}", proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process's whole group, SIGKILL after 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 # -- the service as a real process ------------------------------------------------------------
