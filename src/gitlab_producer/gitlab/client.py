@@ -110,6 +110,10 @@ class RetryPolicy:
     cap_s: float = 30.0
     throttle_base_s: float = 1.0
     throttle_cap_s: float = 60.0
+    # GitLab's limits reset within their period (a minute; ten for the projects listing): a
+    # longer Retry-After or RateLimit-Reset is a broken or hostile answer, not a reason to
+    # stop every request for hours.
+    max_pause_s: float = 900.0
 
     def backoff_s(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0, min(self.cap_s, self.base_s * 2.0**attempt))
@@ -304,6 +308,10 @@ class GitLabClient:
             pause = self.policy.throttle_s(self._throttle_streak - 1, self._rng)
         else:
             self._throttle_streak = 0
+            if pause > self.policy.max_pause_s:
+                log.warning("gitlab_pause_capped", endpoint=endpoint, asked_s=round(pause),
+                            pause_s=self.policy.max_pause_s)
+                pause = self.policy.max_pause_s
             pause += self._rng.uniform(0, 0.25)
         self.limiter.pause(pause)
         self.metrics.rate_limit_wait.inc(pause)
