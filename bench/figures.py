@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import statistics
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +20,7 @@ from bench.harness import (
     broker,
     clean_redis,
     consume_ids,
+    cpu_seconds,
     pages_lower_bound,
     per_entity_requests,
     run_service,
@@ -386,3 +389,93 @@ async def _post_hooks(port: int, rate: float, seconds: float, label: str
             tasks.append(asyncio.create_task(one(session, n)))
         await asyncio.gather(*tasks)
     return latencies, statuses
+
+
+def simulator_objects(projects: int = 10_000, events: int = 400_000, per_project: int = 64,
+                      seconds: float = 10.0, windows: int = 3,
+                      concurrency: int = 32) -> list[Figure]:
+    """The object world at full size: start-up, memory, and object pages served to a
+    full-history importer (each worker reads one project's lists, then the next project's),
+    in ``windows`` consecutive windows of ``seconds`` (the median is the figure)."""
+    from gitlab_producer.simulator.targets import shape
+
+    objects = sum(
+        s.issues + s.merge_requests + s.notes + s.pipelines
+        for s in (shape(1, p, per_project) for p in range(1, projects + 1)))
+    rates, server_cpu, client_cpu, pages_all = [], 0.0, 0.0, 0
+    statuses: dict[int, int] = {}
+    with simulator(projects, 2_000, events, history_days=3,
+                   objects_per_project=per_project) as sim:
+        started_rss = _rss_of(sim.proc.pid)
+        queue = iter(range(1, projects + 1))
+        for _ in range(windows):
+            cpu_before, own_before = cpu_seconds(sim.proc.pid), time.process_time()
+            pages, elapsed = asyncio.run(_import_pages(sim.url, queue, seconds, concurrency,
+                                                       statuses))
+            server_cpu += cpu_seconds(sim.proc.pid) - cpu_before
+            client_cpu += time.process_time() - own_before
+            pages_all += pages
+            rates.append(pages / elapsed)
+        served_rss = _rss_of(sim.proc.pid)
+    rate = statistics.median(rates)
+    total = objects + events
+    size = (f"{projects} projects, {total:,} objects ({objects:,} generated lazily + "
+            f"{events:,} events)")
+    per_page_ms = server_cpu / max(1, pages_all) * 1000
+    return [
+        {"figure": "simulator objects: start", "value": round(sim.ready_s, 1), "unit": "s",
+         "limit": "< 15", "ratio": round(sim.ready_s / 15, 2), "detail": size},
+        {"figure": "simulator objects: memory", "value": round(max(started_rss, served_rss)),
+         "unit": "MB", "limit": "< 2048", "ratio": round(max(started_rss, served_rss) / 2048, 2),
+         "detail": f"peak RSS: {started_rss:.0f} MB after start, {served_rss:.0f} MB after "
+                   f"serving {pages_all} pages"},
+        {"figure": "simulator objects: pages served", "value": round(rate),
+         "unit": "pages/s", "limit": ">= 1500", "ratio": round(rate / 1500, 2),
+         "detail": f"median of {windows} windows of {seconds:.0f} s "
+                   f"({', '.join(f'{r:.0f}' for r in rates)}); {concurrency} concurrent aiohttp "
+                   f"clients in the benchmark process; per_page=100 lists (issues, merge "
+                   f"requests, notes, discussions, resource events, pipelines, jobs, "
+                   f"deployments) project after project; statuses "
+                   f"{dict(sorted(statuses.items()))}; simulator CPU {per_page_ms:.2f} ms per "
+                   f"page ({1000 / per_page_ms:.0f} pages per CPU second), client CPU "
+                   f"{client_cpu / max(1, pages_all) * 1000:.2f} ms per page; load average "
+                   f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"},
+    ]
+
+
+async def _import_pages(url: str, queue: Iterator[int], seconds: float, concurrency: int,
+                        statuses: dict[int, int]) -> tuple[int, float]:
+    import aiohttp
+
+    started = time.monotonic()
+    deadline = started + seconds
+    pages = 0
+    api = f"{url}/api/v4"
+
+    async def get(session: aiohttp.ClientSession, path: str) -> Any:
+        nonlocal pages
+        async with session.get(f"{api}{path}", params={"per_page": "100"}) as r:
+            body = await r.read()
+        pages += 1
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+        return orjson.loads(body) if r.status == 200 else []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for pid in queue:
+            base = f"/projects/{pid}"
+            for kind in ("issues", "merge_requests"):
+                for thing in await get(session, f"{base}/{kind}"):
+                    if time.monotonic() > deadline:
+                        return
+                    for tail in ("notes", "discussions", "resource_state_events"):
+                        await get(session, f"{base}/{kind}/{thing['iid']}/{tail}")
+            for tail in ("pipelines", "jobs", "deployments"):
+                await get(session, f"{base}/{tail}")
+            if time.monotonic() > deadline:
+                return
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(headers={"PRIVATE-TOKEN": "sim-token"},
+                                     connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return pages, time.monotonic() - started

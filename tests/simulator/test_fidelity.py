@@ -281,7 +281,8 @@ def test_job_artifacts_forms(api: httpx.Client) -> None:
     assert by_id.headers["content-type"] == "application/zip"
 
 
-def test_429_headers_except_on_projects_and_users_apis() -> None:
+def test_global_429_is_plain_text_with_headers_on_every_route() -> None:
+    """Rack::Attack's authenticated limit; the bare per-endpoint 429s are in test_objects."""
     with running_simulator(SPEC, rate_limit=3) as s, httpx.Client(
             base_url=f"{s.url}/api/v4", headers=TOKEN) as client:
         def throttled(path: str) -> httpx.Response:
@@ -291,13 +292,13 @@ def test_429_headers_except_on_projects_and_users_apis() -> None:
                     return r
             raise AssertionError("never throttled")
 
-        events = throttled("/projects/1/events")
-        assert events.text == "Retry later"
-        for name in ("retry-after", "ratelimit-limit", "ratelimit-name", "ratelimit-observed",
-                     "ratelimit-remaining", "ratelimit-reset", "ratelimit-resettime"):
-            assert name in events.headers
-        listing = throttled("/projects")
-        assert "ratelimit-limit" not in listing.headers
+        for path in ("/projects/1/events", "/projects"):
+            answer = throttled(path)
+            assert answer.text == "Retry later"
+            for name in ("retry-after", "ratelimit-limit", "ratelimit-name",
+                         "ratelimit-observed", "ratelimit-remaining", "ratelimit-reset",
+                         "ratelimit-resettime"):
+                assert name in answer.headers
 
 
 def test_route_budget_like_gitlab_com_listing_limit() -> None:
