@@ -1,0 +1,51 @@
+"""A job's page positions and counts, saved together in its record after every delivered
+page: a resumed job re-reads at most the page it was on, and counts it once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gitlab_producer.objects.executor import Executor, Progress
+from gitlab_producer.objects.state import JobRecord, StateStore, add_counts
+from gitlab_producer.objects.users import UserCache
+
+
+class JobPositions:
+    """:class:`~gitlab_producer.objects.executor.Positions` on a :class:`JobRecord`."""
+
+    def __init__(self, job: JobRecord, state: StateStore, users: UserCache,
+                 progress: Progress) -> None:
+        self.job = job
+        self.state = state
+        self.users = users
+        self.progress = progress
+
+    @property
+    def executor(self) -> Executor:
+        return self.users.executor
+
+    def position(self, stream_id: str) -> Mapping[str, Any] | None:
+        return self.job.positions.get(stream_id)
+
+    async def save_position(self, stream_id: str, position: Mapping[str, Any]) -> None:
+        self.job.positions[stream_id] = dict(position)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Import the users the pages so far referenced, then save counts and positions."""
+        progress = self.progress
+        if progress.users:
+            users, progress.users = progress.users, set()
+            await self.users.import_users(users, progress)
+        job = self.job
+        add_counts(job.fetched, progress.fetched)
+        add_counts(job.imported, progress.imported)
+        add_counts(job.produced, progress.produced)
+        job.user_hits += progress.user_hits
+        job.user_requests += progress.user_requests
+        progress.fetched.clear()
+        progress.imported.clear()
+        progress.produced.clear()
+        progress.user_hits = progress.user_requests = 0
+        await self.state.save_job(job)
