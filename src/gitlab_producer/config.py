@@ -152,6 +152,8 @@ class Settings(BaseSettings):
     backfill_concurrency: int = Field(8, ge=1, le=256, description="jobs run at once per process")
     backfill_job_timeout: int = Field(3600, ge=10, le=7 * DAY_S,
                                       description="seconds one job may run")
+    backfill_job_heartbeat: int = Field(60, ge=2, le=3600,
+                                        description="seconds before a silent job is swept")
     backfill_job_attempts: int = Field(3, ge=1, le=20,
                                        description="tries of a job before it counts as failed")
     backfill_waiter_interval: float = Field(1.0, ge=0.05, le=600,

@@ -64,7 +64,8 @@ class Backfill:
         host, port, password = s.redis_endpoint
         return SaqDispatcher(f"redis://{host}:{port}/{s.redis_db}",
                              f"{s.redis_key_prefix}backfill", s.redis_key_prefix,
-                             s.backfill_job_timeout, s.backfill_job_attempts, password)
+                             s.backfill_job_timeout, s.backfill_job_attempts,
+                             s.backfill_job_heartbeat, password)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

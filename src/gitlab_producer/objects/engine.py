@@ -10,7 +10,8 @@ embedded store. Both run the same handlers with the same contract:
   its attempt number and decides itself what the last failure means (the import records the
   job as failed in the store instead of raising, so nothing lands in a dead list).
 - ``Call.heartbeat()`` refreshes the job's lease: SAQ's sweep declares a job whose worker died
-  stuck after ``HEARTBEAT_S`` without one, and runs it again (``retries`` > attempts).
+  stuck after ``heartbeat_s`` (``BACKFILL_JOB_HEARTBEAT``) without one, and runs it again
+  (``retries`` > attempts): a dead worker's job restarts within a heartbeat plus a sweep.
 
 The queue only dispatches: the import's state lives in the store, and after a crash the
 pending work is derived again from it (``Importer.resume``), so a lost queue loses nothing.
@@ -33,8 +34,7 @@ from gitlab_producer.logs import get_logger
 
 log = get_logger(__name__)
 
-HEARTBEAT_S = 300  # a job reports at least once per page; a page never takes this long
-SWEEP_S = 30  # how often a SAQ worker looks for jobs whose worker died
+MAX_SWEEP_S = 30  # a SAQ worker looks for jobs whose worker died at least this often
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
 
@@ -171,13 +171,14 @@ class SaqDispatcher:
     """
 
     def __init__(self, redis_url: str, queue_name: str, key_prefix: str, timeout_s: int,
-                 max_attempts: int, password: str = "") -> None:
+                 max_attempts: int, heartbeat_s: int, password: str = "") -> None:
         from redis import asyncio as aioredis
         from saq.queue.redis import RedisQueue
 
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
+        self.heartbeat_s = heartbeat_s
         self.queue = RedisQueue(aioredis.from_url(redis_url, password=password or None),
                                 name=queue_name)
 
@@ -191,7 +192,7 @@ class SaqDispatcher:
                       at: float = 0.0) -> None:
         await self.queue.enqueue(
             function, key=self.key_prefix + key, scheduled=int(at + 0.999) if at else 0,
-            timeout=self.timeout_s, heartbeat=HEARTBEAT_S, retries=self.max_attempts + 1,
+            timeout=self.timeout_s, heartbeat=self.heartbeat_s, retries=self.max_attempts + 1,
             retry_delay=RETRY_BASE_S, retry_backoff=RETRY_CAP_S, ttl=3600, **kwargs)
 
     async def pending(self, keys: Iterable[str]) -> set[str]:
@@ -215,5 +216,6 @@ class SaqDispatcher:
 
         return Worker(self.queue, [(name, wrap(h)) for name, h in handlers.items()],
                       concurrency=concurrency,
-                      timers={"schedule": 1, "sweep": SWEEP_S, "abort": 1, "worker_info": 10},
+                      timers={"schedule": 1, "abort": 1, "worker_info": 10,
+                              "sweep": max(1, min(MAX_SWEEP_S, self.heartbeat_s // 2))},
                       shutdown_grace_period_s=5)

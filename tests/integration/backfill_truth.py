@@ -1,0 +1,109 @@
+"""The simulator's object ground truth as the message keys a complete backfill produces, and
+the messages found in Kafka or the file sink, for the backfill tests."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from tests.conftest import consume
+
+CHECKED = ("issues", "merge_requests", "notes", "pipelines", "jobs", "deployments", "releases")
+NOTEABLE = {"Issue": "issues", "MergeRequest": "merge_requests"}
+OFF = {"issues": "issues", "merge_requests": "merge_requests", "pipelines": "builds",
+       "jobs": "builds", "deployments": "builds", "releases": "releases"}
+
+
+def ground_truth(url: str, project_ids: Iterable[int] | None = None) -> dict[str, Any]:
+    params = [("project_id", str(p)) for p in project_ids or []]
+    result: dict[str, Any] = httpx.get(f"{url}/_simulator/objects", params=params,
+                                       timeout=60).json()
+    return result
+
+
+def expected_keys(truth: dict[str, Any]) -> dict[str, set[str]]:
+    """Per checked kind, every key a complete import must produce (features switched off in a
+    project answer 403: nothing of theirs is expected)."""
+    out: dict[str, set[str]] = {k: set() for k in CHECKED}
+    for pid, data in truth["projects"].items():
+        off = set(data["features_off"])
+        base = f"projects/{pid}"
+
+        def on(kind: str, off: set[str] = off) -> bool:
+            return OFF[kind] not in off
+
+        for kind in ("issues", "merge_requests"):
+            if on(kind):
+                out[kind] |= {f"{base}/{kind}/{row[1]}" for row in data[kind]}
+        for note_id, noteable, iid, _updated in data["notes"]:
+            if on(NOTEABLE[noteable]):
+                out["notes"].add(f"{base}/{NOTEABLE[noteable]}/{iid}/notes/{note_id}")
+        if on("pipelines"):
+            out["pipelines"] |= {f"{base}/pipelines/{row[0]}" for row in data["pipelines"]}
+            out["jobs"] |= {f"{base}/jobs/{row[0]}" for row in data["jobs"]}
+            out["deployments"] |= {f"{base}/deployments/{row[0]}" for row in data["deployments"]}
+        if on("releases"):
+            out["releases"] |= {f"{base}/releases/{quote(tag, safe='')}"
+                                for tag in data["releases"]}
+    return out
+
+
+class Found:
+    """Messages per kind: keys, and how often each (key, version) was produced."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, set[str]] = {}
+        self.versions: Counter[tuple[str, str, str]] = Counter()
+        self.headers: list[dict[str, str]] = []
+
+    def add(self, kind: str, key: str, headers: dict[str, str]) -> None:
+        self.keys.setdefault(kind, set()).add(key)
+        version = headers.get("updated_at") or headers.get("content_hash", "")
+        self.versions[(kind, key, version)] += 1
+        self.headers.append(headers)
+
+    @property
+    def total(self) -> int:
+        return sum(self.versions.values())
+
+    def repeats(self) -> list[tuple[str, str, str]]:
+        return [v for v, n in self.versions.items() if n > 1]
+
+
+def from_file(path: Path, prefix: str = "data-bus.gitlab") -> Found:
+    found = Found()
+    if not path.exists():
+        return found
+    for line in path.read_text().splitlines():
+        message = json.loads(line)
+        found.add(message["topic"].removeprefix(prefix + "."), message["key"],
+                  message["headers"])
+    return found
+
+
+def from_kafka(bootstrap: str, prefix: str, expected: dict[str, int]) -> Found:
+    found = Found()
+    for kind, count in expected.items():
+        for m in consume(bootstrap, f"{prefix}.{kind}", count, settle_s=0.5):
+            found.add(kind, m.key().decode(),
+                      {k: (v or b"").decode() for k, v in (m.headers() or [])})
+    return found
+
+
+def assert_matches(found: Found, truth: dict[str, Any], only_truth_projects: bool = False
+                   ) -> None:
+    """Per checked kind, the keys found are exactly the expected ones (with
+    ``only_truth_projects``, keys of other projects are not looked at)."""
+    expected = expected_keys(truth)
+    prefixes = tuple(f"projects/{p}/" for p in truth["projects"])
+    for kind, keys in expected.items():
+        got = found.keys.get(kind, set())
+        if only_truth_projects:
+            got = {k for k in got if k.startswith(prefixes)}
+        assert got == keys, (kind, sorted(keys - got)[:5], sorted(got - keys)[:5])
