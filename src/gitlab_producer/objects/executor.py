@@ -15,9 +15,12 @@ import orjson
 
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.pagination import KeysetPaginator, OffsetPaginator, Paginator
+from gitlab_producer.logs import get_logger
 from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.records import ObjectRecord, content_hash
 from gitlab_producer.objects.streams import NOTES_KEY, Paging, Scope, Stream, Version, fill
+
+log = get_logger(__name__)
 
 
 class _Discussion(msgspec.Struct):
@@ -66,6 +69,7 @@ class Progress:
     users: set[int] = field(default_factory=set)
     user_hits: int = 0  # user lookups answered by the cache
     user_requests: int = 0  # user lookups that asked GitLab
+    malformed: int = 0  # objects without the fields their key needs (skipped, logged)
 
 
 class Positions(Protocol):
@@ -144,8 +148,14 @@ class Executor:
         records = []
         project_id = scope.project_id or None
         for raw, item in page:
-            records.append(_record(stream.kind, stream.key_of(scope, item), raw, item,
-                                   stream.version, project_id))
+            try:
+                key = stream.key_of(scope, item)
+            except KeyError as exc:  # one malformed object never stops the others
+                progress.malformed += 1
+                log.warning("object_malformed", stream=stream.name, missing=str(exc),
+                            project_id=project_id)
+                continue
+            records.append(_record(stream.kind, key, raw, item, stream.version, project_id))
             if stream.kind != "users" and "users" in self.wanted:
                 referenced_users(item, progress.users)
         if stream.nested_notes:

@@ -225,6 +225,10 @@ class Importer:
         except (GitLabError, DeliveryError, StoreError, ValueError) as exc:
             await self._failure(job, exc, call)
             return
+        except Exception as exc:  # a bug or an answer we do not understand: same policy
+            log.exception("job_error", job=job.id)
+            await self._failure(job, exc, call)
+            return
         job.status, job.error = DONE, ""
         await self.state.save_job(job)
 
