@@ -72,6 +72,7 @@ def test_python_gitlab_single_and_lazy_objects(gl: gitlab.Gitlab, sim: Simulator
     facts = truth(sim, 1)["1"]
     project = gl.projects.get(1)
     assert project.issues_enabled and project.merge_requests_enabled
+    assert project.open_issues_count == sum(row[3] == "opened" for row in facts["issues"])
     assert project.namespace["full_path"] in project.path_with_namespace
     issue_iid = facts["issues"][0][1]
     issue = project.issues.get(issue_iid)
@@ -155,6 +156,12 @@ def test_python_gitlab_repository_and_project_lists(gl: gitlab.Gitlab) -> None:
     releases = project.releases.list(get_all=True)
     tags = project.tags.list(get_all=True)
     assert {r.tag_name for r in releases} == {t.name for t in tags}
+    targets = {t.name: t.target for t in tags}
+    assert releases and all(project.releases.get(r.tag_name).commit["id"] == targets[r.tag_name]
+                            for r in releases)
+    assert project.tags.get(tags[0].name).target == tags[0].target
+    assert project.commits.get(main[0].id).parent_ids == main[0].parent_ids
+    assert project.labels.get("bug").color.startswith("#")
 
 
 def test_python_gitlab_groups_walk_to_the_top(gl: gitlab.Gitlab) -> None:
@@ -168,6 +175,20 @@ def test_python_gitlab_groups_walk_to_the_top(gl: gitlab.Gitlab) -> None:
     assert len(chain) == 2 and project.path_with_namespace.startswith(chain[0] + "/")
     listed = gl.groups.get(project.namespace["id"], lazy=True).projects.list(get_all=True)
     assert 10 in {p.id for p in listed}
+
+
+def test_groups_by_path_and_with_subgroups(api: httpx.Client) -> None:
+    listed = api.get("/groups", params={"per_page": 100})
+    assert listed.headers["x-total"] == "50"
+    assert api.get("/groups/group1%2Fgroup11").json()["id"] == 11
+    assert api.get("/groups/group2%2Fgroup11").status_code == 404  # not its parent
+    own = {p["id"] for p in api.get("/groups/1/projects", params={"per_page": 100}).json()}
+    deep = {p["id"] for p in api.get("/groups/1/projects", params={
+        "per_page": 100, "include_subgroups": "true"}).json()}
+    subgroup = {p["id"] for p in api.get("/groups/11/projects", params={"per_page": 100}).json()}
+    assert subgroup and deep == own | subgroup | {
+        p["id"] for g in (21, 31, 41)
+        for p in api.get(f"/groups/{g}/projects", params={"per_page": 100}).json()}
 
 
 def test_users_show_email_only_to_administrators(sim: SimulatorThread) -> None:
@@ -225,6 +246,10 @@ def test_issue_filters(api: httpx.Client, sim: SimulatorThread) -> None:
     assert sorted(i["id"] for i in closed) == sorted(r[0] for r in rows if r[3] == "closed")
     picked = api.get("/projects/1/issues", params=[("iids[]", "1"), ("iids[]", "3")]).json()
     assert sorted(i["iid"] for i in picked) == [1, 3]
+    first = api.get("/projects/1/issues", params=[("iids[]", "1"), ("iids[]", "3"),
+                                                  ("per_page", "1")])
+    rest = httpx.get(parse_link(first.headers["link"])["next"], headers=TOKEN).json()
+    assert sorted([first.json()[0]["iid"], rest[0]["iid"]]) == [1, 3]  # links keep both
     details = api.get("/projects/1/issues", params={"with_labels_details": "true",
                                                     "per_page": 100}).json()
     assert all(isinstance(label, dict) and "color" in label
@@ -263,12 +288,23 @@ def test_jobs_keyset_has_only_a_next_link(api: httpx.Client) -> None:
     assert refused.status_code == 405
 
 
-def test_deployments_updated_filter_needs_updated_order(api: httpx.Client) -> None:
-    bad = api.get("/projects/1/deployments", params={"updated_after": "2000-01-01T00:00:00Z"})
-    assert bad.status_code == 400
-    good = api.get("/projects/1/deployments", params={"updated_after": "2000-01-01T00:00:00Z",
-                                                      "order_by": "updated_at"})
-    assert good.status_code == 200 and good.json()
+def test_deployments_filters_as_the_finder_validates_them(api: httpx.Client) -> None:
+    by_update = api.get("/projects/1/deployments", params={
+        "updated_after": "2000-01-01T00:00:00Z", "order_by": "id", "per_page": 100})
+    assert by_update.status_code == 200  # GitLab only logs the unpaired order ...
+    rows = by_update.json()
+    assert [d["updated_at"] for d in rows] == sorted(d["updated_at"] for d in rows)  # ... and
+    # orders by updated_at anyway
+    for params in ({"finished_after": "2000-01-01T00:00:00Z", "order_by": "finished_at"},
+                   {"finished_after": "2000-01-01T00:00:00Z", "status": "success"},
+                   {"updated_after": "2000-01-01T00:00:00Z", "order_by": "finished_at",
+                    "finished_after": "2000-01-01T00:00:00Z", "status": "success"}):
+        refused = api.get("/projects/1/deployments", params=params)
+        assert refused.status_code == 400 and refused.json()["message"].startswith("400 Bad")
+    done = api.get("/projects/1/deployments", params={
+        "finished_after": "2000-01-01T00:00:00Z", "order_by": "finished_at",
+        "status": "success", "per_page": 100}).json()
+    assert done and {d["status"] for d in done} == {"success"}
 
 
 def test_pipelines_filters(api: httpx.Client, sim: SimulatorThread) -> None:

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gitlab_producer.simulator.objects import ObjectWorld
 from gitlab_producer.simulator.objects_changes import truth
+from gitlab_producer.simulator.objects_store import ObjectWorld
 from gitlab_producer.simulator.server import SimulatorThread, running_simulator
 from gitlab_producer.simulator.world import World, WorldSpec
 
@@ -132,8 +132,10 @@ def test_state_changes_add_state_events_and_events(sim: SimulatorThread,
 
 def test_updated_after_finds_exactly_the_changed_issues(sim: SimulatorThread,
                                                         api: httpx.Client) -> None:
-    mark = datetime.now().astimezone().isoformat()
-    time.sleep(0.002)  # the changes below happen after the mark, not at it
+    rows = httpx.get(f"{sim.url}/_simulator/objects", params={"project_id": 7}).json()[
+        "projects"]["7"]["issues"]
+    latest = max(ms(row[2]) for row in rows)  # the generated base ends at start-up
+    mark = datetime.fromtimestamp(latest + 0.001).astimezone().isoformat()
     changed = {change(sim, kind="edit_issue", project_id=7, iid=iid)["object"]["id"]
                for iid in (1, 2)}
     found = api.get("/projects/7/issues", params={"updated_after": mark}).json()

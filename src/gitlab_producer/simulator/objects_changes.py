@@ -18,7 +18,6 @@ from gitlab_producer.simulator.catalog import sha_for
 from gitlab_producer.simulator.objects import (
     LABELS,
     Commit,
-    ObjectWorld,
     ProjectObjects,
     ResourceEvent,
     Thing,
@@ -30,6 +29,7 @@ from gitlab_producer.simulator.objects import (
     new_pipeline,
     set_state,
 )
+from gitlab_producer.simulator.objects_store import ObjectWorld
 from gitlab_producer.simulator.world import iso_ms
 
 TYPE_NAMES = {"issue": "Issue", "merge_request": "MergeRequest"}

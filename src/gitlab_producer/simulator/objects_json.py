@@ -3,13 +3,14 @@ timestamp goes through ``world.iso_ms``, the simulator's one timestamp format.""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from gitlab_producer.simulator.catalog import (
     author_json,
+    group_of,
     group_parent,
     group_path,
-    namespace_json,
     project_json,
     sha_for,
 )
@@ -36,16 +37,26 @@ def _t(ms: int | None) -> str | None:
     return None if ms is None else iso_ms(ms)
 
 
+@lru_cache(maxsize=4096)
+def _project_path(pid: int) -> str:
+    return f"{group_path(group_of(pid))[0]}/project-{pid}"
+
+
 def _web(world: World, pid: int, tail: str) -> str:
-    full = f"{namespace_json(pid, world.spec.host)['full_path']}/project-{pid}"
-    return f"https://{world.spec.host}/{full}/-/{tail}"
+    return f"https://{world.spec.host}/{_project_path(pid)}/-/{tail}"
 
 
-def project_full(world: World, pid: int) -> dict[str, Any]:
-    """``GET /projects/:id``: the full field set, with the project's switched-off features."""
+def project_full(world: World, po: ProjectObjects) -> dict[str, Any]:
+    """``GET /projects/:id``: the full field set, with the project's switched-off features and
+    its open issues counted."""
+    pid = po.pid
     data = project_json(pid, iso_ms(world.project_created_ms[pid - 1]),
                         iso_ms(world.project_last_activity_ms[pid - 1]), world.spec.host, False)
     off = features_off(world.spec.seed, pid, world.spec.feature_off_share)
+    data["open_issues_count"] = sum(not t.deleted and t.state == "opened"
+                                    for t in po.issues.values())
+    if "issues" in off:
+        del data["open_issues_count"]  # shown only where issues are on
     for feature in ("issues", "merge_requests", "builds", "wiki"):
         data[f"{'jobs' if feature == 'builds' else feature}_enabled"] = feature not in off
     for feature in ("issues", "merge_requests", "builds", "releases", "wiki", "repository"):
@@ -114,7 +125,7 @@ def _user(world: World, uid: int | None) -> dict[str, Any] | None:
 
 def _references(world: World, po: ProjectObjects, thing: Thing) -> dict[str, str]:
     mark = "#" if thing.kind == "issue" else "!"
-    full = f"{namespace_json(po.pid, world.spec.host)['full_path']}/project-{po.pid}"
+    full = _project_path(po.pid)
     return {"short": f"{mark}{thing.iid}", "relative": f"{mark}{thing.iid}",
             "full": f"{full}{mark}{thing.iid}"}
 

@@ -17,9 +17,9 @@ from aiohttp import web
 
 from gitlab_producer.simulator import api, objects_api
 from gitlab_producer.simulator.control import BARE_429_BODY, BARE_429_ROUTES, Control, Throttle
-from gitlab_producer.simulator.objects import ObjectWorld
 from gitlab_producer.simulator.objects_changes import ChangeError, Changer
 from gitlab_producer.simulator.objects_changes import truth as objects_truth
+from gitlab_producer.simulator.objects_store import ObjectWorld
 from gitlab_producer.simulator.webhooks import HOOK_KINDS, deliver
 from gitlab_producer.simulator.world import World, WorldSpec
 
@@ -47,22 +47,24 @@ class Simulator:
         self.objects = ObjectWorld(self.world)
         self.changer = Changer(self.objects, self.world.spec.seed)
 
-    def is_admin(self, request: web.Request) -> bool:
-        bearer = request.headers.get("Authorization", "")
-        given = request.headers.get("PRIVATE-TOKEN") or (
-            bearer[7:] if bearer.startswith("Bearer ") else request.query.get("private_token"))
-        return given == self.admin_token
-
-    def authenticated(self, request: web.Request) -> tuple[bool, bool]:
-        """(token accepted, token came in the query string)."""
-        in_query = "private_token" in request.query
+    @staticmethod
+    def _token_of(request: web.Request) -> str | None:
         given = request.headers.get("PRIVATE-TOKEN")
         bearer = request.headers.get("Authorization", "")
         if given is None and bearer.startswith("Bearer "):
             given = bearer[7:]
-        if given is None and in_query:
-            given = request.query["private_token"]
-        return given in (self.token, self.admin_token), in_query
+        if given is None:
+            given = request.query.get("private_token")
+        return given
+
+    def is_admin(self, request: web.Request) -> bool:
+        """The request came with the administrator's token."""
+        return self._token_of(request) == self.admin_token
+
+    def authenticated(self, request: web.Request) -> tuple[bool, bool]:
+        """(token accepted, token came in the query string)."""
+        return (self._token_of(request) in (self.token, self.admin_token),
+                "private_token" in request.query)
 
     async def live_loop(self) -> None:
         """Create ``live_rate`` events per second, in small batches, while live mode is on;
