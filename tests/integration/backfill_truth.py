@@ -76,6 +76,26 @@ class Found:
         return [v for v, n in self.versions.items() if n > 1]
 
 
+DOC = Path(__file__).parents[2] / "docs" / "messages.md"
+
+
+def envelope_validator() -> Any:
+    """docs/messages.md's JSON Schema of an object record's envelope (its last JSON block)."""
+    import re
+
+    import jsonschema
+
+    schema = json.loads(re.findall(r"```json\n(.*?)```", DOC.read_text(), re.S)[-1])
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def envelopes(path: Path, prefix: str = "data-bus.gitlab") -> list[dict[str, Any]]:
+    return [{"kind": m["topic"].removeprefix(prefix + "."), "key": m["key"],
+             "headers": m["headers"], "value": m["value"]}
+            for m in map(json.loads, path.read_text().splitlines())]
+
+
 def from_file(path: Path, prefix: str = "data-bus.gitlab") -> Found:
     found = Found()
     if not path.exists():

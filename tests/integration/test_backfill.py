@@ -19,6 +19,8 @@ from tests.conftest import Broker, ServiceRun
 from tests.integration.backfill_truth import (
     CHECKED,
     assert_matches,
+    envelope_validator,
+    envelopes,
     expected_keys,
     from_file,
     from_kafka,
@@ -67,6 +69,9 @@ def test_embedded_backfill_equals_the_ground_truth_and_a_rerun_produces_nothing(
         assert {"projects", "groups", "users", "members", "labels", "milestones", "branches",
                 "tags", "commits", "discussions", "resource_label_events",
                 "protected_branches"} <= set(found.keys)
+        validator = envelope_validator()  # the documented contract holds for every record
+        for envelope in envelopes(out):
+            validator.validate(envelope)
         issue = next(h for h in found.headers if h["kind"] == "issues")
         assert issue["op"] == "snapshot" and issue["ce_specversion"] == "1.0"
         assert issue["ce_type"] == "com.gitlab.issues.snapshot" and issue["updated_at"]
