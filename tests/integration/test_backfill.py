@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from gitlab_producer.simulator.server import running_simulator
+from gitlab_producer.simulator.server import free_port, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
 from tests.conftest import Broker, ServiceRun
 from tests.integration.backfill_truth import (
@@ -202,8 +202,12 @@ def test_two_workers_share_a_backfill_and_one_is_killed(
     with running_simulator(spec) as sim:
         topics = engine_env(service_env, sim.url, broker, redis_address, redis_prefix)
         service_env.env["OPERATIONS_PER_SECOND"] = "100"
-        workers = [service_env.start("worker"), service_env.start("worker")]
-        backfill = service_env.start("backfill", BACKFILL_CONCURRENCY="2")
+        def ports() -> dict[str, str]:  # each process serves its own metrics
+            return {"METRICS_PORT": str(free_port()), "LOG_PORT": str(free_port())}
+
+        survivor = ports()
+        workers = [service_env.start("worker", **ports()), service_env.start("worker", **survivor)]
+        backfill = service_env.start("backfill", BACKFILL_CONCURRENCY="2", **ports())
         wait_for(lambda: "Processing" in service_env.logs[0].read_text()
                  or "stage_started" in service_env.logs[0].read_text(), 60,
                  "the first worker at work")
@@ -211,6 +215,12 @@ def test_two_workers_share_a_backfill_and_one_is_killed(
         workers[0].wait(10)
         try:
             assert backfill.wait(300) == 0, service_env.all_logs()[-3000:]
+            metrics = httpx.get(f"http://127.0.0.1:{survivor['METRICS_PORT']}/metrics",
+                                timeout=10).text
+            imported = [line for line in metrics.splitlines()
+                        if line.startswith("gitlab_producer_objects_imported_total{")]
+            assert imported and sum(float(line.rsplit(" ", 1)[1]) for line in imported) > 0
+            assert 'gitlab_producer_backfill_jobs_total{outcome="done"}' in metrics
         finally:
             workers[1].send_signal(signal.SIGTERM)
             try:

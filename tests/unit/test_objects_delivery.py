@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gitlab_producer.gitlab.errors import NotFoundError
+from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.executor import Progress
 from gitlab_producer.objects.records import ObjectRecord, content_hash
@@ -62,6 +63,7 @@ class FakeExecutor:
     def __init__(self, missing: set[int]) -> None:
         self.missing = missing
         self.asked: list[int] = []
+        self.client = SimpleNamespace(metrics=Metrics())
 
     async def read_one(self, _stream: Any, _scope: Any, _progress: Progress,
                        fields: dict[str, str]) -> dict[str, Any]:

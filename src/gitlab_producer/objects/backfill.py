@@ -22,6 +22,7 @@ from gitlab_producer.config import ConfigError, Settings, split_list
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.errors import GitLabError
 from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.http.ops import OpsState, start_ops
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects.delivery import ObjectDeliverer
@@ -30,7 +31,7 @@ from gitlab_producer.objects.engine import LocalDispatcher, SaqDispatcher
 from gitlab_producer.objects.stages import Importer, ImportOptions
 from gitlab_producer.objects.state import TERMINAL_PROJECT, Plan, StateStore
 from gitlab_producer.objects.status import project_summary
-from gitlab_producer.sinks import open_sink
+from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, open_store
 
 log = get_logger(__name__)
@@ -73,6 +74,26 @@ class Backfill:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop.set)
 
+    async def _serve_ops(self, client: GitLabClient, store: Store, sink: Sink) -> list[Any]:
+        """Metrics, health and readiness on METRICS_PORT, the log level on LOG_PORT (0: off;
+        give each process on one machine its own ports)."""
+        async def gitlab() -> str | None:
+            return None if client.reachable is not False else "last GitLab request failed"
+
+        async def store_ok() -> str | None:
+            await store.ping()
+            return None
+
+        async def sink_ok() -> str | None:
+            await sink.ping()
+            return None
+
+        s = self.settings
+        state = OpsState(self.metrics, CONTROL, {"gitlab": gitlab, "store": store_ok,
+                                                 "sink": sink_ok},
+                         s.log_level_token.get_secret_value())
+        return await start_ops(state, "0.0.0.0", s.metrics_port, s.metrics_url, s.log_port)
+
     async def _importer(self, store: Store, client: GitLabClient, dispatcher: Any,
                         kinds: frozenset[str]) -> Importer:
         s = self.settings
@@ -93,7 +114,9 @@ class Backfill:
         dispatcher: SaqDispatcher | LocalDispatcher = saq or LocalDispatcher(
             concurrency=s.backfill_concurrency, max_attempts=s.backfill_job_attempts)
         importer = await self._importer(store, client, dispatcher, s.object_kinds)
+        runners: list[Any] = []
         try:
+            runners = await self._serve_ops(client, store, importer.deliverer.sink)
             try:
                 projects = await discover(client, split_list(s.backfill_projects))
             except UnknownProject as exc:
@@ -114,6 +137,8 @@ class Backfill:
                 await importer.start_project(pid)
             return await self._work_until_done(state, projects, importer, dispatcher)
         finally:
+            for runner in runners:
+                await runner.cleanup()
             await importer.deliverer.sink.close()
             await client.aclose()
             if saq is not None:
@@ -131,6 +156,7 @@ class Backfill:
             worker = dispatcher.worker(importer.handlers, s.backfill_concurrency)
             serving = asyncio.create_task(worker.start())
         last_progress = 0.0
+        started = time.monotonic()
         try:
             while True:
                 if serving.done():
@@ -143,8 +169,11 @@ class Backfill:
                 done, failed = await self._progress(state, projects)
                 if time.monotonic() - last_progress >= PROGRESS_EVERY_S or done == len(projects):
                     last_progress = time.monotonic()
+                    imported = importer.deliverer.imported
+                    took = max(1e-9, time.monotonic() - started)
                     log.info("backfill_progress", projects_done=done, projects=len(projects),
-                             failed_jobs=failed)
+                             failed_jobs=failed, imported_here=imported,
+                             records_per_s=round(imported / took, 1))
                 if done == len(projects):
                     log.info("backfill_finished", projects=len(projects), failed_jobs=failed)
                     return EXIT_FAILED if failed else EXIT_OK
@@ -164,12 +193,18 @@ class Backfill:
                     await serving
 
     async def _progress(self, state: StateStore, projects: list[int]) -> tuple[int, int]:
+        """(projects complete or gone, failed jobs); the projects gauge follows."""
         done = failed = 0
+        by_status: dict[str, int] = {"running": 0, "complete": 0, "gone": 0}
         for pid in projects:
             project = await state.project(pid)
+            status = project.status if project is not None else "running"
+            by_status[status] = by_status.get(status, 0) + 1
             if project is not None and project.status in TERMINAL_PROJECT:
                 done += 1
                 failed += len(project.failed)
+        for status, count in by_status.items():
+            self.metrics.backfill_projects.labels(status).set(count)
         return done, failed
 
     # -- worker --------------------------------------------------------------------------
@@ -187,6 +222,7 @@ class Backfill:
         kinds = frozenset(plan.kinds) if plan is not None else s.object_kinds
         importer = await self._importer(store, client, saq, kinds)
         await saq.connect()
+        runners = await self._serve_ops(client, store, importer.deliverer.sink)
         worker = saq.worker(importer.handlers, s.backfill_concurrency)
         serving = asyncio.create_task(worker.start())
         log.info("worker_started", concurrency=s.backfill_concurrency)
@@ -198,6 +234,8 @@ class Backfill:
             serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await serving
+            for runner in runners:
+                await runner.cleanup()
             await importer.deliverer.sink.close()
             await client.aclose()
             await saq.close()

@@ -41,6 +41,7 @@ class ObjectDeliverer:
         self.source = source
         self.ttl_s = ttl_s
         self.op = op
+        self.imported = 0  # objects this deliverer saw into Kafka (a value, for progress)
         self._claims: Claims[str] = Claims()
 
     def topic(self, kind: str) -> str:
@@ -63,4 +64,5 @@ class ObjectDeliverer:
             raise
         claim.release()
         await claim.wait_for_others()  # raises DeliveryError when the other task failed
+        self.imported += len(by_mark)
         return Delivered(len(by_mark), Counter(by_mark[m].kind for m in fresh))

@@ -173,6 +173,12 @@ class Executor:
         # A page is delivered whole or raises: every record of it is in Kafka now.
         progress.imported.update(kinds)
         progress.produced.update(delivered.produced)
+        metrics = self.client.metrics
+        for kind, count in kinds.items():
+            metrics.objects_fetched.labels(kind).inc(count)
+            metrics.objects_imported.labels(kind).inc(count)
+        for kind, count in delivered.produced.items():
+            metrics.objects_produced.labels(kind).inc(count)
 
 
 def _record(kind: str, key: str, raw: bytes, item: Mapping[str, Any], version: Version,

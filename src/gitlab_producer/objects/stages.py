@@ -83,6 +83,7 @@ class Importer:
         self.deliverer = deliverer
         self.dispatcher = dispatcher
         self.options = options
+        self.metrics = client.metrics
         self._tasks: dict[str, Callable[[JobRecord, JobPositions], Awaitable[None]]] = {
             "project": self._project, "streams": self._streams,
             "list_merge_requests": self._list_merge_requests, "list_issues": self._list_issues,
@@ -161,6 +162,7 @@ class Importer:
                 job = jobs[job_id]
                 if job is not None:
                     log.warning("job_redispatched", job=job_id, reason="lost by the engine")
+                    self.metrics.backfill_jobs.labels("redispatched").inc()
                     await self._dispatch(job)
             project.waiter_gen += 1
             await self.state.save_project(project)
@@ -174,8 +176,9 @@ class Importer:
             return  # gone meanwhile, or another waiter advanced it
         project = latest
         now = time.time()
-        project.stage_durations[STAGE_NAMES[project.stage]] = round(now - project.stage_started,
-                                                                    3)
+        took = now - project.stage_started
+        project.stage_durations[STAGE_NAMES[project.stage]] = round(took, 3)
+        self.metrics.backfill_stage_duration.labels(STAGE_NAMES[project.stage]).observe(took)
         project.all_jobs += [j for j in project.jobs if j not in project.all_jobs]
         project.failed += [j for j in failed if j not in project.failed]
         nxt = next_stage(project.stage, self.options.kinds)
@@ -199,6 +202,18 @@ class Importer:
         if await self.state.fatal():
             return  # the import stopped (401); the job stays queued for the next run
         job.attempts += 1
+        self.metrics.backfill_jobs_running.inc()
+        try:
+            outcome = await self._run(call, job)
+        except Exception:
+            self.metrics.backfill_jobs.labels("retried").inc()
+            raise
+        finally:
+            self.metrics.backfill_jobs_running.dec()
+        self.metrics.backfill_jobs.labels(outcome).inc()
+
+    async def _run(self, call: Call, job: JobRecord) -> str:
+        """Run the job's task; returns its outcome (raises for the engine to retry)."""
         progress = Progress()
         executor = Executor(self.client, self.deliverer, self.options.kinds, call.heartbeat)
         users = UserCache(self.state.store, executor, self.options.user_ttl_s)
@@ -208,36 +223,35 @@ class Importer:
             await positions.flush()
         except ProjectGone:
             await self._project_gone(job)
+            return "done"
         except RetriesExhaustedError as exc:
             if exc.status != 429:
-                await self._failure(job, exc, call)
-            else:
-                await self._reschedule(job, exc.retry_in_s)
-            return
+                return await self._failure(job, exc, call)
+            await self._reschedule(job, exc.retry_in_s)
+            return "rescheduled"
         except FatalGitLabError as exc:
             if exc.status == 401:
                 reason = f"GitLab answered 401 (job {job.id}): check GITLAB_PRIVATE_TOKEN"
                 log.error("import_stopped", reason=reason)
                 await self.state.set_fatal(reason)
-                return
-            await self._failure(job, exc, call)
-            return
+                return "stopped"
+            return await self._failure(job, exc, call)
         except (GitLabError, DeliveryError, StoreError, ValueError) as exc:
-            await self._failure(job, exc, call)
-            return
+            return await self._failure(job, exc, call)
         except Exception as exc:  # a bug or an answer we do not understand: same policy
             log.exception("job_error", job=job.id)
-            await self._failure(job, exc, call)
-            return
+            return await self._failure(job, exc, call)
         job.status, job.error = DONE, ""
         await self.state.save_job(job)
+        return "done"
 
-    async def _failure(self, job: JobRecord, exc: Exception, call: Call) -> None:
+    async def _failure(self, job: JobRecord, exc: Exception, call: Call) -> str:
         if not call.last_attempt:
             raise exc  # the engine retries it with backoff
         job.status, job.error = FAILED, str(exc)[:500] or type(exc).__name__
         await self.state.save_job(job)
         log.error("job_failed", job=job.id, attempts=job.attempts, error=job.error)
+        return "failed"
 
     async def _reschedule(self, job: JobRecord, retry_in_s: float | None) -> None:
         import random

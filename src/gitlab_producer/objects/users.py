@@ -57,6 +57,9 @@ class UserCache:
         self.stats.hits += len(keys) - len(ask)
         progress.user_hits += len(keys) - len(ask)
         progress.user_requests += len(ask)
+        lookups = self.executor.client.metrics.user_lookups
+        lookups.labels("cached").inc(len(keys) - len(ask))
+        lookups.labels("requested").inc(len(ask))
         user_stream = stream("user")
         for key in ask:
             self.stats.requests += 1
