@@ -149,6 +149,7 @@ class Settings(BaseSettings):
     backfill_kinds: str = Field("", description="kinds to import (comma-separated); empty: all")
     kafka_object_topic_prefix: str = Field("data-bus.gitlab", min_length=1,
                                            description="objects go to <prefix>.<kind>")
+    backfill_attachments: bool = Field(False, description="stage 9: store markdown uploads")
     backfill_concurrency: int = Field(8, ge=1, le=256, description="jobs run at once per process")
     backfill_job_timeout: int = Field(3600, ge=10, le=7 * DAY_S,
                                       description="seconds one job may run")

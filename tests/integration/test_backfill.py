@@ -231,3 +231,36 @@ def test_two_workers_share_a_backfill_and_one_is_killed(
         found = from_kafka(broker.bootstrap, topics, kafka_counts(truth))
         assert_matches(found, truth)
         assert all(kind in found.keys for kind in CHECKED if expected_keys(truth)[kind])
+
+
+def test_attachments_linked_in_markdown_are_stored_and_announced(
+        service_env: ServiceRun) -> None:
+    import json
+    import re
+    from urllib.parse import unquote
+
+    spec = WorldSpec(projects=3, users=10, events=100, seed=16, objects_per_project=80,
+                     feature_off_share=0.0)
+    store = service_env.cwd / "artifacts"
+    with running_simulator(spec) as sim:
+        embedded(service_env, sim.url, BACKFILL_ATTACHMENTS="true",
+                 ARTIFACT_STORE_URL=f"file://{store}")
+        done = service_env.run("backfill", timeout_s=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    out = service_env.cwd / "events.jsonl"
+    linked: set[tuple[str, str, str]] = set()
+    announced: set[str] = set()
+    for line in out.read_text().splitlines():
+        message = json.loads(line)
+        kind = message["topic"].rsplit(".", 1)[1]
+        if message["topic"].endswith(".artifacts"):
+            announced.add(message["value"]["path"])
+        elif kind in ("issues", "merge_requests", "notes", "releases"):
+            pid = message["headers"]["project_id"]
+            for secret, name in re.findall(r"/uploads/([0-9a-f]{32})/([^\s\"'()\[\]<>\\]+)",
+                                           json.dumps(message["value"])):
+                linked.add((pid, secret, unquote(name)))
+    assert linked, "the simulated markdown links uploads"
+    for pid, secret, name in linked:
+        assert (store / pid / "uploads" / secret / name).is_file(), (pid, secret, name)
+    assert announced == {f"uploads/{secret}/{name}" for _pid, secret, name in linked}

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from gitlab_producer.artifact_store import ArtifactStore
 from gitlab_producer.config import ConfigError, Settings, split_list
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.errors import GitLabError
@@ -100,8 +101,10 @@ class Backfill:
         sink = open_sink(s, f"{s.kafka_object_topic_prefix}.objects")
         deliverer = ObjectDeliverer(store, sink, s.kafka_object_topic_prefix, s.instance,
                                     s.object_version_ttl)
-        options = ImportOptions(kinds, s.backfill_waiter_interval, s.user_cache_ttl)
-        return Importer(StateStore(store), client, deliverer, dispatcher, options)
+        options = ImportOptions(kinds, s.backfill_waiter_interval, s.user_cache_ttl,
+                                s.backfill_attachments, s.artifact_topic)
+        artifacts = ArtifactStore(s.artifact_store_url) if s.backfill_attachments else None
+        return Importer(StateStore(store), client, deliverer, dispatcher, options, artifacts)
 
     # -- backfill ------------------------------------------------------------------------
     async def run(self) -> int:

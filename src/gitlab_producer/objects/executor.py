@@ -5,6 +5,7 @@ deliverer before saving the next position, so a resumed job re-reads at most one
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ class _Discussion(msgspec.Struct):
 
 
 _RAWS = msgspec.json.Decoder(list[msgspec.Raw])
+# A markdown upload link: /uploads/<32 hex secret>/<file name> (name as written, URL-encoded).
+UPLOAD_RE = re.compile(rb"/uploads/([0-9a-f]{32})/([^\s\"'()\[\]<>\\]+)")
+WITH_MARKDOWN = frozenset({"issues", "merge_requests", "notes", "releases"})
 _DISCUSSION = msgspec.json.Decoder(_Discussion)
 
 
@@ -70,6 +74,7 @@ class Progress:
     user_hits: int = 0  # user lookups answered by the cache
     user_requests: int = 0  # user lookups that asked GitLab
     malformed: int = 0  # objects without the fields their key needs (skipped, logged)
+    uploads: set[str] = field(default_factory=set)  # "<secret>/<name>" linked in markdown
 
 
 class Positions(Protocol):
@@ -90,10 +95,12 @@ class Executor:
 
     def __init__(self, client: GitLabClient, deliverer: ObjectDeliverer,
                  wanted: frozenset[str],
-                 on_page_read: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_page_read: Callable[[], Awaitable[None]] | None = None,
+                 find_uploads: bool = False) -> None:
         self.client = client
         self.deliverer = deliverer
         self.wanted = wanted  # kinds to produce (BACKFILL_KINDS); others are read, not sent
+        self.find_uploads = find_uploads  # BACKFILL_ATTACHMENTS: note the uploads linked
         self._on_page_read = on_page_read  # a heartbeat for the engine's lease
 
     async def read_one(self, stream: Stream, scope: Scope, progress: Progress,
@@ -167,6 +174,11 @@ class Executor:
                                            bytes(raw_note), note, Version.UPDATED_AT,
                                            project_id))
         records = [r for r in records if r.kind in self.wanted]
+        if self.find_uploads:
+            for r in records:
+                if r.kind in WITH_MARKDOWN and r.raw is not None:
+                    progress.uploads.update(f"{m[0].decode()}/{m[1].decode()}"
+                                            for m in UPLOAD_RE.findall(r.raw))
         delivered = await self.deliverer.deliver(records)
         kinds = Counter(r.kind for r in records)
         progress.fetched.update(kinds)

@@ -26,6 +26,7 @@ class StageSpec:
     kinds: frozenset[str] = frozenset()
 
 
+ATTACHMENTS = "attachments"  # not a kind: asked for by BACKFILL_ATTACHMENTS
 THREADS = frozenset({"discussions", "notes"})
 EVENTS = frozenset({"resource_state_events", "resource_label_events",
                     "resource_milestone_events"})
@@ -43,6 +44,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec(7, "issue_events", "fan_out_events", (), EVENTS),
     StageSpec(8, "ci", "streams", ("pipelines", "jobs", "deployments"),
               frozenset({"pipelines", "jobs", "deployments"})),
+    StageSpec(9, "attachments", "attachments", (), frozenset({ATTACHMENTS})),
     StageSpec(10, "protected_branches", "streams", ("protected_branches",),
               frozenset({"protected_branches"})),
     StageSpec(FINISH, "finish", "finish"),

@@ -39,6 +39,9 @@ class JobPositions:
             users, progress.users = progress.users, set()
             await self.users.import_users(users, progress)
         job = self.job
+        if progress.uploads:
+            job.uploads = sorted(set(job.uploads) | progress.uploads)
+            progress.uploads = set()
         add_counts(job.fetched, progress.fetched)
         add_counts(job.imported, progress.imported)
         add_counts(job.produced, progress.produced)

@@ -19,7 +19,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
+import orjson
+
+from gitlab_producer.artifact_paths import UnsafePathError
+from gitlab_producer.artifact_store import ArtifactStore
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.errors import (
     FatalGitLabError,
@@ -32,6 +37,7 @@ from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.engine import Call, Dispatcher, Handler, backoff_s
 from gitlab_producer.objects.executor import Executor, Progress
 from gitlab_producer.objects.planner import (
+    ATTACHMENTS,
     BY_NUMBER,
     FINISH,
     RETRY,
@@ -54,7 +60,7 @@ from gitlab_producer.objects.state import (
 from gitlab_producer.objects.status import project_summary
 from gitlab_producer.objects.streams import Scope, stream
 from gitlab_producer.objects.users import UserCache
-from gitlab_producer.sinks.base import DeliveryError
+from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store.base import StoreError
 
 log = get_logger(__name__)
@@ -71,14 +77,23 @@ class ImportOptions:
     kinds: frozenset[str]
     waiter_interval_s: float
     user_ttl_s: int
+    attachments: bool = False  # BACKFILL_ATTACHMENTS: stage 9 stores markdown uploads
+    artifact_topic: str = ""  # where stored uploads are announced
+
+    @property
+    def stage_kinds(self) -> frozenset[str]:
+        """What decides which stages run: the kinds, and the attachments when asked for."""
+        return self.kinds | {ATTACHMENTS} if self.attachments else self.kinds
 
 
 class Importer:
     """Stages, jobs and the waiter, on any :class:`Dispatcher`."""
 
     def __init__(self, state: StateStore, client: GitLabClient, deliverer: ObjectDeliverer,
-                 dispatcher: Dispatcher, options: ImportOptions) -> None:
+                 dispatcher: Dispatcher, options: ImportOptions,
+                 artifacts: ArtifactStore | None = None) -> None:
         self.state = state
+        self.artifacts = artifacts
         self.client = client
         self.deliverer = deliverer
         self.dispatcher = dispatcher
@@ -88,7 +103,7 @@ class Importer:
             "project": self._project, "streams": self._streams,
             "list_merge_requests": self._list_merge_requests, "list_issues": self._list_issues,
             "fan_out_events": self._fan_out_events, "children": self._children,
-            "finish": self._finish,
+            "attachments": self._attachments, "finish": self._finish,
         }
 
     @property
@@ -181,7 +196,7 @@ class Importer:
         self.metrics.backfill_stage_duration.labels(STAGE_NAMES[project.stage]).observe(took)
         project.all_jobs += [j for j in project.jobs if j not in project.all_jobs]
         project.failed += [j for j in failed if j not in project.failed]
-        nxt = next_stage(project.stage, self.options.kinds)
+        nxt = next_stage(project.stage, self.options.stage_kinds)
         spec = BY_NUMBER[nxt]
         project.stage, project.stage_started, project.waiter_gen = nxt, now, 0
         project.jobs = [await self._new_job(project.project_id, nxt, spec.task,
@@ -215,7 +230,8 @@ class Importer:
     async def _run(self, call: Call, job: JobRecord) -> str:
         """Run the job's task; returns its outcome (raises for the engine to retry)."""
         progress = Progress()
-        executor = Executor(self.client, self.deliverer, self.options.kinds, call.heartbeat)
+        executor = Executor(self.client, self.deliverer, self.options.kinds, call.heartbeat,
+                            find_uploads=self.options.attachments)
         users = UserCache(self.state.store, executor, self.options.user_ttl_s)
         positions = JobPositions(job, self.state, users, progress)
         try:
@@ -384,6 +400,49 @@ class Importer:
         for iid in job.args["iids"]:
             for name in job.args["streams"]:
                 await self._read(job, positions, name, Scope(job.project_id, parent, int(iid)))
+
+    async def _attachments(self, job: JobRecord, positions: JobPositions) -> None:
+        """Store every upload linked in the project's markdown under
+        ``<project_id>/uploads/<secret>/<name>`` and announce it on the artifact topic."""
+        project = await self.state.project(job.project_id)
+        if project is None or self.artifacts is None:
+            return
+        linked = sorted({ref for j in await self.state.project_jobs(project)
+                         for ref in j.uploads})
+        for ref in linked:
+            stream_id = f"upload:{ref}"
+            if positions.position(stream_id) is None:
+                await self._store_upload(job, positions, ref)
+                await positions.save_position(stream_id, {"done": True})
+
+    async def _store_upload(self, job: JobRecord, positions: JobPositions, ref: str) -> None:
+        store, pid = self.artifacts, job.project_id
+        assert store is not None
+        secret, _, written = ref.partition("/")
+        name = unquote(written)
+        try:
+            stored = await store.find_upload(pid, secret, name)
+            if stored is None:
+                writer = await self.client.download(
+                    f"projects/{pid}/uploads/{secret}/{quote(name, safe='')}", None,
+                    "projects/:id/uploads/:secret/:filename",
+                    lambda: store.open_upload_writer(pid, secret, name))
+                stored = await writer.commit()
+                await self.deliverer.sink.send([Message(
+                    str(pid).encode(),
+                    orjson.dumps({"project_id": pid, "kind": "upload", "path": stored.path,
+                                  "size": stored.size, "sha256": stored.sha256,
+                                  "url": stored.url}),
+                    (("source", self.deliverer.source.encode()),),
+                    topic=self.options.artifact_topic)])
+        except UnsafePathError as exc:
+            log.warning("upload_refused", project_id=pid, reason=str(exc))
+            return
+        except NotFoundError:
+            job.gone += 1  # deleted since it was linked
+            return
+        positions.progress.fetched["uploads"] += 1
+        positions.progress.imported["uploads"] += 1
 
     async def _finish(self, job: JobRecord, positions: JobPositions) -> None:
         project = await self.state.project(job.project_id)

@@ -55,6 +55,7 @@ class JobRecord(msgspec.Struct):
     user_hits: int = 0
     user_requests: int = 0
     children: list[str] = []  # jobs this one fanned out (stages 4, 6, 7)
+    uploads: list[str] = []  # "<secret>/<name>" linked in the markdown it read
     positions: dict[str, dict[str, Any]] = {}
     error: str = ""
 
@@ -139,8 +140,15 @@ class StateStore:
 
     async def stage_jobs(self, project: ProjectRecord) -> dict[str, JobRecord | None]:
         """The current stage's jobs and the jobs they fanned out, by id."""
+        return await self._walk(list(project.jobs))
+
+    async def project_jobs(self, project: ProjectRecord) -> list[JobRecord]:
+        """Every job of the project so far (finished stages and the current one)."""
+        found = await self._walk([*project.all_jobs, *project.jobs])
+        return [job for job in found.values() if job is not None]
+
+    async def _walk(self, pending: list[str]) -> dict[str, JobRecord | None]:
         found: dict[str, JobRecord | None] = {}
-        pending = list(project.jobs)
         while pending:
             job_id = pending.pop()
             if job_id in found:

@@ -23,16 +23,8 @@ async def project_summary(state: StateStore, project: ProjectRecord) -> dict[str
     skipped: set[str] = set()
     failed: list[str] = []
     running = gone = user_hits = user_requests = 0
-    pending = [*project.all_jobs, *project.jobs]
-    seen: set[str] = set()
-    while pending:
-        job_id = pending.pop()
-        if job_id in seen:
-            continue
-        seen.add(job_id)
-        job = await state.job(job_id)
-        if job is None:
-            continue
+    jobs = await state.project_jobs(project)
+    for job in jobs:
         add_counts(fetched, job.fetched)
         add_counts(imported, job.imported)
         skipped.update(job.skipped)
@@ -43,12 +35,11 @@ async def project_summary(state: StateStore, project: ProjectRecord) -> dict[str
             failed.append(job.id)
         elif job.status not in TERMINAL_JOB:
             running += 1
-        pending.extend(job.children)
     return {
         "project_id": project.project_id, "status": project.status,
         "stage": STAGE_NAMES.get(project.stage, str(project.stage)),
         "fetched": dict(sorted(fetched.items())), "imported": dict(sorted(imported.items())),
-        "jobs": len(seen), "jobs_unfinished": running, "failed_jobs": sorted(failed),
+        "jobs": len(jobs), "jobs_unfinished": running, "failed_jobs": sorted(failed),
         "skipped_kinds": sorted(skipped), "parents_gone": gone,
         "user_lookups": {"cached": user_hits, "requested": user_requests},
         "stage_durations_s": project.stage_durations, "error": project.error or None,
