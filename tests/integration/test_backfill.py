@@ -264,3 +264,24 @@ def test_attachments_linked_in_markdown_are_stored_and_announced(
     for pid, secret, name in linked:
         assert (store / pid / "uploads" / secret / name).is_file(), (pid, secret, name)
     assert announced == {f"uploads/{secret}/{name}" for _pid, secret, name in linked}
+
+
+def test_failed_jobs_are_counted_shown_and_retried_by_the_next_run(
+        service_env: ServiceRun) -> None:
+    spec = WorldSpec(projects=4, users=10, events=100, seed=17, objects_per_project=60,
+                     feature_off_share=0.0)
+    with running_simulator(spec, fault_rate=0.3, fault_kinds=("error500",)) as sim:
+        embedded(service_env, sim.url, GITLAB_MAX_RETRIES="0", BACKFILL_JOB_ATTEMPTS="1")
+        first = service_env.run("backfill", timeout_s=240)
+        assert first.returncode == 1, first.stderr[-2000:]  # some jobs failed: not complete
+        summary = status_lines(service_env)[-1]
+        assert int(str(summary["failed_jobs"])) > 0
+        assert '"job_failed"' in first.stderr
+        httpx.post(f"{sim.url}/_simulator/settings", json={"fault_rate": 0.0}, timeout=10
+                   ).raise_for_status()
+        second = service_env.run("backfill", timeout_s=240)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert status_lines(service_env)[-1]["failed_jobs"] == 0
+        found = from_file(service_env.cwd / "events.jsonl")
+        assert_matches(found, ground_truth(sim.url))
+        assert found.repeats() == []  # the retry produced only what was missing

@@ -201,9 +201,13 @@ class Importer:
         project.stage, project.stage_started, project.waiter_gen = nxt, now, 0
         project.jobs = [await self._new_job(project.project_id, nxt, spec.task,
                                             {"streams": list(spec.streams)})]
+        job = await self.state.job(project.jobs[0])
+        if job is not None and job.status in TERMINAL_JOB:
+            # A stage entered again (the finish after the next run retried failed jobs).
+            job.status, job.attempts, job.error, job.gen = QUEUED, 0, "", job.gen + 1
+            await self.state.save_job(job)
         await self.state.save_project(project)
         log.info("stage_started", project_id=project.project_id, stage=spec.name)
-        job = await self.state.job(project.jobs[0])
         if job is not None:
             await self._dispatch(job)
         if nxt != FINISH:
