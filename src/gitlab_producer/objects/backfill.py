@@ -38,6 +38,7 @@ from gitlab_producer.store import Store, open_store
 log = get_logger(__name__)
 POLL_S = 0.5
 PROGRESS_EVERY_S = 5.0
+SUPERVISE_EVERY_S = 30.0  # how often backfill restarts a waiter chain that gave up
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
@@ -159,7 +160,7 @@ class Backfill:
             worker = dispatcher.worker(importer.handlers, s.backfill_concurrency)
             serving = asyncio.create_task(worker.start())
         last_progress = 0.0
-        started = time.monotonic()
+        started = last_supervision = time.monotonic()
         try:
             while True:
                 if serving.done():
@@ -183,6 +184,10 @@ class Backfill:
                 if self.stop.is_set():
                     log.info("backfill_interrupted", projects_done=done)
                     return EXIT_FAILED
+                if time.monotonic() - last_supervision >= SUPERVISE_EVERY_S:
+                    last_supervision = time.monotonic()
+                    for pid in projects:
+                        await importer.keep_waiting(pid)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), POLL_S)
         finally:

@@ -130,6 +130,23 @@ class Importer:
                 await self._dispatch(job)
         await self._dispatch_waiter(project)
 
+    async def keep_waiting(self, project_id: int) -> None:
+        """Make sure a running project has its waiter and its stage's jobs: a waiter chain
+        whose last job gave up (its store was down for all its attempts) is started again, a
+        lost job dispatched again. A live chain is not doubled: its next key is the one
+        enqueued here."""
+        project = await self.state.project(project_id)
+        if project is None or project.status != "running":
+            return
+        jobs = [j for j in [await self.state.job(i) for i in project.jobs]
+                if j is not None and j.status not in TERMINAL_JOB]
+        pending = await self.dispatcher.pending([j.engine_key for j in jobs])
+        for job in jobs:
+            if job.engine_key not in pending:  # lost (the finish has no waiter to see it)
+                await self._dispatch(job)
+        if project.stage != FINISH:
+            await self._dispatch_waiter(project)
+
     async def _retry_failed(self, project: ProjectRecord) -> ProjectRecord:
         """A finished project with failed jobs: run those again (stage ``RETRY``), then the
         finish again."""
