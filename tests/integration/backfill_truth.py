@@ -8,50 +8,20 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
+from gitlab_producer.demo_backfill import CHECKED, expected_keys
 from tests.conftest import consume
 
-CHECKED = ("issues", "merge_requests", "notes", "pipelines", "jobs", "deployments", "releases")
-NOTEABLE = {"Issue": "issues", "MergeRequest": "merge_requests"}
-OFF = {"issues": "issues", "merge_requests": "merge_requests", "pipelines": "builds",
-       "jobs": "builds", "deployments": "builds", "releases": "releases"}
-
+__all__ = ["CHECKED", "assert_matches", "envelope_validator", "envelopes", "expected_keys",
+           "from_file", "from_kafka", "ground_truth"]
 
 def ground_truth(url: str, project_ids: Iterable[int] | None = None) -> dict[str, Any]:
     params = [("project_id", str(p)) for p in project_ids or []]
     result: dict[str, Any] = httpx.get(f"{url}/_simulator/objects", params=params,
                                        timeout=60).json()
     return result
-
-
-def expected_keys(truth: dict[str, Any]) -> dict[str, set[str]]:
-    """Per checked kind, every key a complete import must produce (features switched off in a
-    project answer 403: nothing of theirs is expected)."""
-    out: dict[str, set[str]] = {k: set() for k in CHECKED}
-    for pid, data in truth["projects"].items():
-        off = set(data["features_off"])
-        base = f"projects/{pid}"
-
-        def on(kind: str, off: set[str] = off) -> bool:
-            return OFF[kind] not in off
-
-        for kind in ("issues", "merge_requests"):
-            if on(kind):
-                out[kind] |= {f"{base}/{kind}/{row[1]}" for row in data[kind]}
-        for note_id, noteable, iid, _updated in data["notes"]:
-            if on(NOTEABLE[noteable]):
-                out["notes"].add(f"{base}/{NOTEABLE[noteable]}/{iid}/notes/{note_id}")
-        if on("pipelines"):
-            out["pipelines"] |= {f"{base}/pipelines/{row[0]}" for row in data["pipelines"]}
-            out["jobs"] |= {f"{base}/jobs/{row[0]}" for row in data["jobs"]}
-            out["deployments"] |= {f"{base}/deployments/{row[0]}" for row in data["deployments"]}
-        if on("releases"):
-            out["releases"] |= {f"{base}/releases/{quote(tag, safe='')}"
-                                for tag in data["releases"]}
-    return out
 
 
 class Found:
