@@ -285,3 +285,24 @@ def test_failed_jobs_are_counted_shown_and_retried_by_the_next_run(
         found = from_file(service_env.cwd / "events.jsonl")
         assert_matches(found, ground_truth(sim.url))
         assert found.repeats() == []  # the retry produced only what was missing
+
+
+def test_engine_backfill_killed_then_run_again_loses_nothing(
+        service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str,
+        saq_keys: object) -> None:
+    spec = WorldSpec(projects=8, users=20, events=300, seed=18, objects_per_project=60,
+                     feature_off_share=0.0)
+    with running_simulator(spec) as sim:
+        topics = engine_env(service_env, sim.url, broker, redis_address, redis_prefix)
+        service_env.env["OPERATIONS_PER_SECOND"] = "100"
+        proc = service_env.start("backfill")
+        wait_for(lambda: service_env.logs[0].read_text().count('"stage_started"') > 20, 120,
+                 "the import under way")
+        proc.send_signal(signal.SIGKILL)  # jobs die mid-page; the queue keeps them "active"
+        proc.wait(10)
+        done = service_env.run("backfill", timeout_s=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        truth = ground_truth(sim.url)
+        found = from_kafka(broker.bootstrap, topics, kafka_counts(truth))
+        assert_matches(found, truth)
+        assert len(found.repeats()) <= 8 * 100  # at most the pages in flight at the kill
