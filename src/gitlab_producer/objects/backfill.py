@@ -29,6 +29,8 @@ from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.discovery import UnknownProject, discover
 from gitlab_producer.objects.engine import LocalDispatcher, SaqDispatcher
+from gitlab_producer.objects.planner import stages_for
+from gitlab_producer.objects.progress import Snapshot, open_view
 from gitlab_producer.objects.stages import Importer, ImportOptions
 from gitlab_producer.objects.state import TERMINAL_PROJECT, Plan, StateStore
 from gitlab_producer.objects.status import project_summary
@@ -37,7 +39,6 @@ from gitlab_producer.store import Store, open_store
 
 log = get_logger(__name__)
 POLL_S = 0.5
-PROGRESS_EVERY_S = 5.0
 SUPERVISE_EVERY_S = 30.0  # how often backfill restarts a waiter chain that gave up
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -159,7 +160,7 @@ class Backfill:
         else:
             worker = dispatcher.worker(importer.handlers, s.backfill_concurrency)
             serving = asyncio.create_task(worker.start())
-        last_progress = 0.0
+        view = open_view(len(projects), stages_for(importer.options.stage_kinds))
         started = last_supervision = time.monotonic()
         try:
             while True:
@@ -170,19 +171,17 @@ class Backfill:
                 if fatal:
                     print(f"backfill stopped: {fatal}", file=sys.stderr)
                     return EXIT_FAILED
-                done, failed = await self._progress(state, projects)
-                if time.monotonic() - last_progress >= PROGRESS_EVERY_S or done == len(projects):
-                    last_progress = time.monotonic()
-                    imported = importer.deliverer.imported
-                    took = max(1e-9, time.monotonic() - started)
-                    log.info("backfill_progress", projects_done=done, projects=len(projects),
-                             failed_jobs=failed, imported_here=imported,
-                             records_per_s=round(imported / took, 1))
-                if done == len(projects):
-                    log.info("backfill_finished", projects=len(projects), failed_jobs=failed)
-                    return EXIT_FAILED if failed else EXIT_OK
+                snapshot = await self._progress(state, projects)
+                snapshot.imported_here = importer.deliverer.imported
+                snapshot.elapsed_s = time.monotonic() - started
+                finished = snapshot.done == len(projects)
+                view.show(snapshot, final=finished)
+                if finished:
+                    log.info("backfill_finished", projects=len(projects),
+                             failed_jobs=snapshot.failed_jobs)
+                    return EXIT_FAILED if snapshot.failed_jobs else EXIT_OK
                 if self.stop.is_set():
-                    log.info("backfill_interrupted", projects_done=done)
+                    log.info("backfill_interrupted", projects_done=snapshot.done)
                     return EXIT_FAILED
                 if time.monotonic() - last_supervision >= SUPERVISE_EVERY_S:
                     last_supervision = time.monotonic()
@@ -200,20 +199,24 @@ class Backfill:
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
 
-    async def _progress(self, state: StateStore, projects: list[int]) -> tuple[int, int]:
-        """(projects complete or gone, failed jobs); the projects gauge follows."""
-        done = failed = 0
+    async def _progress(self, state: StateStore, projects: list[int]) -> Snapshot:
+        """Where the projects stand; the projects gauge follows."""
+        snapshot = Snapshot(len(projects))
         by_status: dict[str, int] = {"running": 0, "complete": 0, "gone": 0}
         for pid in projects:
             project = await state.project(pid)
             status = project.status if project is not None else "running"
             by_status[status] = by_status.get(status, 0) + 1
-            if project is not None and project.status in TERMINAL_PROJECT:
-                done += 1
-                failed += len(project.failed)
+            if project is None:
+                snapshot.at_stage[1] += 1
+            elif project.status in TERMINAL_PROJECT:
+                snapshot.done += 1
+                snapshot.failed_jobs += len(project.failed)
+            else:
+                snapshot.at_stage[project.stage] += 1
         for status, count in by_status.items():
             self.metrics.backfill_projects.labels(status).set(count)
-        return done, failed
+        return snapshot
 
     # -- worker --------------------------------------------------------------------------
     async def work(self) -> int:
