@@ -14,6 +14,7 @@ import contextlib
 import signal
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -161,6 +162,8 @@ class Backfill:
             worker = dispatcher.worker(importer.handlers, s.backfill_concurrency)
             serving = asyncio.create_task(worker.start())
         view = open_view(len(projects), stages_for(importer.options.stage_kinds))
+        # Projects finished in this run stay finished: only the others are read again.
+        finished_before: dict[int, tuple[str, int]] = {}
         started = last_supervision = time.monotonic()
         try:
             while True:
@@ -171,7 +174,7 @@ class Backfill:
                 if fatal:
                     print(f"backfill stopped: {fatal}", file=sys.stderr)
                     return EXIT_FAILED
-                snapshot = await self._progress(state, projects)
+                snapshot = await self._progress(state, projects, finished_before)
                 snapshot.imported_here = importer.deliverer.imported
                 snapshot.elapsed_s = time.monotonic() - started
                 finished = snapshot.done == len(projects)
@@ -186,7 +189,8 @@ class Backfill:
                 if time.monotonic() - last_supervision >= SUPERVISE_EVERY_S:
                     last_supervision = time.monotonic()
                     for pid in projects:
-                        await importer.keep_waiting(pid)
+                        if pid not in finished_before:
+                            await importer.keep_waiting(pid)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), POLL_S)
         finally:
@@ -199,23 +203,25 @@ class Backfill:
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
 
-    async def _progress(self, state: StateStore, projects: list[int]) -> Snapshot:
-        """Where the projects stand; the projects gauge follows."""
+    async def _progress(self, state: StateStore, projects: list[int],
+                        finished: dict[int, tuple[str, int]]) -> Snapshot:
+        """Where the projects stand. ``finished`` (project id -> status, failed jobs) is
+        filled as projects end, which are then not read again. The projects gauge follows."""
         snapshot = Snapshot(len(projects))
-        by_status: dict[str, int] = {"running": 0, "complete": 0, "gone": 0}
         for pid in projects:
-            project = await state.project(pid)
-            status = project.status if project is not None else "running"
-            by_status[status] = by_status.get(status, 0) + 1
-            if project is None:
-                snapshot.at_stage[1] += 1
-            elif project.status in TERMINAL_PROJECT:
-                snapshot.done += 1
-                snapshot.failed_jobs += len(project.failed)
-            else:
-                snapshot.at_stage[project.stage] += 1
-        for status, count in by_status.items():
-            self.metrics.backfill_projects.labels(status).set(count)
+            if pid not in finished:
+                project = await state.project(pid)
+                if project is None or project.status not in TERMINAL_PROJECT:
+                    snapshot.at_stage[project.stage if project is not None else 1] += 1
+                    continue
+                finished[pid] = (project.status, len(project.failed))
+            snapshot.done += 1
+            snapshot.failed_jobs += finished[pid][1]
+        ended = Counter(status for status, _failed in finished.values())
+        gauge = self.metrics.backfill_projects
+        gauge.labels("running").set(len(projects) - snapshot.done)
+        for status in TERMINAL_PROJECT:
+            gauge.labels(status).set(ended[status])
         return snapshot
 
     # -- worker --------------------------------------------------------------------------
