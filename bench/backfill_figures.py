@@ -69,13 +69,14 @@ def lower_bound(out: Path, project_count: int) -> tuple[int, dict[str, int]]:
 
 
 def backfill_requests() -> list[dict[str, Any]]:
-    projects, users = 40, 60
+    projects = int(os.environ.get("BENCH_BACKFILL_PROJECTS", "200"))
+    users = 100
     with simulator(projects, users, 2000) as sim, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "objects.jsonl"
         env = {**{k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields},
                "GITLAB_BASE_URL": f"{sim.url}/api/v4", "GITLAB_PRIVATE_TOKEN": "sim-token",
                "OUTPUT_FILE": str(out), "STATE_PATH": str(Path(tmp) / "state.sqlite3"),
-               "OPERATIONS_PER_SECOND": "5000", "BACKFILL_WAITER_INTERVAL": "0.2",
+               "OPERATIONS_PER_SECOND": "5000", "BACKFILL_WAITER_INTERVAL": os.environ.get("BENCH_WAITER_INTERVAL", "1"),
                "BACKFILL_CONCURRENCY": "16", "LOG_LEVEL": "warning",
                "METRICS_PORT": "0", "LOG_PORT": "0"}
         sim.reset_stats()

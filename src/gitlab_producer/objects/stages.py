@@ -15,6 +15,7 @@ Failure policy of a job, by GitLab's answer:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -256,8 +257,12 @@ class Importer:
         users = UserCache(self.state.store, executor, self.options.user_ttl_s)
         positions = JobPositions(job, self.state, users, progress)
         try:
-            await self._tasks[job.task](job, positions)
-            await positions.flush()
+            try:
+                await self._tasks[job.task](job, positions)
+            finally:
+                # What was delivered before a failure is kept (positions with their counts).
+                with contextlib.suppress(StoreError, GitLabError, DeliveryError):
+                    await positions.flush()
         except ProjectGone:
             await self._project_gone(job)
             return "done"
@@ -368,8 +373,8 @@ class Importer:
             if self._wanted(name):
                 await self._read(job, positions, name, Scope(job.project_id))
 
-    async def _fan_out(self, job: JobRecord, parent: str, pages: list[list[int]],
-                       streams: list[str], label: str) -> None:
+    async def _fan_out(self, job: JobRecord, positions: JobPositions, parent: str,
+                       pages: list[list[int]], streams: list[str], label: str) -> None:
         wanted = [s for s in streams if self._wanted(s)]
         if not wanted:
             return
@@ -381,7 +386,7 @@ class Importer:
                                         f"{label}:{parent}:i{iids[0]}")
             if child not in job.children:
                 job.children.append(child)
-                await self.state.save_job(job)
+                await positions.flush()  # the child is announced with what was read so far
                 record = await self.state.job(child)
                 if record is not None:
                     await self._dispatch(record)
@@ -397,7 +402,7 @@ class Importer:
                 known.add(iids[0])
                 pages.append(iids)
                 await self.state.save_iid_pages(job.project_id, parent, pages)
-            await self._fan_out(job, parent, [iids], child_streams, "page")
+            await self._fan_out(job, positions, parent, [iids], child_streams, "page")
 
         await self._read(job, positions, parent, Scope(job.project_id), on_page)
 
@@ -407,14 +412,14 @@ class Importer:
     async def _list_issues(self, job: JobRecord, positions: JobPositions) -> None:
         await self._list_parents(job, positions, "issues", ["discussions"])
         mr_pages = await self.state.iid_pages(job.project_id, "merge_requests")
-        await self._fan_out(job, "merge_requests", mr_pages, ["discussions"], "page")
+        await self._fan_out(job, positions, "merge_requests", mr_pages, ["discussions"], "page")
 
     async def _fan_out_events(self, job: JobRecord, positions: JobPositions) -> None:
         events = ["resource_state_events", "resource_label_events",
                   "resource_milestone_events"]
         for parent in ("issues", "merge_requests"):
             pages = await self.state.iid_pages(job.project_id, parent)
-            await self._fan_out(job, parent, pages, events, "page")
+            await self._fan_out(job, positions, parent, pages, events, "page")
 
     async def _children(self, job: JobRecord, positions: JobPositions) -> None:
         parent = str(job.args["parent"])
