@@ -76,7 +76,8 @@ def backfill_requests() -> list[dict[str, Any]]:
         env = {**{k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields},
                "GITLAB_BASE_URL": f"{sim.url}/api/v4", "GITLAB_PRIVATE_TOKEN": "sim-token",
                "OUTPUT_FILE": str(out), "STATE_PATH": str(Path(tmp) / "state.sqlite3"),
-               "OPERATIONS_PER_SECOND": "5000", "BACKFILL_WAITER_INTERVAL": os.environ.get("BENCH_WAITER_INTERVAL", "1"),
+               "OPERATIONS_PER_SECOND": "5000",
+               "BACKFILL_WAITER_INTERVAL": os.environ.get("BENCH_WAITER_INTERVAL", "1"),
                "BACKFILL_CONCURRENCY": "16", "LOG_LEVEL": "warning",
                "METRICS_PORT": "0", "LOG_PORT": "0"}
         sim.reset_stats()
