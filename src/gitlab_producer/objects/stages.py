@@ -43,6 +43,7 @@ from gitlab_producer.objects.planner import (
     FINISH,
     RETRY,
     STAGE_NAMES,
+    WaiterDecision,
     decide,
     next_stage,
 )
@@ -143,8 +144,11 @@ class Importer:
                 if j is not None and j.status not in TERMINAL_JOB]
         pending = await self.dispatcher.pending([j.engine_key for j in jobs])
         for job in jobs:
-            if job.engine_key not in pending:  # lost (the finish has no waiter to see it)
-                await self._dispatch(job)
+            if job.engine_key in pending:
+                continue
+            again = await self.state.job(job.id)  # it may have finished since
+            if again is not None and again.status not in TERMINAL_JOB:
+                await self._dispatch(again)  # lost (the finish has no waiter to see it)
         if project.stage != FINISH:
             await self._dispatch_waiter(project)
 
@@ -175,7 +179,8 @@ class Importer:
 
     async def _dispatch_waiter(self, project: ProjectRecord, delay_s: float = 0.0) -> None:
         key = f"wait:{project.project_id}:s{project.stage}:g{project.waiter_gen}"
-        await self.dispatcher.enqueue(WAIT_STAGE, key, {"project_id": project.project_id},
+        await self.dispatcher.enqueue(WAIT_STAGE, key, {"project_id": project.project_id,
+                                                        "stage": project.stage},
                                       time.time() + delay_s if delay_s else 0.0)
 
     # -- the waiter ----------------------------------------------------------------------
@@ -185,23 +190,42 @@ class Importer:
         project = await self.state.project(int(kwargs["project_id"]))
         if project is None or await self.state.fatal():
             return
-        jobs = await self.state.stage_jobs(project)
-        keys = [j.engine_key for j in jobs.values() if j is not None]
-        decision = decide(project, jobs, await self.dispatcher.pending(keys))
-        if decision.action == "stop":
-            return
+        if int(kwargs.get("stage", project.stage)) != project.stage:
+            return  # the stage was advanced meanwhile (by its own job); its waiter is on
+        decision = await self._decide(project)
         if decision.action == "wait":
-            for job_id in decision.redispatch:
-                job = jobs[job_id]
-                if job is not None:
-                    log.warning("job_redispatched", job=job_id, reason="lost by the engine")
-                    self.metrics.backfill_jobs.labels("redispatched").inc()
-                    await self._dispatch(job)
             project.waiter_gen += 1
             await self.state.save_project(project)
             await self._dispatch_waiter(project, self.options.waiter_interval_s)
+        elif decision.action == "advance":
+            await self._advance(project, list(decision.failed))
+
+    async def _decide(self, project: ProjectRecord) -> WaiterDecision:
+        """The planner's decision on the project's stage; jobs the engine lost (confirmed by
+        reading their records again: one may have finished between the two reads) are
+        dispatched again."""
+        jobs = await self.state.stage_jobs(project)
+        keys = [j.engine_key for j in jobs.values() if j is not None]
+        decision = decide(project, jobs, await self.dispatcher.pending(keys))
+        for job_id in decision.redispatch:
+            job = await self.state.job(job_id)
+            if job is not None and job.status not in TERMINAL_JOB:
+                log.warning("job_redispatched", job=job_id, reason="lost by the engine")
+                self.metrics.backfill_jobs.labels("redispatched").inc()
+                await self._dispatch(job)
+        return decision
+
+    async def _advance_after(self, job: JobRecord) -> None:
+        """A stage's single job (no fan-out) advances its project itself, as seed 002's
+        single-threaded stages schedule the next stage directly; fanned-out stages are
+        advanced by their waiter."""
+        project = await self.state.project(job.project_id)
+        if (project is None or project.status != "running" or project.stage != job.stage
+                or project.jobs != [job.id] or job.children):
             return
-        await self._advance(project, list(decision.failed))
+        decision = await self._decide(project)
+        if decision.action == "advance":
+            await self._advance(project, list(decision.failed))
 
     async def _advance(self, project: ProjectRecord, failed: list[str]) -> None:
         latest = await self.state.project(project.project_id)
@@ -248,6 +272,8 @@ class Importer:
         finally:
             self.metrics.backfill_jobs_running.dec()
         self.metrics.backfill_jobs.labels(outcome).inc()
+        if outcome in ("done", "failed") and job.task != "finish":
+            await self._advance_after(job)
 
     async def _run(self, call: Call, job: JobRecord) -> str:
         """Run the job's task; returns its outcome (raises for the engine to retry)."""
