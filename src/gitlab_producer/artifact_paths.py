@@ -9,6 +9,8 @@ again once resolved (:meth:`gitlab_producer.capture.ArtifactStore.target`).
   a leading ``/``, backslashes, NUL or other control characters.
 - :func:`project_segment`: a positive project id.
 - :func:`object_key`: the three checked and joined.
+- :func:`upload_key`: ``<project_id>/uploads/<secret>/<name>`` of a markdown upload: a secret
+  of 32 hex characters and a name that is one safe segment.
 
 Each raises :class:`UnsafePathError` (a ``ValueError``) naming what is wrong.
 """
@@ -61,3 +63,17 @@ def relative_path(text: object) -> str:
 def object_key(project_id: int, commit: str, path: str) -> str:
     """``<project_id>/<commit>/<path>``, each part checked."""
     return f"{project_segment(project_id)}/{commit_sha(commit)}/{relative_path(path)}"
+
+
+_SECRET_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def upload_key(project_id: int, secret: str, name: str) -> str:
+    """``<project_id>/uploads/<secret>/<name>``, each part checked (``name`` decoded already:
+    ``..%2Fx`` arrives here as ``../x`` and is refused)."""
+    if not isinstance(secret, str) or not _SECRET_RE.fullmatch(secret):
+        raise UnsafePathError("upload secret must be 32 lower-case hexadecimal characters")
+    relative_path(name)
+    if "/" in name:
+        raise UnsafePathError("upload name must be one path segment")
+    return f"{project_segment(project_id)}/uploads/{secret}/{name}"

@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from gitlab_producer.artifact_paths import UnsafePathError, object_key
+from gitlab_producer.artifact_paths import UnsafePathError, object_key, upload_key
 from gitlab_producer.redaction import mask_userinfo
 
 READ_CHUNK = 1024 * 1024
@@ -60,10 +60,31 @@ class ArtifactStore:
     def target(self, project_id: int, commit: str, path: str) -> str:
         """The backend path of ``<project_id>/<commit>/<path>``; raises
         :class:`UnsafePathError` for a bad part or a result outside the root."""
-        resolved = self._resolve(f"{self.root}/{object_key(project_id, commit, path)}")
+        return self._under_root(object_key(project_id, commit, path))
+
+    def _under_root(self, key: str) -> str:
+        resolved = self._resolve(f"{self.root}/{key}")
         if not resolved.startswith(self.root + "/"):
             raise UnsafePathError("path resolves outside the artifact store")
         return resolved
+
+    async def find_upload(self, project_id: int, secret: str, name: str) -> Stored | None:
+        """A stored markdown upload (``<project_id>/uploads/<secret>/<name>``), or None."""
+        key = upload_key(project_id, secret, name)
+        found = await asyncio.to_thread(self._digest, self._under_root(key))
+        if found is None:
+            return None
+        return Stored(project_id, "", key.split("/", 1)[1], found[0], found[1],
+                      mask_userinfo(f"{self.base_url}/{key}"), True)
+
+    async def open_upload_writer(self, project_id: int, secret: str, name: str
+                                 ) -> StoreWriter:
+        """A writer for a markdown upload (see :meth:`open_writer`)."""
+        key = upload_key(project_id, secret, name)
+        writer = StoreWriter(self, project_id, "", key.split("/", 1)[1], self._under_root(key),
+                             mask_userinfo(f"{self.base_url}/{key}"))
+        await asyncio.to_thread(writer.open)
+        return writer
 
     def url_of(self, project_id: int, commit: str, path: str) -> str:
         """The file's URL as announced (credentials in the base URL masked)."""
@@ -115,8 +136,9 @@ class StoreWriter:
     :meth:`abort`. Counts the size and the SHA-256 on the way."""
 
     def __init__(self, store: ArtifactStore, project_id: int, commit: str, path: str,
-                 target: str) -> None:
+                 target: str, url: str = "") -> None:
         self.store = store
+        self.url = url  # as announced; default: the commit file's URL
         self.project_id, self.commit_sha, self.path = project_id, commit, path
         self.target = target
         self.size = 0
@@ -158,8 +180,9 @@ class StoreWriter:
         await asyncio.to_thread(self._commit)
         s = self.store
         return Stored(self.project_id, self.commit_sha, self.path, self.size,
-                      self._sha.hexdigest(), s.url_of(self.project_id, self.commit_sha,
-                                                      self.path), False)
+                      self._sha.hexdigest(), self.url or s.url_of(self.project_id,
+                                                                  self.commit_sha, self.path),
+                      False)
 
     def _commit(self) -> None:
         self._file.close()

@@ -104,6 +104,22 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return run_async(main())
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from gitlab_producer.objects.backfill import Backfill
+
+    settings = _settings(args)
+    configure(settings.log_level)
+    backfill = Backfill(settings)
+    try:
+        if args.command == "worker":
+            return run_async(backfill.work())
+        if args.command == "status":
+            return run_async(backfill.status())
+        return run_async(backfill.run())
+    except ConfigError as exc:
+        config_exit(exc)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gitlab_producer.demo import run_demo
 
@@ -127,7 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.set_defaults(func=cmd_check_config)
-    for p in (run, check):
+    backfill = sub.add_parser("backfill", help="import every project's full object history, "
+                              "then exit (resumable)")
+    worker = sub.add_parser("worker", help="serve the import's jobs from Redis (any number)")
+    status = sub.add_parser("status", help="per project: stage, counts, failures")
+    for p in (backfill, worker, status):
+        p.set_defaults(func=cmd_backfill)
+    for p in (run, check, backfill, worker, status):
         p.add_argument("--config", default=None,
                        help=f"YAML config file (default: {DEFAULT_CONFIG_PATH}, if present)")
 

@@ -165,6 +165,26 @@ class Settings(BaseSettings):
                                          description="seconds an upload may send nothing")
     capture_rules: tuple[CaptureRule, ...] = ()
 
+    # -- full-history object import (gitlab-producer backfill / worker / status) --------------
+    backfill_projects: str = Field("", description="ids, paths or group paths; empty: all")
+    backfill_kinds: str = Field("", description="kinds to import (comma-separated); empty: all")
+    kafka_object_topic_prefix: str = Field("data-bus.gitlab", min_length=1,
+                                           description="objects go to <prefix>.<kind>")
+    backfill_attachments: bool = Field(False, description="stage 9: store markdown uploads")
+    backfill_concurrency: int = Field(8, ge=1, le=256, description="jobs run at once per process")
+    backfill_job_timeout: int = Field(3600, ge=10, le=7 * DAY_S,
+                                      description="seconds one job may run")
+    backfill_job_heartbeat: int = Field(60, ge=2, le=3600,
+                                        description="seconds before a silent job is swept")
+    backfill_job_attempts: int = Field(3, ge=1, le=20,
+                                       description="tries of a job before it counts as failed")
+    backfill_waiter_interval: float = Field(1.0, ge=0.05, le=600,
+                                            description="seconds between a waiter's looks")
+    object_version_ttl: int = Field(90 * DAY_S, ge=3600, le=3660 * DAY_S,
+                                    description="seconds a produced version stays marked")
+    user_cache_ttl: int = Field(DAY_S, ge=60, le=30 * DAY_S,
+                                description="seconds a user lookup stays cached")
+
     @field_validator("gitlab_base_url")
     @classmethod
     def _url(cls, value: str) -> str:
@@ -212,6 +232,23 @@ class Settings(BaseSettings):
             if _CONTROL_RE.search(text):
                 raise ValueError("must not contain control characters (line breaks, NUL)")
         return value
+
+    @field_validator("backfill_kinds")
+    @classmethod
+    def _kinds(cls, value: str) -> str:
+        from gitlab_producer.objects.streams import KINDS
+
+        unknown = sorted(set(split_list(value)) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown kind {unknown[0]!r}; kinds: {', '.join(KINDS)}")
+        return value
+
+    @property
+    def object_kinds(self) -> frozenset[str]:
+        """BACKFILL_KINDS as a set (every kind when empty)."""
+        from gitlab_producer.objects.streams import KINDS
+
+        return frozenset(split_list(self.backfill_kinds) or KINDS)
 
     @field_validator("gitlab_private_token")
     @classmethod
@@ -364,6 +401,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the YAML file, which arrives as init arguments.
         return env_settings, init_settings
+
+
+def split_list(value: str) -> list[str]:
+    """A comma- or space-separated setting as its items."""
+    return [part for part in re.split(r"[,\s]+", value.strip()) if part]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

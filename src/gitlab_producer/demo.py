@@ -13,6 +13,7 @@ import orjson
 from pydantic import SecretStr
 
 from gitlab_producer.config import load_settings
+from gitlab_producer.demo_backfill import run_backfill_demo
 from gitlab_producer.logs import configure
 from gitlab_producer.service import Service
 from gitlab_producer.simulator.server import running_simulator
@@ -74,6 +75,9 @@ def run_demo(rounds: int = 3, out_dir: Path = Path("var/demo")) -> int:
         code = code or asyncio.run(Service(settings, ops_host="127.0.0.1").run(
             once=True, on_round=report))
         truth = httpx.get(f"{sim.url}/_simulator/truth", timeout=30).json()["events"]
+        _say("the full object history of ten projects (gitlab-producer backfill):")
+        backfilled = run_backfill_demo(settings, sim.url, list(range(1, 11)),
+                                       out_dir / "objects.jsonl")
     expected = {row[0] for row in truth}
     sent = read_sent_ids(events_file)
     missing = len(expected - set(sent))
@@ -84,4 +88,4 @@ def run_demo(rounds: int = 3, out_dir: Path = Path("var/demo")) -> int:
     _say(orjson.dumps(sample, option=orjson.OPT_INDENT_2).decode())
     _say(f"ground truth: {len(expected)} visible events; delivered {len(set(sent))}; "
          f"missing {missing}; duplicates {doubled}")
-    return 0 if code == 0 and missing == 0 and doubled == 0 else 1
+    return 0 if code == 0 and backfilled == 0 and missing == 0 and doubled == 0 else 1

@@ -107,3 +107,32 @@ class Metrics:
             "gitlab_producer_malformed_records_total",
             "Records GitLab listed without the fields the sync needs (skipped), by list",
             ["list"], registry=r)
+        # -- the object import (gitlab-producer backfill / worker) ------------------------
+        self.objects_fetched = Counter(
+            "gitlab_producer_objects_fetched_total", "Objects read from GitLab by kind",
+            ["kind"], registry=r)
+        self.objects_imported = Counter(
+            "gitlab_producer_objects_imported_total",
+            "Objects in Kafka after a delivery (produced now or before) by kind", ["kind"],
+            registry=r)
+        self.objects_produced = Counter(
+            "gitlab_producer_objects_produced_total",
+            "Object versions produced (acknowledged by the sink) by kind", ["kind"], registry=r)
+        self.backfill_jobs = Counter(
+            "gitlab_producer_backfill_jobs_total",
+            "Import jobs by outcome (done, failed, retried, rescheduled, redispatched)",
+            ["outcome"], registry=r)
+        self.backfill_jobs_running = Gauge(
+            "gitlab_producer_backfill_jobs_running", "Import jobs running in this process",
+            registry=r)
+        self.backfill_stage_duration = Histogram(
+            "gitlab_producer_backfill_stage_duration_seconds",
+            "Duration of a project's import stage", ["stage"], registry=r,
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
+        self.backfill_projects = Gauge(
+            "gitlab_producer_backfill_projects", "Projects of the import by status",
+            ["status"], registry=r)
+        self.user_lookups = Counter(
+            "gitlab_producer_user_lookups_total",
+            "User lookups of the import, answered by the cache or by GitLab", ["result"],
+            registry=r)

@@ -14,5 +14,7 @@ def test_demo_delivers_everything_once(service_env: ServiceRun) -> None:
                            timeout_s=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "missing 0; duplicates 0" in done.stdout
+    assert "of 21 kinds from 10 projects" in done.stdout  # the backfill part: every kind
+    assert "missing 0; doubled 0" in done.stdout
     assert done.stdout.count("| complete") == 3  # two rounds and the catch-up round
     assert (service_env.cwd / "demo" / "events.jsonl").stat().st_size > 0

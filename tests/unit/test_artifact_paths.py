@@ -85,3 +85,19 @@ def test_rules_with_unsafe_paths_are_a_config_error() -> None:
                  {"project": "1", "artifacts": [{"job": "../../x"}]}):
         with pytest.raises(ConfigError, match="CAPTURE_RULES"):
             load_settings(None, **required, capture_rules=[rule])
+
+
+@pytest.mark.parametrize(("secret", "name"), [
+    ("0" * 32, "../x"), ("0" * 32, "a/b"), ("0" * 32, ".."), ("0" * 31, "a.png"),
+    ("G" * 32, "a.png"), ("0" * 32, "a\x00.png"), ("0" * 32, "")])
+def test_upload_keys_refuse_what_could_leave_the_store(secret: str, name: str) -> None:
+    from gitlab_producer.artifact_paths import upload_key
+
+    with pytest.raises(UnsafePathError):
+        upload_key(7, secret, name)
+
+
+def test_upload_key_shape() -> None:
+    from gitlab_producer.artifact_paths import upload_key
+
+    assert upload_key(7, "ab" * 16, "log #1.txt") == f"7/uploads/{'ab' * 16}/log #1.txt"

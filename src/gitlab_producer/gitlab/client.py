@@ -86,10 +86,12 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 class _Retry(Exception):
     """Internal: this attempt failed in a way worth another try."""
 
-    def __init__(self, reason: str, status: int | None = None) -> None:
+    def __init__(self, reason: str, status: int | None = None,
+                 pause_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.pause_s = pause_s  # a 429's pause (Retry-After, RateLimit-Reset or our backoff)
 
 
 @dataclass(frozen=True)
@@ -204,8 +206,8 @@ class GitLabClient:
                     throttles += 1
                     if throttles > self.policy.rate_limit_retries:
                         raise RetriesExhaustedError(
-                            f"{endpoint}: still rate limited after {throttles} tries", 429
-                        ) from None
+                            f"{endpoint}: still rate limited after {throttles} tries", 429,
+                            retry_in_s=retry.pause_s) from None
                     continue  # the pause is already set on the shared limiter
                 failures += 1
                 self.metrics.retries.labels(retry.reason).inc()
@@ -263,8 +265,7 @@ class GitLabClient:
         self.reachable = status < 500
         self.metrics.gitlab_requests.labels(endpoint, str(status)).inc()
         if status == 429:
-            self._on_throttle(response, endpoint)
-            raise _Retry("429", 429)
+            raise _Retry("429", 429, self._on_throttle(response, endpoint))
         if status >= 500:
             raise _Retry(f"status {status}", status)
         if 300 <= status < 400:
@@ -293,7 +294,7 @@ class GitLabClient:
         except ValueError:
             raise _Retry("bad json", status) from None
 
-    def _on_throttle(self, response: RawResponse, endpoint: str) -> None:
+    def _on_throttle(self, response: RawResponse, endpoint: str) -> float:
         self.metrics.throttled.inc()
         pause = None
         retry_after = response.headers.get("retry-after", "")
@@ -316,6 +317,7 @@ class GitLabClient:
         self.limiter.pause(pause)
         self.metrics.rate_limit_wait.inc(pause)
         log.warning("gitlab_throttled", endpoint=endpoint, pause_s=round(pause, 3))
+        return pause
 
     async def check_token(self) -> None:
         """``GET /user``: raises :class:`FatalGitLabError` when GitLab rejects the token (401),

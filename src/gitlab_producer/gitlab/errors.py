@@ -50,4 +50,10 @@ class PaginationError(GitLabError):
 
 
 class RetriesExhaustedError(GitLabError):
-    """A retriable failure persisted beyond the retry budget."""
+    """A retriable failure persisted beyond the retry budget. After a 429, ``retry_in_s`` is
+    how long GitLab asked to wait (or our capped backoff when it said nothing)."""
+
+    def __init__(self, message: str, status: int | None = None,
+                 retry_in_s: float | None = None) -> None:
+        super().__init__(message, status)
+        self.retry_in_s = retry_in_s

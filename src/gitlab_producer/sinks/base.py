@@ -9,11 +9,13 @@ import msgspec
 
 
 class Message(msgspec.Struct, frozen=True):
-    """One record: key, value (the event JSON as GitLab returned it) and headers."""
+    """One record: key, value (the event JSON as GitLab returned it) and headers. ``topic``
+    empty: the sink's own topic; the object import names one topic per kind."""
 
     key: bytes
-    value: bytes
+    value: bytes | None
     headers: tuple[tuple[str, bytes], ...]
+    topic: str = ""
 
 
 class DeliveryError(Exception):

@@ -32,10 +32,10 @@ class FileSink:
 
     def _line(self, message: Message) -> bytes:
         return orjson.dumps({
-            "topic": self.topic,
+            "topic": message.topic or self.topic,
             "key": message.key.decode(),
             "headers": {k: v.decode() for k, v in message.headers},
-            "value": orjson.Fragment(message.value),
+            "value": None if message.value is None else orjson.Fragment(message.value),
         }) + b"\n"
 
     async def send(self, messages: Sequence[Message]) -> None:

@@ -198,8 +198,8 @@ class KafkaSink:
         for index, message in enumerate(messages):
             while True:
                 try:
-                    produce(self.topic, message.value, message.key, headers=list(message.headers),
-                            on_delivery=batch.on_delivery)
+                    produce(message.topic or self.topic, message.value, message.key,
+                            headers=list(message.headers), on_delivery=batch.on_delivery)
                     break
                 except BufferError:
                     await asyncio.sleep(0.005)  # local queue full: let librdkafka drain

@@ -1,0 +1,110 @@
+"""Figures of ``gitlab-producer backfill`` (embedded mode, file sink) against the simulator:
+requests against the lower bound of a full read, records per second, peak memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.harness import cpu_seconds, peak_rss_mb, simulator
+from gitlab_producer.config import Settings
+
+PER_PAGE = 100
+PROJECT_LISTS = ("repository/branches", "repository/tags", "repository/commits", "labels",
+                 "milestones", "releases", "merge_requests", "members/all", "issues",
+                 "pipelines", "jobs", "deployments", "protected_branches")
+THING_LISTS = ("discussions", "resource_state_events", "resource_label_events",
+               "resource_milestone_events")
+
+
+def pages(count: int) -> int:
+    return max(1, math.ceil(count / PER_PAGE))
+
+
+def lower_bound(out: Path, project_count: int) -> tuple[int, dict[str, int]]:
+    """Requests a perfect full read needs, from what was read: every list once at per_page 100
+    (an empty list costs its one request), every single object once, each user once. A
+    commit list per merge request is counted as one page (the simulator's are all shorter)."""
+    per_list: Counter[str] = Counter()
+    namespaces: list[str] = []
+    users: set[str] = set()
+    things: set[str] = set()
+    projects: set[str] = set()
+    for line in out.read_text().splitlines():
+        message = json.loads(line)
+        key, kind = message["key"], message["topic"].rsplit(".", 1)[1]
+        parts = key.split("/")
+        if kind == "projects":
+            projects.add(parts[1])
+            namespace = message["value"].get("namespace") or {}
+            if namespace.get("kind") == "group":
+                namespaces.append(namespace["full_path"])
+        elif kind == "users":
+            users.add(key)
+        elif kind in ("issues", "merge_requests"):
+            things.add(key)
+            per_list[f"projects/{parts[1]}/{kind}"] += 1
+        elif kind not in ("notes", "groups"):  # counted per list: the key without its id
+            per_list["/".join(parts[:-1])] += 1
+    detail = {
+        "project_listing": pages(project_count),
+        "projects": len(projects),
+        "groups": sum(len(n.split("/")) for n in namespaces),
+        "project_lists": sum(pages(per_list[f"projects/{p}/{name}"])
+                             for p in projects for name in PROJECT_LISTS),
+        "thread_and_event_lists": sum(pages(per_list[f"{t}/{name}"])
+                                      for t in things for name in THING_LISTS),
+        "merge_request_commits": sum(1 for t in things if "/merge_requests/" in t),
+        "users": len(users),
+    }
+    return sum(detail.values()), detail
+
+
+def backfill_requests() -> list[dict[str, Any]]:
+    projects = int(os.environ.get("BENCH_BACKFILL_PROJECTS", "200"))
+    users = 100
+    with simulator(projects, users, 2000) as sim, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "objects.jsonl"
+        env = {**{k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields},
+               "GITLAB_BASE_URL": f"{sim.url}/api/v4", "GITLAB_PRIVATE_TOKEN": "sim-token",
+               "OUTPUT_FILE": str(out), "STATE_PATH": str(Path(tmp) / "state.sqlite3"),
+               "OPERATIONS_PER_SECOND": "5000",
+               "BACKFILL_WAITER_INTERVAL": os.environ.get("BENCH_WAITER_INTERVAL", "1"),
+               "BACKFILL_CONCURRENCY": "16", "LOG_LEVEL": "warning",
+               "METRICS_PORT": "0", "LOG_PORT": "0"}
+        sim.reset_stats()
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "gitlab_producer", "backfill"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak = cpu = 0.0
+        while proc.poll() is None:
+            peak = max(peak, peak_rss_mb(proc.pid))
+            cpu = max(cpu, cpu_seconds(proc.pid))
+            time.sleep(0.1)
+        took = time.perf_counter() - started
+        code = proc.wait()
+        made = int(sim.stats()["total"])
+        bound, detail = lower_bound(out, projects)
+        records = len(out.read_text().splitlines())
+    text = ", ".join(f"{k} {v}" for k, v in detail.items())
+    return [
+        {"figure": "backfill: requests vs lower bound", "value": made, "unit": "requests",
+         "limit": f"<= {math.floor(bound * 1.05)} (1.05 x {bound})",
+         "ratio": round(made / bound, 3),
+         "detail": f"{projects} projects, exit {code}; lower bound: {text}"},
+        {"figure": "backfill: records per second", "value": round(records / took),
+         "unit": "records/s", "limit": "(peers not measured yet)", "ratio": None,
+         "detail": f"{records} records in {took:.1f} s, {cpu:.1f} s CPU, embedded store, "
+                   f"file sink, OPERATIONS_PER_SECOND 5000"},
+        {"figure": "backfill: peak memory", "value": round(peak), "unit": "MB",
+         "limit": "<= 300", "ratio": round(peak / 300, 2),
+         "detail": f"peak RSS of the backfill process over {records} records"},
+    ]

@@ -1,0 +1,292 @@
+"""``gitlab-producer backfill``, ``worker`` and ``status``: wiring of the store, sink, client,
+deliverer and engine around the :class:`Importer`.
+
+``backfill`` discovers the projects, starts (or resumes) each from its durable state, works
+itself (an in-process SAQ worker with Redis, the in-process dispatcher without), and exits when
+every project is complete or gone: 0 when nothing failed, 1 when some job failed after its
+attempts (the next run retries it) or the import stopped (401).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from gitlab_producer.artifact_store import ArtifactStore
+from gitlab_producer.config import ConfigError, Settings, split_list
+from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
+from gitlab_producer.gitlab.errors import GitLabError
+from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.http.ops import OpsState, start_ops
+from gitlab_producer.logs import CONTROL, get_logger
+from gitlab_producer.metrics import Metrics
+from gitlab_producer.objects.delivery import ObjectDeliverer
+from gitlab_producer.objects.discovery import UnknownProject, discover
+from gitlab_producer.objects.engine import LocalDispatcher, SaqDispatcher
+from gitlab_producer.objects.planner import stages_for
+from gitlab_producer.objects.progress import Snapshot, open_view
+from gitlab_producer.objects.stages import Importer, ImportOptions
+from gitlab_producer.objects.state import TERMINAL_PROJECT, Plan, StateStore
+from gitlab_producer.objects.status import project_summary
+from gitlab_producer.sinks import Sink, open_sink
+from gitlab_producer.store import Store, open_store
+
+log = get_logger(__name__)
+POLL_S = 0.5
+SUPERVISE_EVERY_S = 30.0  # how often backfill restarts a waiter chain that gave up
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+class Backfill:
+    """One backfill, worker or status process."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.stop = asyncio.Event()
+        for secret in settings.secrets():
+            CONTROL.add_secret(secret)
+
+    def _client(self) -> GitLabClient:
+        s = self.settings
+        # rate_limit_retries=0: a 429 surfaces at once, and the job is rescheduled to GitLab's
+        # reset time instead of holding a worker slot while it sleeps.
+        return GitLabClient(
+            s.gitlab_base_url, s.gitlab_private_token.get_secret_value(),
+            RateLimiter(s.operations_per_second), self.metrics, s.gitlab_timeout,
+            RetryPolicy(max_retries=s.gitlab_max_retries, rate_limit_retries=0),
+            max_connections=max(4, s.backfill_concurrency + 2), max_body=s.gitlab_max_body)
+
+    def _saq(self) -> SaqDispatcher:
+        s = self.settings
+        host, port, password = s.redis_endpoint
+        return SaqDispatcher(f"redis://{host}:{port}/{s.redis_db}",
+                             f"{s.redis_key_prefix}backfill", s.redis_key_prefix,
+                             s.backfill_job_timeout, s.backfill_job_attempts,
+                             s.backfill_job_heartbeat, password)
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop.set)
+
+    async def _serve_ops(self, client: GitLabClient, store: Store, sink: Sink) -> list[Any]:
+        """Metrics, health and readiness on METRICS_PORT, the log level on LOG_PORT (0: off;
+        give each process on one machine its own ports)."""
+        async def gitlab() -> str | None:
+            return None if client.reachable is not False else "last GitLab request failed"
+
+        async def store_ok() -> str | None:
+            await store.ping()
+            return None
+
+        async def sink_ok() -> str | None:
+            await sink.ping()
+            return None
+
+        s = self.settings
+        state = OpsState(self.metrics, CONTROL, {"gitlab": gitlab, "store": store_ok,
+                                                 "sink": sink_ok},
+                         s.log_level_token.get_secret_value())
+        return await start_ops(state, "0.0.0.0", s.metrics_port, s.metrics_url, s.log_port)
+
+    async def _importer(self, store: Store, client: GitLabClient, dispatcher: Any,
+                        kinds: frozenset[str]) -> Importer:
+        s = self.settings
+        sink = open_sink(s, f"{s.kafka_object_topic_prefix}.objects")
+        deliverer = ObjectDeliverer(store, sink, s.kafka_object_topic_prefix, s.instance,
+                                    s.object_version_ttl)
+        options = ImportOptions(kinds, s.backfill_waiter_interval, s.user_cache_ttl,
+                                s.backfill_attachments, s.artifact_topic)
+        artifacts = ArtifactStore(s.artifact_store_url) if s.backfill_attachments else None
+        return Importer(StateStore(store), client, deliverer, dispatcher, options, artifacts)
+
+    # -- backfill ------------------------------------------------------------------------
+    async def run(self) -> int:
+        s = self.settings
+        self._install_signals()
+        store = open_store(s)
+        client = self._client()
+        state = StateStore(store)
+        saq = self._saq() if s.redis_address else None
+        dispatcher: SaqDispatcher | LocalDispatcher = saq or LocalDispatcher(
+            concurrency=s.backfill_concurrency, max_attempts=s.backfill_job_attempts)
+        importer = await self._importer(store, client, dispatcher, s.object_kinds)
+        runners: list[Any] = []
+        try:
+            runners = await self._serve_ops(client, store, importer.deliverer.sink)
+            try:
+                projects = await discover(client, split_list(s.backfill_projects))
+            except UnknownProject as exc:
+                print(f"config error: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            except GitLabError as exc:
+                log.error("backfill_failed", reason=f"listing projects: {exc}")
+                return EXIT_FAILED
+            plan = await state.plan()
+            started = plan.started if plan is not None else time.time()
+            await state.save_plan(Plan(projects, sorted(s.object_kinds), started))
+            await state.clear_fatal()
+            log.info("backfill_started", projects=len(projects), kinds=sorted(s.object_kinds),
+                     engine="saq" if saq else "in-process", store="redis" if saq else "sqlite")
+            if saq is not None:
+                await saq.connect()
+            for pid in projects:
+                await importer.start_project(pid)
+            return await self._work_until_done(state, projects, importer, dispatcher)
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+            await importer.deliverer.sink.close()
+            await client.aclose()
+            if saq is not None:
+                await saq.close()
+            await store.close()
+
+    async def _work_until_done(self, state: StateStore, projects: list[int], importer: Importer,
+                               dispatcher: SaqDispatcher | LocalDispatcher) -> int:
+        s = self.settings
+        worker_stop = asyncio.Event()
+        if isinstance(dispatcher, LocalDispatcher):
+            dispatcher.handlers.update(importer.handlers)
+            serving: asyncio.Task[Any] = asyncio.create_task(dispatcher.run(worker_stop))
+        else:
+            worker = dispatcher.worker(importer.handlers, s.backfill_concurrency)
+            serving = asyncio.create_task(worker.start())
+        view = open_view(len(projects), stages_for(importer.options.stage_kinds))
+        # Projects finished in this run stay finished: only the others are read again.
+        finished_before: dict[int, tuple[str, int]] = {}
+        started = last_supervision = time.monotonic()
+        try:
+            while True:
+                if serving.done():
+                    serving.result()  # a crashed worker is an error, not a hang
+                    return EXIT_FAILED
+                fatal = await state.fatal()
+                if fatal:
+                    print(f"backfill stopped: {fatal}", file=sys.stderr)
+                    return EXIT_FAILED
+                snapshot = await self._progress(state, projects, finished_before)
+                snapshot.imported_here = importer.deliverer.imported
+                snapshot.elapsed_s = time.monotonic() - started
+                finished = snapshot.done == len(projects)
+                view.show(snapshot, final=finished)
+                if finished:
+                    log.info("backfill_finished", projects=len(projects),
+                             failed_jobs=snapshot.failed_jobs)
+                    return EXIT_FAILED if snapshot.failed_jobs else EXIT_OK
+                if self.stop.is_set():
+                    log.info("backfill_interrupted", projects_done=snapshot.done)
+                    return EXIT_FAILED
+                if time.monotonic() - last_supervision >= SUPERVISE_EVERY_S:
+                    last_supervision = time.monotonic()
+                    for pid in projects:
+                        if pid not in finished_before:
+                            await importer.keep_waiting(pid)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), POLL_S)
+        finally:
+            worker_stop.set()
+            if isinstance(dispatcher, LocalDispatcher):
+                await serving
+            else:
+                await worker.stop()
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+
+    async def _progress(self, state: StateStore, projects: list[int],
+                        finished: dict[int, tuple[str, int]]) -> Snapshot:
+        """Where the projects stand. ``finished`` (project id -> status, failed jobs) is
+        filled as projects end, which are then not read again. The projects gauge follows."""
+        snapshot = Snapshot(len(projects))
+        for pid in projects:
+            if pid not in finished:
+                project = await state.project(pid)
+                if project is None or project.status not in TERMINAL_PROJECT:
+                    snapshot.at_stage[project.stage if project is not None else 1] += 1
+                    continue
+                finished[pid] = (project.status, len(project.failed))
+            snapshot.done += 1
+            snapshot.failed_jobs += finished[pid][1]
+        ended = Counter(status for status, _failed in finished.values())
+        gauge = self.metrics.backfill_projects
+        gauge.labels("running").set(len(projects) - snapshot.done)
+        for status in TERMINAL_PROJECT:
+            gauge.labels(status).set(ended[status])
+        return snapshot
+
+    # -- worker --------------------------------------------------------------------------
+    async def work(self) -> int:
+        """Serve the engine's jobs until SIGTERM (any number of these share one Redis)."""
+        s = self.settings
+        if not s.redis_address:
+            raise ConfigError("REDIS_ADDRESS: the worker serves jobs from Redis; without it, "
+                              "`gitlab-producer backfill` runs the whole import in one process")
+        self._install_signals()
+        store = open_store(s)
+        client = self._client()
+        saq = self._saq()
+        plan = await StateStore(store).plan()
+        kinds = frozenset(plan.kinds) if plan is not None else s.object_kinds
+        importer = await self._importer(store, client, saq, kinds)
+        await saq.connect()
+        runners = await self._serve_ops(client, store, importer.deliverer.sink)
+        worker = saq.worker(importer.handlers, s.backfill_concurrency)
+        serving = asyncio.create_task(worker.start())
+        log.info("worker_started", concurrency=s.backfill_concurrency)
+        try:
+            await asyncio.wait({serving, asyncio.create_task(self.stop.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await worker.stop()
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+            for runner in runners:
+                await runner.cleanup()
+            await importer.deliverer.sink.close()
+            await client.aclose()
+            await saq.close()
+            await store.close()
+        return EXIT_OK
+
+    # -- status --------------------------------------------------------------------------
+    async def status(self) -> int:
+        """One JSON line per project, then a summary line."""
+        store = open_store(self.settings)
+        state = StateStore(store)
+        try:
+            plan = await state.plan()
+            if plan is None:
+                print(orjson.dumps({"backfill": "never started"}).decode())
+                return EXIT_OK
+            totals: dict[str, int] = {"projects": len(plan.projects), "complete": 0,
+                                      "gone": 0, "running": 0, "failed_jobs": 0}
+            hits = requests = 0
+            for pid in plan.projects:
+                project = await state.project(pid)
+                if project is None:
+                    print(orjson.dumps({"project_id": pid, "status": "not started"}).decode())
+                    continue
+                summary = await project_summary(state, project)
+                print(orjson.dumps(summary).decode())
+                totals[project.status] = totals.get(project.status, 0) + 1
+                totals["failed_jobs"] += len(summary["failed_jobs"])
+                hits += summary["user_lookups"]["cached"]
+                requests += summary["user_lookups"]["requested"]
+            fatal = await state.fatal()
+            print(orjson.dumps({**totals, "kinds": plan.kinds, "stopped": fatal or None,
+                                "user_cache_hit_ratio": round(hits / (hits + requests), 3)
+                                if hits + requests else None}).decode())
+            return EXIT_OK
+        finally:
+            await store.close()
