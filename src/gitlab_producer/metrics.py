@@ -84,3 +84,18 @@ class Metrics:
             "gitlab_producer_malformed_records_total",
             "Records GitLab listed without the fields the sync needs (skipped), by list",
             ["list"], registry=r)
+        # The request budget (shared by all instances on one Redis, or this process's own).
+        self.budget_limit = Gauge(
+            "gitlab_producer_budget_limit_per_second",
+            "OPERATIONS_PER_SECOND: the token's request budget across all instances", registry=r)
+        self.budget_reserved = Counter(
+            "gitlab_producer_budget_reserved_total",
+            "Request slots this instance reserved in the shared budget (sum over instances / "
+            "limit = the budget's use)", registry=r)
+        self.budget_wait = Histogram(
+            "gitlab_producer_budget_wait_seconds",
+            "How long a request waited for its slot in the shared budget", registry=r,
+            buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.budget_fallbacks = Counter(
+            "gitlab_producer_budget_fallbacks_total",
+            "Requests limited by this process alone because Redis did not answer", registry=r)

@@ -25,7 +25,7 @@ from gitlab_producer.capture import ArtifactStore, Capturer, capture_endpoint
 from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError
-from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.gitlab.shared_budget import open_budget
 from gitlab_producer.http.ops import OpsState, RoundWatch, listen, start_ops
 from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
 from gitlab_producer.logs import CONTROL, get_logger
@@ -69,7 +69,7 @@ class Service:
         s = self.settings
         return GitLabClient(
             s.gitlab_base_url, s.gitlab_private_token.get_secret_value(),
-            RateLimiter(s.operations_per_second), self.metrics, s.gitlab_timeout,
+            open_budget(s, self.metrics), self.metrics, s.gitlab_timeout,
             RetryPolicy(max_retries=s.gitlab_max_retries,
                         rate_limit_retries=s.gitlab_rate_limit_retries),
             max_connections=max(4, s.gitlab_concurrency * 2 + 2), max_body=s.gitlab_max_body,

@@ -77,18 +77,7 @@ class RedisStore:
     def from_address(cls, address: str, password: str = "", db: int = 0,
                      prefix: str = "gitlab-producer:",
                      max_connections: int = MAX_CONNECTIONS) -> RedisStore:
-        host, _, port = address.removeprefix("redis://").rpartition(":")
-        # A burst (webhooks, many readers) waits for a free connection rather than failing
-        # with "Too many connections", which the default pool raises at its limit.
-        # A pooled connection that a Redis restart closed fails its next command: that one is
-        # retried on a new connection (every command here is idempotent), so a restart costs
-        # no failed mark, which would have had an acknowledged event sent again.
-        pool = aioredis.BlockingConnectionPool(
-            host=host, port=int(port), password=password or None, db=db, socket_timeout=10,
-            socket_connect_timeout=5, max_connections=max_connections, timeout=10,
-            driver_info=DRIVER_INFO, connection_class=HiredisPackingConnection,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3, (RedisConnectionError,)))
-        return cls(aioredis.Redis.from_pool(pool), prefix)
+        return cls(connect(address, password, db, max_connections), prefix)
 
     async def _lookup(self, keys: list[str | bytes]) -> list[bool]:
         try:
@@ -191,3 +180,21 @@ class RedisStore:
             await self._redis.hdel(f"{self.prefix}retry:{kind}", *[str(i) for i in entity_ids])
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
+
+
+def connect(address: str, password: str = "", db: int = 0,
+            max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
+    """A client for ``host:port`` with its own pool, connecting at its first command (the
+    store, the claims and the request budget each have one)."""
+    host, _, port = address.removeprefix("redis://").rpartition(":")
+    # A burst (webhooks, many readers) waits for a free connection rather than failing
+    # with "Too many connections", which the default pool raises at its limit.
+    # A pooled connection that a Redis restart closed fails its next command: that one is
+    # retried on a new connection (the store's commands are idempotent), so a restart costs
+    # no failed mark, which would have had an acknowledged event sent again.
+    pool = aioredis.BlockingConnectionPool(
+        host=host, port=int(port), password=password or None, db=db, socket_timeout=10,
+        socket_connect_timeout=5, max_connections=max_connections, timeout=10,
+        driver_info=DRIVER_INFO, connection_class=HiredisPackingConnection,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3, (RedisConnectionError,)))
+    return aioredis.Redis.from_pool(pool)
