@@ -99,3 +99,12 @@ class Metrics:
         self.budget_fallbacks = Counter(
             "gitlab_producer_budget_fallbacks_total",
             "Requests limited by this process alone because Redis did not answer", registry=r)
+        # Claims across instances (Redis store).
+        self.claims_held_elsewhere = Counter(
+            "gitlab_producer_claims_held_elsewhere_total",
+            "Events or hooks met while another instance was delivering them (waited for)",
+            registry=r)
+        self.claims_taken_over = Counter(
+            "gitlab_producer_claims_taken_over_total",
+            "Events or hooks this instance delivered after the instance holding them gave "
+            "them up or died (its claim expired)", registry=r)

@@ -32,6 +32,7 @@ from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, StoreError, open_store
+from gitlab_producer.store.redis_claims import shared_claims
 from gitlab_producer.sync.delivery import Deliverer
 from gitlab_producer.sync.entities import SyncContext
 from gitlab_producer.sync.round import LAST_ROUND_KEY, RoundResult, SyncRound
@@ -183,7 +184,7 @@ class Service:
                           s.webhook_signing_token.get_secret_value(), s.webhook_max_skew,
                           s.cache_ttl * 60, s.instance),
             store, hook_sink, self.metrics,
-            capturer.on_hook if s.capture_rules else None)
+            capturer.on_hook if s.capture_rules else None, shared_claims(store, s.instance))
         app = build_webhook_app(receiver, s.webhook_max_body,
                                 capture_endpoint(capturer, s.webhook_secret.get_secret_value()))
         await receiver.warm_up()
@@ -207,7 +208,8 @@ class Service:
         sinks += extra_sinks
         since = await self._retrying("since", lambda: self._since(store))
         return SyncContext(
-            client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance),
+            client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance,
+                                     shared_claims(store, s.instance)),
             self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,
                                       s.user_resync_interval),
             s.gitlab_per_page_pagination, since, self.stop)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import time
@@ -33,10 +34,12 @@ from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message, Sink
 from gitlab_producer.store.base import Store, StoreError
 from gitlab_producer.store.claims import Claim, Claims
+from gitlab_producer.store.redis_claims import RedisClaims
 
 log = get_logger(__name__)
 HOOK_NAMESPACE = "hook"
 DRAIN_TIMEOUT_S = 1.0  # marks take milliseconds; SIGTERM must still end within 10 s
+HELD_WAIT_S = 5.0  # a repeat another receiver is producing; GitLab's own timeout is 10 s
 
 # X-Gitlab-Event values GitLab documents; anything else is forwarded flagged as unknown.
 KNOWN_EVENTS = frozenset({
@@ -98,8 +101,9 @@ class WebhookReceiver:
     """Checks, deduplicates and produces webhook deliveries."""
 
     def __init__(self, config: WebhookConfig, store: Store, sink: Sink, metrics: Metrics,
-                 on_hook: OnPush | None = None) -> None:
+                 on_hook: OnPush | None = None, shared: RedisClaims | None = None) -> None:
         self.config = config
+        self.shared = shared  # claims across receivers (Redis store)
         self.store = store
         self.sink = sink
         self.on_hook = on_hook
@@ -188,16 +192,30 @@ class WebhookReceiver:
         if not claim.mine:
             await claim.wait_for_others()
             return False
+        shared_key = (self.shared.store.namespaced_keys(HOOK_NAMESPACE, [key])
+                      if self.shared is not None else [])
+        owned = False
         try:
-            if not await self.store.unseen_keys(HOOK_NAMESPACE, [key]):
+            if self.shared is not None:
+                owned = await self.shared.claim_waiting(shared_key[0], HELD_WAIT_S)
+            if not owned and not await self._unseen(key):
                 claim.release()
                 return False
-            await self.sink.send([message])
+            async with (self.shared.renewed(shared_key) if owned and self.shared is not None
+                        else contextlib.nullcontext()):
+                await self.sink.send([message])
         except BaseException as exc:
+            if self.shared is not None and owned:
+                self.shared.release_soon(shared_key)
             claim.release(exc)
             raise
         self._spawn(self._mark(key, claim))
         return True
+
+    async def _unseen(self, key: str) -> bool:
+        """Not delivered yet (the embedded store: this process's claim is the only one)."""
+        return self.shared is None and bool(await self.store.unseen_keys(HOOK_NAMESPACE,
+                                                                          [key]))
 
     async def _mark(self, key: str, claim: Claim[str]) -> None:
         try:

@@ -144,11 +144,14 @@ class Control:
         with self.lock:
             self.stats.total += 1
             self.stats.by_route_status[(route, status)] += 1
-            now = time.time()
-            self.stats.per_second[int(now)] += 1
-            self.stats.arrived(now)
+            self.stats.per_second[int(time.time())] += 1
             if token_in_query:
                 self.stats.token_in_query += 1
+
+    def arrived(self) -> None:
+        """A request arrived (counted in the sliding window at arrival, before handling)."""
+        with self.lock:
+            self.stats.arrived(time.time())
 
     def reset_stats(self) -> None:
         with self.lock:

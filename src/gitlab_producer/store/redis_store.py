@@ -79,6 +79,20 @@ class RedisStore:
                      max_connections: int = MAX_CONNECTIONS) -> RedisStore:
         return cls(connect(address, password, db, max_connections), prefix)
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client (the claims across instances share it)."""
+        return self._redis
+
+    def event_keys(self, event_ids: Sequence[int]) -> list[bytes]:
+        """The sent-mark keys of events."""
+        key = self._event_key
+        return [key % i for i in event_ids]
+
+    def namespaced_keys(self, namespace: str, keys: Sequence[str]) -> list[str]:
+        """The sent-mark keys of string keys in ``namespace``."""
+        return [f"{self.prefix}{namespace}:{k}" for k in keys]
+
     async def _lookup(self, keys: list[str | bytes]) -> list[bool]:
         try:
             found = await self._redis.mget(keys)
@@ -100,20 +114,18 @@ class RedisStore:
         return [None] * len(keys)
 
     async def unseen(self, event_ids: Sequence[int]) -> list[int]:
-        key = self._event_key
-        fresh = await self._unseen([key % i for i in event_ids])
+        fresh = await self._unseen(self.event_keys(event_ids))
         return [i for i, new in zip(event_ids, fresh, strict=True) if new]
 
     async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
-        key = self._event_key
-        await self._set_marks([key % i for i in event_ids], ttl_s)
+        await self._set_marks(self.event_keys(event_ids), ttl_s)
 
     async def unseen_keys(self, namespace: str, keys: Sequence[str]) -> list[str]:
-        fresh = await self._unseen([f"{self.prefix}{namespace}:{k}" for k in keys])
+        fresh = await self._unseen(self.namespaced_keys(namespace, keys))
         return [k for k, new in zip(keys, fresh, strict=True) if new]
 
     async def mark_keys(self, namespace: str, keys: Sequence[str], ttl_s: int) -> None:
-        await self._set_marks([f"{self.prefix}{namespace}:{k}" for k in keys], ttl_s)
+        await self._set_marks(self.namespaced_keys(namespace, keys), ttl_s)
 
     async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
         if not entity_ids:
