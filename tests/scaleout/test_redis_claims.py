@@ -36,7 +36,8 @@ def instance(store: RedisStore, sink: RecordingSink, name: str,
 async def test_two_instances_meeting_the_same_events_produce_each_once(
         stores: list[RedisStore]) -> None:
     sinks = [RecordingSink(delay_s=0.05), RecordingSink(delay_s=0.05)]
-    one, other = (instance(s, k, f"i{n}") for n, (s, k) in enumerate(zip(stores, sinks)))
+    one, other = (instance(s, k, f"i{n}") for n, (s, k) in enumerate(zip(stores, sinks,
+                                                                          strict=True)))
     a = [event(i) for i in range(1, 41)]
     b = [event(i) for i in range(20, 61)]
     produced = await asyncio.gather(one.deliver(a), other.deliver(b), one.deliver(b),
