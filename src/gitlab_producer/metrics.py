@@ -108,3 +108,11 @@ class Metrics:
             "gitlab_producer_claims_taken_over_total",
             "Events or hooks this instance delivered after the instance holding them gave "
             "them up or died (its claim expired)", registry=r)
+        # Instances on one Redis (heartbeats: gitlab_producer.instances).
+        self.instances_alive = Gauge(
+            "gitlab_producer_instances_alive",
+            "Instances whose heartbeat in Redis is recent (as this instance last saw it)",
+            registry=r)
+        self.budget_use = Gauge(
+            "gitlab_producer_budget_use_ratio",
+            "Requests reserved by all instances over the last seconds / the limit", registry=r)

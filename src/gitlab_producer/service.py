@@ -28,6 +28,7 @@ from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError
 from gitlab_producer.gitlab.shared_budget import open_budget
 from gitlab_producer.http.ops import OpsState, RoundWatch, listen, start_ops
 from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
+from gitlab_producer.instances import heartbeat, registry_for
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks import Sink, open_sink
@@ -240,7 +241,9 @@ class Service:
                 log.info("service_started", since=iso(ctx.since), once=once,
                          sink="kafka" if s.kafka_bootstrap_servers else "file",
                          store="redis" if s.redis_address else "sqlite")
-                result = await self._rounds(ctx, store, once, max_rounds, on_round)
+                async with heartbeat(registry_for(store, s.redis_key_prefix, self.metrics,
+                                                  s.operations_per_second), self.stop):
+                    result = await self._rounds(ctx, store, once, max_rounds, on_round)
         finally:
             await self._shutdown(client, store, sinks, runners)
         if once and (result is None or not result.ok):

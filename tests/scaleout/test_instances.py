@@ -8,8 +8,9 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import orjson
@@ -47,6 +48,24 @@ def stopper() -> Iterator[list[subprocess.Popen[bytes]]]:
             proc.wait(10)
 
 
+def instances_status(env: ServiceRun) -> dict[str, Any]:
+    done = env.run("instances", timeout_s=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found: dict[str, Any] = orjson.loads(done.stdout)
+    return found
+
+
+def wait_for_status(env: ServiceRun, check: Callable[[dict[str, Any]], bool],
+                    timeout_s: float = 40.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = instances_status(env)
+        if check(found):
+            return found
+        assert time.monotonic() < deadline, found
+        time.sleep(0.5)
+
+
 def test_three_instances_deliver_every_event_once_under_one_budget(
         service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str,
         stopper: list[subprocess.Popen[bytes]]) -> None:
@@ -60,6 +79,10 @@ def test_three_instances_deliver_every_event_once_under_one_budget(
         while time.monotonic() < deadline and int(str(stats(sim.url)["total"])) < 300:
             assert all(p.poll() is None for p in stopper), service_env.all_logs()[-3000:]
             time.sleep(0.2)
+        status = wait_for_status(service_env, lambda found: found["instances_alive"] == 3
+                                 and all(i["requests_reserved"] > 0
+                                         for i in found["instances"]))
+        assert status["budget"]["use"] > 0
         httpx.post(f"{sim.url}/_simulator/settings", json={"live_rate": 0}, timeout=10)
         expected = truth_ids(sim.url)
         assert len(expected) > spec.events * 0.97 + 50  # live events really arrived
@@ -67,6 +90,10 @@ def test_three_instances_deliver_every_event_once_under_one_budget(
                                 settle_s=3.0))
         assert stop_all(stopper) == [0, 0, 0], service_env.all_logs()[-3000:]
         served = stats(sim.url)
+        after = instances_status(service_env)
+        assert after["instances_alive"] == 0  # each left at its clean stop
+        # Their reports add up to what the simulator served (and the token check of each).
+        assert sum(i["requests_reserved"] for i in after["instances"]) == served["total"]
     assert set(got) == expected
     assert max(got.values()) == 1, [i for i, n in got.items() if n > 1][:10]
     assert int(str(served["max_per_second"])) <= 40  # GitLab's windows: calendar seconds
