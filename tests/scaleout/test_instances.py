@@ -135,3 +135,34 @@ def test_webhook_repeats_racing_on_two_receivers_are_produced_once(
         assert stop_all(stopper) == [0, 0], service_env.all_logs()[-3000:]
     produced = Counter(dict(m.headers())["idempotency_key"].decode() for m in got)
     assert produced == Counter({key: 1 for key in keys})
+
+
+def test_kill_9_of_one_instance_loses_nothing_and_it_ages_out(
+        service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str,
+        stopper: list[subprocess.Popen[bytes]]) -> None:
+    """One of two instances killed mid-round: the other delivers every event, taking over the
+    events the dead one had claimed once its claims expire; only pages in flight may repeat."""
+    spec = WorldSpec(projects=80, users=20, events=6000, history_days=2.0, seed=37)
+    with running_simulator(spec) as sim:
+        topic = configure(service_env, sim.url, sim.sim.world.start_ms, broker, redis_address,
+                          redis_prefix)
+        service_env.env["OPERATIONS_PER_SECOND"] = "80"
+        stopper += start_instances(service_env, 2)
+        victim, survivor = stopper
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and int(str(stats(sim.url)["total"])) < 60:
+            time.sleep(0.1)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        expected = truth_ids(sim.url)
+        got = event_ids(consume(broker.bootstrap, topic, len(expected), timeout_s=150,
+                                settle_s=3.0))
+        gone = wait_for_status(service_env, lambda found: found["instances_alive"] == 1,
+                               timeout_s=60)
+        assert survivor.poll() is None, service_env.all_logs()[-3000:]
+        assert stop_all([survivor]) == [0], service_env.all_logs()[-3000:]
+    assert set(got) == expected
+    # Only what was in flight at the kill may repeat: at most a page per reader of the victim.
+    assert sum(n - 1 for n in got.values()) <= 8 * 2 * 100
+    dead = [i for i in gone["instances"] if not i["alive"]]
+    assert len(dead) == 1 and "stopped" not in dead[0] and dead[0]["last_seen_s_ago"] > 15
