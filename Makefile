@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint build package bench clean redis-server-installed
+.PHONY: demo test lint build package bench clean redis-server-installed faketime-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,17 @@ redis-server-installed:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
 	  || { echo "could not install redis-server"; exit 1; }; }
 
+# Debian's libfaketime: tests run some processes with their clock moved (tests/scaleout).
+faketime-installed:
+	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || { \
+	  echo "installing faketime (Debian package)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime) \
+	  || { echo "could not install faketime"; exit 1; }; }
+
 demo: $(STAMP)
 	$(BIN)/gitlab-producer demo
 
-test: $(STAMP) redis-server-installed
+test: $(STAMP) redis-server-installed faketime-installed
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -165,4 +165,4 @@ def test_kill_9_of_one_instance_loses_nothing_and_it_ages_out(
     # Only what was in flight at the kill may repeat: at most a page per reader of the victim.
     assert sum(n - 1 for n in got.values()) <= 8 * 2 * 100
     dead = [i for i in gone["instances"] if not i["alive"]]
-    assert len(dead) == 1 and "stopped" not in dead[0] and dead[0]["last_seen_s_ago"] > 15
+    assert len(dead) == 1 and "stopped" not in dead[0] and dead[0]["last_seen_s_ago"] >= 15
