@@ -102,12 +102,12 @@ class Metrics:
         # Claims across instances (Redis store).
         self.claims_held_elsewhere = Counter(
             "gitlab_producer_claims_held_elsewhere_total",
-            "Events or hooks met while another instance was delivering them (waited for)",
+            "Events met while another instance was delivering them (waited for)",
             registry=r)
         self.claims_taken_over = Counter(
             "gitlab_producer_claims_taken_over_total",
-            "Events or hooks this instance delivered after the instance holding them gave "
-            "them up or died (its claim expired)", registry=r)
+            "Events this instance delivered after the instance holding them gave them up or "
+            "died (its claim expired)", registry=r)
         # Instances on one Redis (heartbeats: gitlab_producer.instances).
         self.instances_alive = Gauge(
             "gitlab_producer_instances_alive",
