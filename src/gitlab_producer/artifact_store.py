@@ -134,13 +134,20 @@ class StoreWriter:
             self._temp = f"{parent}/.{uuid.uuid4().hex}.partial"
             self._file = fs.open(self._temp, "wb")
             return
+        existed = fs.exists(self.target)  # an overwrite: abort() must leave it alone
         try:  # object stores: published by commit(), never half
             self._file = fs.open(self.target, "wb", autocommit=False)
             self._transaction = True
         except (NotImplementedError, TypeError, ValueError):
             self._file = fs.open(self.target, "wb")
         # Some backends (memory://) publish at once, whatever autocommit says.
-        self._published_early = not self._transaction or fs.exists(self.target)
+        self._published_early = not self._transaction or (
+            not existed and fs.exists(self.target))
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 of what was written so far."""
+        return self._sha.hexdigest()
 
     async def write(self, chunk: bytes) -> None:
         self._sha.update(chunk)

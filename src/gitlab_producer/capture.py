@@ -15,9 +15,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import orjson
@@ -29,12 +30,13 @@ from gitlab_producer.config import CaptureRule
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.errors import GitLabError
 from gitlab_producer.logs import get_logger
-from gitlab_producer.sinks.base import Message, Sink
+from gitlab_producer.sinks.base import DeliveryError, Message, Sink
 
 __all__ = ["ArtifactStore", "CaptureRefused", "Capturer", "Stored", "capture_endpoint",
            "file_url"]
 log = get_logger(__name__)
 REPORTER = 20
+CaptureOutcome = Literal["captured", "ignored", "failed"]
 
 
 class CaptureRefused(Exception):
@@ -95,7 +97,8 @@ class Capturer:
                           detail="the service account needs Reporter or higher there")
         return result
 
-    async def _rule_for(self, project_id: int) -> CaptureRule | None:
+    async def rule_for(self, project_id: int) -> CaptureRule | None:
+        """The capture rule of a project, if any."""
         for rule in self.rules:
             if await self.project_id(rule.project) == project_id:
                 return rule
@@ -112,7 +115,7 @@ class Capturer:
         stored = [await self._fetch(project_id, commit, path, file_url(project_id, path),
                                     {"ref": commit}, "projects/:id/repository/files/:path/raw")
                   for path in paths]
-        await self._announce(stored)
+        await self.announce(stored)
         return stored
 
     async def _fetch(self, project_id: int, commit: str, path: str, url: str,
@@ -133,10 +136,11 @@ class Capturer:
         stored = await self._fetch(project_id, commit, path,
                                    f"projects/{project_id}/jobs/{job_id}/artifacts", None,
                                    "projects/:id/jobs/:id/artifacts")
-        await self._announce([stored])
+        await self.announce([stored])
         return stored
 
-    async def _announce(self, stored: list[Stored]) -> None:
+    async def announce(self, stored: list[Stored]) -> None:
+        """Each newly stored file on ``KAFKA_ARTIFACT_TOPIC`` (skipped ones are not)."""
         fresh = [s for s in stored if not s.skipped]
         await self.sink.send([Message(
             str(s.project_id).encode(),
@@ -148,54 +152,89 @@ class Capturer:
                       ) -> list[Stored]:
         """The configured files of ``project`` at commit ``ref`` (CLI and HTTP)."""
         project_id = await self.project_id(project)
-        rule = await self._rule_for(project_id)
+        rule = await self.rule_for(project_id)
         if rule is None:
             raise CaptureRefused(f"no capture rule for project {project}")
         return await self.capture_files(project_id, ref, rule.files, as_user)
 
-    async def on_hook(self, payload: dict[str, Any]) -> None:
-        """Push to a rule's branch -> files at that commit; successful rule job -> artifacts."""
+    async def on_hook(self, payload: dict[str, Any]) -> CaptureOutcome:
+        """Push to a rule's branch -> files at that commit; successful rule job -> artifacts.
+        Returns what happened; a failure is logged with its reason (the hook was acknowledged
+        already, so ``gitlab-producer capture`` is how to redo it)."""
+        kind = payload.get("object_kind")
+        project = payload.get("project")
+        raw_id = payload.get("project_id") or (project.get("id") if isinstance(project, dict)
+                                               else None)
+        commit = payload.get("checkout_sha") or payload.get("sha")
         try:
-            kind = payload.get("object_kind")
-            project_id = int(payload.get("project_id") or payload.get("project", {}).get("id"))
-            rule = await self._rule_for(project_id)
+            if kind not in ("push", "build") or raw_id is None:
+                return "ignored"
+            project_id = int(raw_id)
+            rule = await self.rule_for(project_id)
             if rule is None:
-                return
+                return "ignored"
             if kind == "push" and rule.files:
-                branch = rule.branch or payload.get("project", {}).get("default_branch")
+                branch = rule.branch or (project or {}).get("default_branch")
                 if payload.get("ref") == f"refs/heads/{branch}" and payload.get("checkout_sha"):
                     await self.capture_files(project_id, payload["checkout_sha"], rule.files)
+                    return "captured"
             elif (kind == "build" and payload.get("build_status") == "success"
                   and payload.get("build_name") in {a.job for a in rule.artifacts}):
                 await self.capture_artifacts(project_id, payload["sha"],
                                              int(payload["build_id"]), payload["build_name"])
+                return "captured"
+            return "ignored"
         except UnsafePathError as exc:
-            log.warning("capture_refused", project=payload.get("project_id"), reason=str(exc))
-        except (GitLabError, OSError, ValueError, TypeError) as exc:
-            log.warning("capture_failed", error=f"{type(exc).__name__}: {exc}")
+            log.warning("capture_refused", project=raw_id, commit=commit, kind=kind,
+                        reason=str(exc))
+            return "failed"
+        except (GitLabError, DeliveryError, CaptureRefused, OSError, ValueError, TypeError,
+                AttributeError) as exc:
+            log.warning("capture_failed", project=raw_id, commit=commit, kind=kind,
+                        error=f"{type(exc).__name__}: {exc}")
+            return "failed"
 
 
-def capture_endpoint(capturer: Capturer, secret: str
+def capture_endpoint(capturer: Capturer, secret: str, body_timeout_s: float = 3.0
                      ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """``POST /capture`` ``{"project", "ref", "as_user"}``, authenticated like webhooks."""
+    """``POST /capture`` ``{"project", "ref", "as_user"}``, authenticated like webhooks.
+
+    Only projects with a capture rule, only the rule's files. ``as_user`` is asserted by the
+    caller (who holds the webhook token, so is trusted like GitLab): when it is named, the
+    capture proceeds only if that user is a Reporter (or higher) of the project; when it is
+    absent the capture runs with the service account's access."""
 
     async def handle(request: web.Request) -> web.Response:
-        token = request.headers.get("X-Gitlab-Token", "")
-        if not secret or not hmac.compare_digest(token.encode(), secret.encode()):
+        token = request.headers.get("X-Gitlab-Token", "").encode("utf-8", "surrogateescape")
+        if not secret or not hmac.compare_digest(token, secret.encode()):
             return web.json_response({"error": "bad token"}, status=401)
         try:
-            body = orjson.loads(await request.read())
-            project, ref = str(body["project"]), str(body["ref"])
-            as_user = body.get("as_user")
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return web.json_response({"error": "expected project and ref"}, status=400)
+            async with asyncio.timeout(body_timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            return web.json_response({"error": "body not received in time"}, status=408)
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": "body too large"}, status=413)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        fields = body if isinstance(body, dict) else {}
+        project, ref, as_user = fields.get("project"), fields.get("ref"), fields.get("as_user")
+        if isinstance(project, int) and not isinstance(project, bool):
+            project = str(project)
+        if not (isinstance(project, str) and project and isinstance(ref, str) and ref):
+            return web.json_response({"error": "expected a JSON object with project and ref"},
+                                     status=400)
+        if as_user is not None and not (isinstance(as_user, str) and as_user):
+            return web.json_response({"error": "as_user must be a username"}, status=400)
         try:
             stored = await capturer.capture(project, ref, as_user)
         except UnsafePathError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         except CaptureRefused as exc:
             return web.json_response({"error": str(exc)}, status=403)
-        except GitLabError as exc:
+        except (GitLabError, DeliveryError) as exc:
             return web.json_response({"error": str(exc)}, status=502)
         return web.json_response({"stored": [s.__dict__ for s in stored]})
 

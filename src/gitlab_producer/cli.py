@@ -194,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet-minutes", type=float, default=0.0,
                      help="the generated history ends this long before start-up")
     sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--objects-per-project", type=int, default=60,
+                     help="mean issues + merge requests + notes + pipelines per project")
+    sim.add_argument("--big-project-issues", type=int, default=0,
+                     help="project 1 gets this many issues")
+    sim.add_argument("--feature-off-share", type=float, default=0.1,
+                     help="share of projects with each feature (issues, CI, ...) switched off")
+    sim.add_argument("--change-rate", type=float, default=0.0,
+                     help="object changes per second (live mode)")
+    sim.add_argument("--gitlab-com-limits", action="store_true",
+                     help="gitlab.com's per-endpoint limits on the projects, groups, users APIs")
     sim.set_defaults(func=cmd_simulate)
     return parser
 

@@ -36,6 +36,7 @@ from gitlab_producer.gitlab.pagination import DEFAULT_MAX_PAGES
 from gitlab_producer.redaction import host_port, mask_userinfo, url_passwords
 
 DEFAULT_CONFIG_PATH = Path("configs/conf.yaml")
+MIN_UPLOAD_TOKEN_CHARS = 16
 LogLevel = Literal["debug", "info", "warning", "error"]
 DAY_S = 86_400
 MIB = 1024 * 1024
@@ -142,9 +143,22 @@ class Settings(BaseSettings):
     webhook_max_body: int = Field(25 * MIB, ge=1024, le=256 * MIB)
     webhook_max_skew: float = Field(300.0, ge=1, le=DAY_S,
                                     description="seconds a signature stays valid")
+    webhook_body_timeout: float = Field(3.0, ge=0.1, le=600,
+                                        description="seconds a body may take: 408")
+    webhook_max_inflight_bytes: int = Field(
+        64 * MIB, ge=1024, le=64 * 1024 * MIB,
+        description="bytes of hook bodies held at once, all requests")
+    webhook_delivery_timeout: float = Field(
+        5.0, ge=0.1, le=600,
+        description="seconds Kafka may take to acknowledge a hook before a 503")
     kafka_webhook_topic: str = Field("", description="default: <KAFKA_TOPIC>.hooks")
     kafka_artifact_topic: str = Field("", description="default: <KAFKA_TOPIC>.artifacts")
     artifact_store_url: str = "file://var/artifacts"
+    artifact_upload_token: SecretStr = SecretStr("")
+    artifact_max_bytes: int = Field(2 * 1024 * MIB, ge=1, le=1024**4,
+                                    description="largest upload, in bytes")
+    artifact_idle_timeout: float = Field(60.0, ge=0.1, le=3600,
+                                         description="seconds an upload may send nothing")
     capture_rules: tuple[CaptureRule, ...] = ()
 
     @field_validator("gitlab_base_url")
@@ -242,6 +256,14 @@ class Settings(BaseSettings):
                              "could post events")
         return self
 
+    @model_validator(mode="after")
+    def _upload_token_long_enough(self) -> Settings:
+        token = self.artifact_upload_token.get_secret_value()
+        if token and len(token) < MIN_UPLOAD_TOKEN_CHARS:
+            raise ValueError(f"ARTIFACT_UPLOAD_TOKEN: must be at least {MIN_UPLOAD_TOKEN_CHARS} "
+                             "characters")
+        return self
+
     @property
     def webhook_topic(self) -> str:
         return self.kafka_webhook_topic or f"{self.kafka_topic}.hooks"
@@ -337,6 +359,6 @@ def load_settings(path: Path | None = DEFAULT_CONFIG_PATH, **overrides: Any) -> 
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]).upper() or "CONFIG"
         message = str(error["msg"]).removeprefix("Value error, ")
-        if message.startswith(("CACHE_TTL:", "WEBHOOK_SECRET:")):
+        if message.startswith(("CACHE_TTL:", "WEBHOOK_SECRET:", "ARTIFACT_UPLOAD_TOKEN:")):
             raise ConfigError(message) from None
         raise ConfigError(f"{where}: {mask_userinfo(message)}") from None

@@ -70,6 +70,25 @@ class Metrics:
             "gitlab_producer_store_retries_total",
             "Start-up steps or rounds retried because the store could not be reached",
             registry=r)
+        self.artifact_requests = Counter(
+            "gitlab_producer_artifact_requests_total",
+            "Artifact hand-back requests (upload, list) by answer", ["kind", "status"],
+            registry=r)
+        self.artifact_bytes = Counter(
+            "gitlab_producer_artifact_bytes_stored_total",
+            "Bytes of artifacts handed back and stored (identical repeats not counted)",
+            registry=r)
+        self.webhook_inflight_bytes = Gauge(
+            "gitlab_producer_webhook_inflight_bytes",
+            "Bytes of webhook bodies being read, checked or produced (WEBHOOK_MAX_INFLIGHT_BYTES)",
+            registry=r)
+        self.captures = Counter(
+            "gitlab_producer_captures_total",
+            "Captures triggered by hooks, by outcome (captured, ignored, failed, abandoned)",
+            ["outcome"], registry=r)
+        self.captures_pending = Gauge(
+            "gitlab_producer_captures_pending", "Captures triggered by hooks still running",
+            registry=r)
         self.entity_failures = Counter(
             "gitlab_producer_entity_failures_total", "Projects or users that failed in a round",
             ["kind"], registry=r)

@@ -26,8 +26,15 @@ from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError
 from gitlab_producer.gitlab.shared_budget import open_budget
+from gitlab_producer.http.artifacts import ArtifactUploads
 from gitlab_producer.http.ops import OpsState, RoundWatch, listen, start_ops
-from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
+from gitlab_producer.http.webhooks import (
+    DRAIN_TIMEOUT_S,
+    WebhookConfig,
+    WebhookReceiver,
+    WebhookRunner,
+    build_webhook_app,
+)
 from gitlab_producer.instances import heartbeat, registry_for
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
@@ -63,6 +70,8 @@ class Service:
         self.stop_signal: signal.Signals | None = None
         self.last_ok_round_started: float | None = None
         self.watch: RoundWatch | None = None
+        self.stopping_at: float | None = None  # monotonic time of the stop signal
+        self.receiver: WebhookReceiver | None = None
         for secret in settings.secrets():
             CONTROL.add_secret(secret)
 
@@ -120,6 +129,8 @@ class Service:
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("stopping", signal=sig.name)
         self.stop_signal = self.stop_signal or sig
+        if self.stopping_at is None:
+            self.stopping_at = time.monotonic()
         self.stop.set()
 
     async def _unless_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
@@ -175,28 +186,41 @@ class Service:
         """The webhook receiver (and captures it triggers), when WEBHOOK_PORT is set."""
         s = self.settings
         if not s.webhook_port:
+            if s.artifact_upload_token.get_secret_value():
+                log.warning("artifact_uploads_off", detail="ARTIFACT_UPLOAD_TOKEN is set but "
+                            "the API listens on WEBHOOK_PORT, which is 0")
             return [], []
         capturer = self.capturer(client)
         if s.capture_rules:
             await capturer.check_access()
         hook_sink = open_sink(s, s.webhook_topic, low_latency=True)
-        receiver = WebhookReceiver(
+        receiver = self.receiver = WebhookReceiver(
             WebhookConfig(s.webhook_secret.get_secret_value(),
                           s.webhook_signing_token.get_secret_value(), s.webhook_max_skew,
-                          s.cache_ttl * 60, s.instance),
+                          s.cache_ttl * 60, s.instance, s.webhook_max_body,
+                          s.webhook_body_timeout, s.webhook_max_inflight_bytes,
+                          s.webhook_delivery_timeout),
             store, hook_sink, self.metrics,
-            capturer.on_hook if s.capture_rules else None, shared_claims(store, s.instance))
+            capturer.on_hook if s.capture_rules else None)
+        upload_token = s.artifact_upload_token.get_secret_value()
+        uploads = ArtifactUploads(capturer, upload_token, s.artifact_max_bytes,
+                                  s.artifact_idle_timeout, self.metrics)
         app = build_webhook_app(receiver, s.webhook_max_body,
-                                capture_endpoint(capturer, s.webhook_secret.get_secret_value()))
+                                capture_endpoint(capturer, s.webhook_secret.get_secret_value(),
+                                                 s.webhook_body_timeout),
+                                uploads.register if upload_token else None)
         await receiver.warm_up()
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Uploads still running at SIGTERM get the grace period, then are cut (and cleaned up).
+        runner = WebhookRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=s.shutdown_grace)
         await runner.setup()
         try:
             await listen(runner, self.ops_host, s.webhook_port, "WEBHOOK_PORT")
         except ConfigError:
             await runner.cleanup()
             raise
-        log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic)
+        log.info("webhooks_listening", port=s.webhook_port, topic=s.webhook_topic,
+                 artifact_uploads=bool(upload_token))
         return [runner], [hook_sink, capturer.sink]
 
     async def _start_up(self, client: GitLabClient, store: Store, sink: Sink,
@@ -326,7 +350,12 @@ class Service:
 
     async def _shutdown(self, client: GitLabClient, store: Store, sinks: list[Sink],
                         runners: list[web.AppRunner]) -> None:
-        # Stop answering first, then flush what was produced, then release the rest.
+        # Let hook-triggered captures finish within what is left of SHUTDOWN_GRACE (the round
+        # had the same window), stop answering, flush what was produced, release the rest.
+        if self.receiver is not None:
+            started = self.stopping_at or time.monotonic()
+            left = started + self.settings.shutdown_grace - time.monotonic()
+            await self.receiver.drain(max(DRAIN_TIMEOUT_S, left))
         for closer in (*(r.cleanup for r in runners), *(s.close for s in sinks),
                        client.aclose, store.close):
             try:

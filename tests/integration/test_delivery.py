@@ -15,6 +15,7 @@ import pytest
 from gitlab_producer.simulator.server import running_simulator
 from gitlab_producer.simulator.world import WorldSpec
 from tests.conftest import Broker, ServiceRun, consume
+from tests.waits import Stalled, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +31,18 @@ def stats(url: str) -> dict[str, object]:
     return result
 
 
+def requests_served(url: str) -> int:
+    return int(str(stats(url)["total"]))
+
+
 def wait_for_requests(url: str, count: int, timeout_s: float = 60.0) -> None:
-    """Until the simulator has answered ``count`` requests (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and int(str(stats(url)["total"])) < count:
-        time.sleep(0.1)
+    """Until the simulator has answered ``count`` requests; fails after ``timeout_s``."""
+    wait_until(lambda: requests_served(url) >= count, timeout_s,
+               f"{count} requests served by the simulator")
+
+
+def finished_rounds(run: ServiceRun) -> int:
+    return run.all_logs().count('"round_finished"')
 
 
 def configure(service_env: ServiceRun, sim_url: str, world_start_ms: int, broker: Broker,
@@ -45,7 +53,6 @@ def configure(service_env: ServiceRun, sim_url: str, world_start_ms: int, broker
         "SYNC_SINCE": datetime.fromtimestamp(world_start_ms / 1000, UTC).isoformat(),
         "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "KAFKA_TOPIC": topic,
         "REDIS_ADDRESS": redis_address, "REDIS_KEY_PREFIX": prefix,
-        "USER_RESYNC_INTERVAL": "0",
     })
     return topic
 
@@ -119,7 +126,10 @@ def test_broker_outage_mid_round_loses_nothing(
         try:
             wait_for_requests(sim.url, 30)
             broker.pause()
-            time.sleep(4)
+            # The outage lasts until it has stopped the round: every reader waits for an
+            # acknowledgement and the simulator hears nothing for two seconds.
+            wait_until(Stalled(lambda: requests_served(sim.url), 2.0), 60,
+                       "the round to stall on the paused broker")
         finally:
             broker.resume()
         assert proc.wait(240) == 0, service_env.all_logs()[-3000:]
@@ -137,9 +147,13 @@ def test_live_events_all_arrive_and_sigterm_exits_cleanly(
         topic = configure(service_env, sim.url, sim.sim.world.start_ms, broker, redis_address,
                           redis_prefix)
         proc = service_env.start("run")
-        time.sleep(8)
+        wait_until(lambda: finished_rounds(service_env) >= 3 and int(str(stats(sim.url)[
+            "events"])) >= spec.events + 240, 60, "three rounds and 240 live events")
         httpx.post(f"{sim.url}/_simulator/settings", json={"live_rate": 0}, timeout=10)
-        time.sleep(4)  # at least two more rounds (poll interval 1 s)
+        live_stopped = finished_rounds(service_env)
+        # Two more rounds (poll interval 1 s) start after the last live event.
+        wait_until(lambda: finished_rounds(service_env) >= live_stopped + 2, 60,
+                   "two rounds after the live activity stopped")
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         code = proc.wait(15)
@@ -190,11 +204,11 @@ def test_rate_cap_holds(service_env: ServiceRun) -> None:
             "OPERATIONS_PER_SECOND": "20", "GITLAB_PER_PAGE_PAGINATION": "50",
         })
         proc = service_env.start("run", "--once")
-        time.sleep(5)
+        wait_for_requests(sim.url, 100)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 128 + signal.SIGTERM  # the round was cut short: not a success
         served = stats(sim.url)
-        assert int(str(served["total"])) >= 60  # it was busy: the cap, not idleness, bounded it
+        assert int(str(served["total"])) >= 100  # it was busy: the cap, not idleness, bounded it
         assert int(str(served["max_per_second"])) <= 20
 
 

@@ -4,7 +4,6 @@ level changes at run time, readiness follows the broker."""
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
@@ -15,20 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from gitlab_producer.simulator.server import SimulatorThread, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
 from tests.conftest import Broker, ServiceRun
+from tests.waits import wait_until as shared_wait
 
 pytestmark = pytest.mark.integration
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met within {timeout_s} s")
+    shared_wait(check, timeout_s, "the condition", interval_s=0.2, ignore=(httpx.HTTPError,))
 
 
 def samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -18,6 +18,7 @@ from gitlab_producer.simulator.server import SimulatorThread, free_port, running
 from gitlab_producer.simulator.webhooks import HOOK_KINDS
 from gitlab_producer.simulator.world import WorldSpec
 from tests.conftest import Broker, ServiceRun, consume, wait_for_port
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.integration
 SECRET = "hook-secret-123"
@@ -120,14 +121,9 @@ def test_broker_down_gives_503_then_the_retry_lands(
         assert time.monotonic() - started < 10  # inside GitLab's webhook timeout
     finally:
         broker.resume()
-    deadline = time.monotonic() + 60
-    answer = None
-    while time.monotonic() < deadline:  # GitLab's retries, bounded
-        answer = post(url, body, **{"Idempotency-Key": "outage"})
-        if answer.status_code == 200:
-            break
-        time.sleep(1)
-    assert answer is not None and answer.status_code == 200
+    # GitLab's retries, a second apart, bounded.
+    wait_until(lambda: post(url, body, **{"Idempotency-Key": "outage"}).status_code == 200,
+               60, "a retried hook to be accepted", interval_s=1.0)
     got = consume(broker.bootstrap, f"{topic}.hooks", 1)
     outage = [m for m in got if dict(m.headers())["idempotency_key"] == b"outage"]
     assert len(outage) >= 1
@@ -151,9 +147,8 @@ def test_push_hook_captures_awkward_paths_byte_exact(
            "build_id": 42, "sha": commit, "project_id": PROJECT}
     assert post(url, orjson.dumps(job), **{"X-Gitlab-Event": "Job Hook",
                                            "Idempotency-Key": "job-1"}).status_code == 200
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(_stored(env, commit)) < len(FILE_PATHS) + 1:
-        time.sleep(0.2)
+    wait_until(lambda: len(_stored(env, commit)) >= len(FILE_PATHS) + 1, 30,
+               "the captured files and artifacts to be stored", interval_s=0.2)
     stored = _stored(env, commit)
     for path in FILE_PATHS:
         assert stored[path] == file_content(PROJECT, path, commit), path

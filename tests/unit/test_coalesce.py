@@ -9,6 +9,7 @@ import pytest
 from gitlab_producer.store import RedisStore
 from gitlab_producer.store.coalesce import Coalescer
 from tests.conftest import TEST_REDIS_DB
+from tests.waits import wait_until_async
 
 
 class Doubler:
@@ -72,7 +73,11 @@ async def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
     double = Coalescer(batch)
     leaving = asyncio.create_task(double([1]))
     staying = asyncio.create_task(double([2]))
-    await asyncio.sleep(0.005)
+
+    async def in_flight() -> bool:
+        return len(batch.batches) == 1
+
+    await wait_until_async(in_flight, 2, "the merged call to go out", interval_s=0.001)
     leaving.cancel()
     assert await staying == [4]
     with pytest.raises(asyncio.CancelledError):
@@ -88,7 +93,11 @@ async def test_callers_are_not_left_waiting_when_the_flusher_is_cancelled() -> N
 
     echo: Coalescer[int, int] = Coalescer(stuck)
     callers = [asyncio.create_task(echo([i])) for i in range(3)]
-    await asyncio.sleep(0.01)
+
+    async def flushing() -> bool:
+        return echo._flusher is not None
+
+    await wait_until_async(flushing, 2, "the flusher to start", interval_s=0.001)
     assert echo._flusher is not None
     echo._flusher.cancel()
     done, pending = await asyncio.wait(callers, timeout=2)

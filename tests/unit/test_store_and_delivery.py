@@ -15,6 +15,7 @@ from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store import Cursor, RedisStore, SQLiteStore, Store, StoreError
 from gitlab_producer.sync.delivery import Deliverer, to_message
 from tests.conftest import TEST_REDIS_DB, OwnRedis
+from tests.waits import wait_until_async
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -34,8 +35,11 @@ async def test_marks_and_ttl(store: Store) -> None:
     await store.mark_sent([2], ttl_s=60)
     await store.mark_sent([3], ttl_s=1)
     assert await store.unseen([1, 2, 3]) == [1]
-    await asyncio.sleep(1.1)
-    assert await store.unseen([1, 2, 3]) == [1, 3]  # the short mark expired
+
+    async def short_mark_expired() -> bool:
+        return await store.unseen([1, 2, 3]) == [1, 3]
+
+    await wait_until_async(short_mark_expired, 5, "the one-second mark to expire")
 
 
 async def test_cursors_and_meta(store: Store) -> None:
@@ -254,8 +258,12 @@ async def test_keyed_marks_have_their_own_namespace(store: Store) -> None:
     assert await store.unseen_keys("hook", ["a", "b"]) == ["b"]
     assert await store.unseen_keys("other", ["a"]) == ["a"]
     await store.mark_keys("hook", ["b"], ttl_s=1)
-    await asyncio.sleep(1.1)
-    assert await store.unseen_keys("hook", ["a", "b"]) == ["b"]
+    assert await store.unseen_keys("hook", ["a", "b"]) == []
+
+    async def short_key_expired() -> bool:
+        return await store.unseen_keys("hook", ["a", "b"]) == ["b"]
+
+    await wait_until_async(short_key_expired, 5, "the one-second key to expire")
 
 
 async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(

@@ -7,18 +7,30 @@ An answer of 200 means Kafka acknowledged the payload; anything else makes GitLa
 - With ``WEBHOOK_SIGNING_TOKEN``, GitLab's ``webhook-signature`` (HMAC-SHA256 over
   ``"{webhook-id}.{webhook-timestamp}.{body}"``, ``v1,<base64>``) must match and the timestamp
   must be within ``WEBHOOK_MAX_SKEW``: else 401.
-- Bodies over ``WEBHOOK_MAX_BODY`` get 413, malformed JSON 400; nothing is produced for them.
+- Headers that are not valid UTF-8 get 400 (a token that is not: 401); bodies over
+  ``WEBHOOK_MAX_BODY`` get 413 (at once when ``Content-Length`` says so), bodies that do not
+  arrive within ``WEBHOOK_BODY_TIMEOUT`` 408, malformed JSON 400; nothing is produced for them.
+  Every answer, also to a request aiohttp's parser refuses, is JSON with a reason that never
+  echoes the request.
+- Bodies being handled hold their size in a shared budget (``WEBHOOK_MAX_INFLIGHT_BYTES``); a
+  request waits for room until its body deadline, then gets 503 with ``Retry-After``.
 - Retries carry the same ``Idempotency-Key`` (GitLab 17.4+; ``X-Gitlab-Webhook-UUID`` is new on
   every request): a repeat is acknowledged without producing again. Older GitLab sends no key;
   then the key is the SHA-256 of the event header and body, so a byte-identical retry is still
   recognised (two genuinely identical payloads within ``CACHE_TTL`` would count as one).
+  A signed delivery is keyed by its ``webhook-id`` instead (GitLab sets it to the
+  ``Idempotency-Key``, and it is covered by the signature, which the key is not), remembered
+  for at least twice ``WEBHOOK_MAX_SKEW``: a replay with a fresh ``Idempotency-Key`` is
+  acknowledged as a duplicate and not produced. The key is claimed in the store before it is
+  produced (atomically, so across instances); a repeat meeting that claim gets 503.
+- Kafka gets ``WEBHOOK_DELIVERY_TIMEOUT`` to acknowledge (503 after it), so GitLab's 10 s hold;
+  a message Kafka can never take (``MSG_SIZE_TOO_LARGE``) is a 413, not a 503 retried for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import time
@@ -29,17 +41,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gitlab_producer.http.inflight import ByteBudget
 from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
-from gitlab_producer.sinks.base import DeliveryError, Message, Sink
+from gitlab_producer.sinks.base import DeliveryError, Message, MessageTooLarge, Sink
 from gitlab_producer.store.base import Store, StoreError
 from gitlab_producer.store.claims import Claim, Claims
-from gitlab_producer.store.redis_claims import RedisClaims
 
 log = get_logger(__name__)
 HOOK_NAMESPACE = "hook"
 DRAIN_TIMEOUT_S = 1.0  # marks take milliseconds; SIGTERM must still end within 10 s
-HELD_WAIT_S = 5.0  # a repeat another receiver is producing; GitLab's own timeout is 10 s
 
 # X-Gitlab-Event values GitLab documents; anything else is forwarded flagged as unknown.
 KNOWN_EVENTS = frozenset({
@@ -50,7 +61,11 @@ KNOWN_EVENTS = frozenset({
     "Vulnerability Hook", "System Hook", "Work Item Hook",
 })
 
-OnPush = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
+OnPush = Callable[[dict[str, Any]], Coroutine[Any, Any, str]]  # -> the capture's outcome
+RETRY_AFTER_S = "5"
+# Above this, the connection is closed after the answer: measured, each idle keep-alive
+# connection held on to its last body (20 connections after 24 MiB hooks: +480 MiB RSS).
+KEEP_ALIVE_MAX_BODY = 1024 * 1024
 
 
 @dataclass
@@ -62,6 +77,22 @@ class WebhookConfig:
     max_skew_s: float
     ttl_s: int
     instance: str
+    max_body: int = 25 * 1024 * 1024
+    body_timeout_s: float = 3.0
+    max_inflight_bytes: int = 64 * 1024 * 1024
+    delivery_timeout_s: float = 5.0
+
+
+def _utf8_headers(request: web.BaseRequest) -> bool:
+    """Whether every header name and value is valid UTF-8 (aiohttp hands over undecodable
+    bytes as surrogates, which blow up at the first ``encode``)."""
+    try:
+        for name, value in request.raw_headers:
+            name.decode()
+            value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _owner(payload: dict[str, Any]) -> str:
@@ -101,15 +132,16 @@ class WebhookReceiver:
     """Checks, deduplicates and produces webhook deliveries."""
 
     def __init__(self, config: WebhookConfig, store: Store, sink: Sink, metrics: Metrics,
-                 on_hook: OnPush | None = None, shared: RedisClaims | None = None) -> None:
+                 on_hook: OnPush | None = None) -> None:
         self.config = config
-        self.shared = shared  # claims across receivers (Redis store)
         self.store = store
         self.sink = sink
         self.on_hook = on_hook
         self.metrics = metrics
         self._claims: Claims[str] = Claims()
+        self._budget = ByteBudget(config.max_inflight_bytes)
         self._background: set[asyncio.Task[None]] = set()
+        self._captures: dict[asyncio.Task[None], str] = {}
 
     async def warm_up(self) -> None:
         """Connect to the broker and the store before the port opens, so the first
@@ -121,9 +153,16 @@ class WebhookReceiver:
             except (DeliveryError, StoreError) as exc:
                 log.warning("webhook_warm_up_failed", target=name, error=str(exc))
 
-    def _answer(self, kind: str, status: int, text: str) -> web.Response:
+    def _answer(self, kind: str, status: int, text: str, close: bool = False) -> web.Response:
+        """The JSON answer; ``close`` for one sent before the body was read whole, so the
+        connection is not kept waiting for the rest of it."""
         self.metrics.webhooks.labels(kind, str(status)).inc()
-        return web.json_response({"status": text}, status=status)
+        response = web.json_response({"status": text}, status=status)
+        if status == 503:
+            response.headers["Retry-After"] = RETRY_AFTER_S
+        if close:
+            response.force_close()
+        return response
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -135,15 +174,46 @@ class WebhookReceiver:
     async def _handle(self, request: web.Request) -> web.Response:
         event = request.headers.get("X-Gitlab-Event", "")
         kind = event if event in KNOWN_EVENTS else "unknown"
-        token = request.headers.get("X-Gitlab-Token", "")
-        if not hmac.compare_digest(token.encode(), self.config.secret.encode()):
-            return self._answer(kind, 401, "bad token")
+        token = request.headers.get("X-Gitlab-Token", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(token, self.config.secret.encode()):
+            return self._answer(kind, 401, "bad token", close=True)
+        if not _utf8_headers(request):
+            return self._answer(kind, 400, "headers must be UTF-8", close=True)
+        limit = min(self.config.max_body, self.config.max_inflight_bytes)
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            return self._answer(kind, 413, "body too large", close=True)
+        reserved = limit if declared is None else declared
+        deadline = asyncio.get_running_loop().time() + self.config.body_timeout_s
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._answer(kind, 413, "body too large")
+            async with asyncio.timeout_at(deadline):
+                await self._budget.acquire(reserved)
+        except TimeoutError:
+            log.warning("webhook_busy", kind=kind, inflight_bytes=self._budget.used)
+            return self._answer(kind, 503, "busy, retry", close=True)
+        self.metrics.webhook_inflight_bytes.set(self._budget.used)
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    body = await request.read()
+            except TimeoutError:
+                return self._answer(kind, 408, "body not received in time", close=True)
+            except web.HTTPRequestEntityTooLarge:
+                return self._answer(kind, 413, "body too large", close=True)
+            response = await self._accept(request, event, kind, body)
+            if len(body) > KEEP_ALIVE_MAX_BODY:
+                response.force_close()  # an idle aiohttp connection keeps its last body
+            return response
+        finally:
+            self._budget.release(reserved)
+            self.metrics.webhook_inflight_bytes.set(self._budget.used)
+
+    async def _accept(self, request: web.Request, event: str, kind: str, body: bytes
+                      ) -> web.Response:
+        """Check the signature and the JSON of a body read whole, then produce it once."""
+        webhook_id = request.headers.get("webhook-id", "")
         if self.config.signing_token and not verify_signature(
-                self.config.signing_token, request.headers.get("webhook-id", ""),
+                self.config.signing_token, webhook_id,
                 request.headers.get("webhook-timestamp", ""), body,
                 request.headers.get("webhook-signature", ""), self.config.max_skew_s,
                 time.time()):
@@ -154,16 +224,25 @@ class WebhookReceiver:
             return self._answer(kind, 400, "malformed JSON")
         if not isinstance(payload, dict):
             return self._answer(kind, 400, "expected a JSON object")
-        key = request.headers.get("Idempotency-Key") or hashlib.sha256(
+        header_key = request.headers.get("Idempotency-Key")
+        # Signed: the signed webhook-id, so a replay with a fresh Idempotency-Key is known.
+        key = (webhook_id if self.config.signing_token else header_key) or hashlib.sha256(
             event.encode() + b"\n" + body).hexdigest()
+        message = self._message(request, event, kind, header_key or key, payload, body)
         try:
-            produced = await self._deliver_once(key, self._message(request, event, kind, key,
-                                                                   payload, body))
-        except (DeliveryError, StoreError) as exc:
-            log.warning("webhook_not_delivered", kind=kind, error=str(exc))
+            # librdkafka gives up at the delivery timeout; this bounds the store's part too.
+            async with asyncio.timeout(self.config.delivery_timeout_s + 0.5):
+                produced = await self._deliver_once(key, message)
+        except MessageTooLarge as exc:
+            log.warning("webhook_too_large_for_kafka", kind=kind, size=len(body),
+                        error=str(exc))
+            return self._answer(kind, 413, "larger than Kafka accepts")
+        except (DeliveryError, StoreError, TimeoutError) as exc:
+            log.warning("webhook_not_delivered", kind=kind,
+                        error=str(exc) or "no answer within WEBHOOK_DELIVERY_TIMEOUT")
             return self._answer(kind, 503, "not delivered, retry")
         if produced and self.on_hook is not None:
-            self._spawn(self.on_hook(payload))
+            self._capture(payload)
         return self._answer(kind, 200, "delivered" if produced else "duplicate")
 
     def _message(self, request: web.Request, event: str, kind: str, key: str,
@@ -183,65 +262,157 @@ class WebhookReceiver:
     async def _deliver_once(self, key: str, message: Message) -> bool:
         """Produce unless this key was delivered before; True when this call produced.
 
-        Concurrent repeats wait for the first one (a claim taken before the lookup). The
-        store's mark is written after the 200, off the hook's critical path; the claim is
-        held until it is written. A mark that fails lets a later retry produce again, exactly
-        as when it failed before the answer (GitLab got a 503 and retried), so answering first
-        gives up nothing."""
+        Concurrent repeats in this process wait for the first one (a claim taken before the
+        store is asked). In the store, the key is claimed atomically (``SET NX``, for a little
+        longer than a delivery may take), so a repeat reaching another instance, or this one
+        after a restart, while the first is being produced gets 503 instead of producing it
+        again; a failed delivery drops its claim. The store's mark is written after the 200,
+        off the hook's critical path; the in-process claim is held until it is written. A mark
+        that fails lets a later retry produce again, exactly as when it failed before the
+        answer (GitLab got a 503 and retried), so answering first gives up nothing."""
         claim = self._claims.take([key])
         if not claim.mine:
             await claim.wait_for_others()
             return False
-        shared_key = (self.shared.store.namespaced_keys(HOOK_NAMESPACE, [key])
-                      if self.shared is not None else [])
-        owned = False
         try:
-            if self.shared is not None:
-                owned = await self.shared.claim_waiting(shared_key[0], HELD_WAIT_S)
-            if not owned and not await self._unseen(key):
+            state = await self.store.claim_key(HOOK_NAMESPACE, key,
+                                               self.config.delivery_timeout_s + 2.0)
+            if state == "done":
                 claim.release()
                 return False
-            async with (self.shared.renewed(shared_key) if owned and self.shared is not None
-                        else contextlib.nullcontext()):
+            if state == "pending":
+                raise DeliveryError("the same delivery is being produced by another instance")
+            try:
                 await self.sink.send([message])
+            except BaseException:
+                self._spawn(self._release(key))
+                raise
         except BaseException as exc:
-            if self.shared is not None and owned:
-                self.shared.release_soon(shared_key)
             claim.release(exc)
             raise
         self._spawn(self._mark(key, claim))
         return True
 
-    async def _unseen(self, key: str) -> bool:
-        """Not delivered yet (the embedded store: this process's claim is the only one)."""
-        return self.shared is None and bool(await self.store.unseen_keys(HOOK_NAMESPACE,
-                                                                          [key]))
+    async def _release(self, key: str) -> None:
+        try:
+            await self.store.release_key(HOOK_NAMESPACE, key)
+        except StoreError as exc:  # the claim then expires on its own
+            log.warning("webhook_release_failed", error=str(exc))
 
     async def _mark(self, key: str, claim: Claim[str]) -> None:
+        # A webhook-id must outlive every timestamp its signature could still pass with.
+        ttl_s = max(self.config.ttl_s, int(2 * self.config.max_skew_s) + 1)
         try:
-            await self.store.mark_keys(HOOK_NAMESPACE, [key], self.config.ttl_s)
+            await self.store.mark_keys(HOOK_NAMESPACE, [key], ttl_s)
         except StoreError as exc:
             log.warning("webhook_mark_failed", error=str(exc))
         finally:
             claim.release()
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    def _capture(self, payload: dict[str, Any]) -> None:
+        """Run the hook's capture in the background, counted by outcome."""
+        assert self.on_hook is not None
+        on_hook = self.on_hook
+
+        async def run() -> None:
+            try:
+                outcome = await on_hook(payload)
+            except Exception as exc:  # a bug must still be counted and seen, not lost
+                log.warning("capture_failed", error=f"{type(exc).__name__}: {exc}")
+                outcome = "failed"
+            self.metrics.captures.labels(outcome).inc()
+
+        task = self._spawn(run())
+        self._captures[task] = _describe(payload)
+        self.metrics.captures_pending.set(len(self._captures))
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._captures.pop(finished, None)
+            self.metrics.captures_pending.set(len(self._captures))
+
+        task.add_done_callback(done)
 
     async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
-        """Give the marks and hook callbacks still running a moment to finish (at shutdown);
-        what is still running after that (a long capture) is abandoned, and logged."""
-        if self._background:
-            _, pending = await asyncio.wait(list(self._background), timeout=timeout_s)
-            if pending:
-                log.warning("webhook_work_abandoned", tasks=len(pending))
+        """At shutdown, give the marks and captures still running ``timeout_s`` to finish;
+        captures still running then are cancelled, counted as ``abandoned`` and logged by
+        project and commit (``gitlab-producer capture`` can redo them)."""
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(list(self._background), timeout=timeout_s)
+        abandoned = [self._captures[t] for t in pending if t in self._captures]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        self.metrics.captures.labels("abandoned").inc(len(abandoned))
+        if pending:
+            log.warning("webhook_work_abandoned", captures=len(abandoned),
+                        marks=len(pending) - len(abandoned), abandoned=abandoned)
+        else:
+            log.info("webhook_work_finished")
+
+
+def _describe(payload: dict[str, Any]) -> str:
+    """``project@commit`` of a hook that triggers a capture, for the shutdown report."""
+    project = _owner(payload)
+    commit = payload.get("checkout_sha") or payload.get("sha") or "?"
+    return f"{project}@{commit}"
+
+
+class JsonErrorHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering requests its parser refuses (bad header bytes,
+    oversized lines) with a JSON 400 that does not echo the request: aiohttp's own text answer
+    and log line quote the offending header, which may be ``X-Gitlab-Token``."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None
+                     ) -> web.StreamResponse:
+        # The parser's message quotes the request; a handler's error (500) does not.
+        error = None if exc is None else type(exc).__name__
+        if status >= 500 and exc is not None:
+            error = f"{error}: {exc}"
+        log.warning("webhook_request_refused", status=status, error=error)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        reason = "internal error" if status >= 500 else "malformed request"
+        response = web.json_response({"status": reason}, status=status)
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    """An aiohttp server whose connections use :class:`JsonErrorHandler`."""
+
+    def __call__(self) -> web.RequestHandler:
+        return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class WebhookRunner(web.AppRunner):
+    """``AppRunner`` for the webhook app: JSON answers to malformed requests too, and a
+    connection whose body was not read (an early 401, 408, 413) is closed after the answer
+    instead of aiohttp's 10 s of reading and discarding the rest."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **{"lingering_time": 0, **kwargs})
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = JsonErrorServer  # same state, its connections get JSON errors
+        return server
 
 
 def build_webhook_app(receiver: WebhookReceiver, max_body: int,
-                      capture: Callable[[web.Request], Awaitable[web.Response]] | None = None
+                      capture: Callable[[web.Request], Awaitable[web.Response]] | None = None,
+                      more_routes: Callable[[web.Application], None] | None = None
                       ) -> web.Application:
+    """The receiver's app; ``more_routes`` adds others (the artifact hand-back, whose
+    streamed bodies ``max_body`` does not cap)."""
     app = web.Application(client_max_size=max_body)
 
     async def drain(_app: web.Application) -> None:
@@ -251,4 +422,6 @@ def build_webhook_app(receiver: WebhookReceiver, max_body: int,
     app.router.add_post("/webhooks/gitlab", receiver.handle)
     if capture is not None:
         app.router.add_post("/capture", capture)
+    if more_routes is not None:
+        more_routes(app)
     return app

@@ -39,6 +39,7 @@ class ApiRequest:
     method: str
     base_url: str
     faults: EntityFaults = field(default_factory=EntityFaults)
+    admin: bool = False
 
     def q(self) -> dict[str, str]:
         return {k: self.query[k] for k in self.query}
@@ -96,9 +97,9 @@ def _project_id(world: World, raw: str) -> int | None:
     if text.isdigit():
         pid = int(text)
     else:
-        match = re.fullmatch(r"group\d+/project-(\d+)", text)
+        match = re.fullmatch(r"(?:group\d+/)+project-(\d+)", text)
         pid = int(match.group(1)) if match else 0
-    return pid if 1 <= pid <= world.project_count else None
+    return pid if 1 <= pid <= world.project_count and pid not in world.deleted_projects else None
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -156,8 +157,9 @@ def _project_rows(world: World, q: dict[str, str]) -> list[int]:
     id_after = int(q.get("id_after", 0))
     id_before = int(q.get("id_before", 0)) or world.project_count + 1
     activity = world.project_last_activity_ms
+    deleted = world.deleted_projects
     return [pid for pid in range(id_after + 1, id_before)
-            if (after is None or activity[pid - 1] > after)
+            if pid not in deleted and (after is None or activity[pid - 1] > after)
             and (before is None or activity[pid - 1] < before)]
 
 
@@ -212,13 +214,6 @@ def projects_list(req: ApiRequest) -> web.Response:
     page = offset_page(len(rows), q, base, resource="Project")
     body = _list_body([_render_project(world, p, simple) for p in rows[page.start:page.stop]])
     return web.Response(body=body, content_type=JSON, headers=page.headers)
-
-
-def project(req: ApiRequest) -> web.Response:
-    pid = _project_id(req.world, req.parts[0])
-    if pid is None:
-        return not_found("404 Project Not Found")
-    return web.Response(body=_render_project(req.world, pid, False), content_type=JSON)
 
 
 def members_all(req: ApiRequest) -> web.Response:
@@ -287,9 +282,14 @@ def users_list(req: ApiRequest) -> web.Response:
 
 
 def user(req: ApiRequest) -> web.Response:
+    """A single user; an administrator's token also sees the ``email``."""
     uid = int(req.parts[0]) if req.parts[0].isdigit() else 0
     if not 1 <= uid <= req.world.user_count:
         return not_found("404 User Not Found")
+    if req.admin:
+        data = orjson.loads(_render_user(req.world, uid))
+        data.update({"email": f"user{uid}@example.com", "is_admin": uid == 1})
+        return json_response(data)
     return web.Response(body=_render_user(req.world, uid), content_type=JSON)
 
 
@@ -380,7 +380,6 @@ SEG = r"([^/]+)"
 ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = tuple(
     (name, re.compile(pattern), handler) for name, pattern, handler in (
         ("projects_list", r"projects", projects_list),
-        ("project", rf"projects/{SEG}", project),
         ("project_events", rf"projects/{SEG}/events", project_events),
         ("members", rf"projects/{SEG}/members/all", members_all),
         ("files", rf"projects/{SEG}/repository/files/{SEG}", file_json),
@@ -407,7 +406,7 @@ def route(raw_path: str) -> tuple[str, Handler, list[str]] | None:
 
 
 def handle(world: World, raw_path: str, query: MultiMapping[str], method: str,
-           base_url: str, faults: EntityFaults | None = None
+           base_url: str, faults: EntityFaults | None = None, admin: bool = False
            ) -> tuple[str, web.StreamResponse]:
     """Answer one authenticated API request; returns the route name for statistics."""
     found = route(raw_path)
@@ -416,6 +415,6 @@ def handle(world: World, raw_path: str, query: MultiMapping[str], method: str,
     name, handler, parts = found
     try:
         return name, handler(ApiRequest(world, parts, query, method, base_url,
-                                        faults or EntityFaults()))
+                                        faults or EntityFaults(), admin))
     except PagingError as exc:
         return name, json_response(exc.body, exc.status)

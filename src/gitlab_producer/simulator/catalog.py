@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from gitlab_producer.simulator.targets import Target, target_title
+
 
 @dataclass(frozen=True)
 class ActionKind:
@@ -34,6 +36,9 @@ ACTIONS: tuple[ActionKind, ...] = (
     # Events outside any project: personal snippets and comments on them.
     ActionKind("created", "created", "Snippet", "snippet", 3, projectless=True),
     ActionKind("commented on", "commented", "Note", "note", 2, projectless=True),
+    # Only made by object changes (weight 0: never drawn for the generated history).
+    ActionKind("reopened", "reopened", "Issue", "issue", 0),
+    ActionKind("closed", "closed", "MergeRequest", "merge_request", 0),
 )
 
 
@@ -68,19 +73,30 @@ def render_event(
     author_id: int,
     created_at: str,
     host: str,
+    target: Target | None = None,
+    detail: str | None = None,
 ) -> dict[str, Any]:
-    """One event exactly as ``GET /events`` family endpoints return it."""
-    target_id = None if action.target_type is None else 1000 + event_id
+    """One event exactly as ``GET /events`` family endpoints return it. ``target`` names the
+    project object it is about (events outside projects name made-up snippets); ``detail`` is
+    the note's body of a note event, the pushed ref of a push made by an object change."""
+    target_id: int | None = None
+    target_iid: int | None = None
+    title: str | None = None
+    if target is not None:
+        target_id, target_iid, title = target.target_id, target.target_iid, target_title(target)
+    elif action.target_type is not None:
+        target_id, target_iid = 1000 + event_id, event_id % 500 + 1
+        title = f"Target {target_id} of event {event_id}"
     event: dict[str, Any] = {
         "id": event_id,
         "title": None,
         "project_id": project_id,
         "action_name": action.action_name,
         "target_id": target_id,
-        "target_iid": None if target_id is None else event_id % 500 + 1,
+        "target_iid": target_iid,
         "target_type": action.target_type,
         "author_id": author_id,
-        "target_title": None if target_id is None else f"Target {target_id} of event {event_id}",
+        "target_title": title,
         "created_at": created_at,
         "author": _author(author_id, host),
         "imported": False,
@@ -95,43 +111,74 @@ def render_event(
             "ref_type": "branch",
             "commit_from": None if action.action_name == "pushed new" else sha_for(event_id),
             "commit_to": commit_to,
-            "ref": "main" if event_id % 3 else f"feature/topic-{event_id % 7}",
+            "ref": detail or ("main" if event_id % 3 else f"feature/topic-{event_id % 7}"),
             "commit_title": f"Change number {event_id}",
             "ref_count": None,
         }
     if action.target_type == "Note":
         noteable = "Snippet" if action.projectless else "Issue"
+        noteable_id, noteable_iid = 5000 + event_id % 997, event_id % 500 + 1
+        if target is not None and target.noteable_type:
+            noteable, noteable_id = target.noteable_type, target.noteable_id or 0
+            noteable_iid = target.noteable_iid or 0
         event["note"] = {
             "id": target_id,
             "type": None,
-            "body": f"Comment from event {event_id}",
+            "body": detail or event_note_body(event_id),
             "attachment": None,
             "author": _author(author_id, host),
             "created_at": created_at,
             "updated_at": created_at,
             "system": False,
-            "noteable_id": 5000 + event_id % 997,
+            "noteable_id": noteable_id,
             "noteable_type": noteable,
             "project_id": project_id,
             "confidential": False,
             "internal": False,
-            "noteable_iid": None if action.projectless else event_id % 500 + 1,
+            "noteable_iid": None if action.projectless else noteable_iid,
             "commands_changes": {},
         }
     return event
 
 
+def event_note_body(event_id: int) -> str:
+    """The body of the note a "commented on" event of the generated history names."""
+    return f"Comment from event {event_id}"
+
+
+GROUPS = 50
+TOP_GROUPS = 10  # groups 1-10 are top-level; 11-50 are their subgroups
+
+
+def group_parent(group_id: int) -> int | None:
+    return None if group_id <= TOP_GROUPS else (group_id - 1) % TOP_GROUPS + 1
+
+
+def group_path(group_id: int) -> tuple[str, str]:
+    """(full path, full name) of a group: ``group1/group11``, ``Group 1 / Group 11``."""
+    parent = group_parent(group_id)
+    if parent is None:
+        return f"group{group_id}", f"Group {group_id}"
+    path, name = group_path(parent)
+    return f"{path}/group{group_id}", f"{name} / Group {group_id}"
+
+
+def group_of(project_id: int) -> int:
+    return project_id % GROUPS + 1
+
+
 def namespace_json(project_id: int, host: str) -> dict[str, Any]:
-    group = project_id % 50 + 1
+    group = group_of(project_id)
+    full_path, _ = group_path(group)
     return {
         "id": group,
         "name": f"Group {group}",
         "path": f"group{group}",
         "kind": "group",
-        "full_path": f"group{group}",
-        "parent_id": None,
+        "full_path": full_path,
+        "parent_id": group_parent(group),
         "avatar_url": None,
-        "web_url": f"https://{host}/groups/group{group}",
+        "web_url": f"https://{host}/groups/{full_path}",
     }
 
 
@@ -146,7 +193,7 @@ def project_json(
         "id": project_id,
         "description": f"Project {project_id}",
         "name": f"Project {project_id}",
-        "name_with_namespace": f"{ns['name']} / Project {project_id}",
+        "name_with_namespace": f"{group_path(ns['id'])[1]} / Project {project_id}",
         "path": path,
         "path_with_namespace": full,
         "created_at": created_at,

@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 
 FAULT_KINDS = ("html502", "error500", "truncated", "slow", "drop")
 
-# On gitlab.com the projects, groups and users APIs send no informational headers on a 429.
-BARE_429_ROUTES = frozenset({"projects_list", "project", "users_list", "user", "groups"})
+# On gitlab.com the per-endpoint limits of the projects, groups and users APIs
+# (Gitlab::ApplicationRateLimiter) answer 429 with a JSON message and no headers at all.
+BARE_429_ROUTES = frozenset({"projects_list", "project", "users_list", "user", "groups",
+                             "group", "group_projects"})
+BARE_429_BODY = (b'{"message":{"error":"This endpoint has been requested too many times. '
+                 b'Try again later."}}')
 
 
 @dataclass
@@ -29,6 +33,15 @@ class RouteBudget:
         return route.strip(), cls(int(limit), float(period or 1))
 
 
+# gitlab.com's per-endpoint limits (doc/user/gitlab_com/rate_limits.md).
+GITLAB_COM_BUDGETS: dict[str, RouteBudget] = {
+    "projects_list": RouteBudget(2000, 600),  # GET /projects
+    "project": RouteBudget(400, 60),  # GET /projects/:id
+    "groups": RouteBudget(200, 60),  # GET /groups
+    "user": RouteBudget(300, 600),  # GET /users/:id
+}
+
+
 @dataclass(frozen=True)
 class Throttle:
     """A refused request: what to send with the 429."""
@@ -38,6 +51,7 @@ class Throttle:
     observed: int
     reset_epoch: int
     retry_after_s: int
+    per_endpoint: bool = False  # a route budget, not the global authenticated limit
 
 
 @dataclass(frozen=True)
@@ -180,7 +194,7 @@ class Control:
                 if len(window) >= budget.limit:
                     reset = window[0] + budget.period_s
                     return Throttle(f"throttle_{route}", budget.limit, len(window) + 1,
-                                    int(reset) + 1, max(1, int(reset - now) + 1))
+                                    int(reset) + 1, max(1, int(reset - now) + 1), True)
                 window.append(now)
         return None
 

@@ -8,7 +8,7 @@ import contextlib
 import signal
 import time
 
-from gitlab_producer.simulator.control import Control, RouteBudget
+from gitlab_producer.simulator.control import GITLAB_COM_BUDGETS, Control, RouteBudget
 from gitlab_producer.simulator.server import Simulator, serve
 from gitlab_producer.simulator.world import World, WorldSpec
 
@@ -18,11 +18,14 @@ def simulate(args: argparse.Namespace) -> int:
     world = World(WorldSpec(
         projects=args.projects, users=args.users, events=args.events, seed=args.seed,
         history_days=args.history_days, activity_interval_s=args.activity_interval,
-        hidden_share=args.hidden_share, quiet_s=args.quiet_minutes * 60))
-    budgets = dict(RouteBudget.parse(text) for text in args.route_limit)
+        hidden_share=args.hidden_share, quiet_s=args.quiet_minutes * 60,
+        objects_per_project=args.objects_per_project, big_project_issues=args.big_project_issues,
+        feature_off_share=args.feature_off_share))
+    budgets = dict(GITLAB_COM_BUDGETS) if args.gitlab_com_limits else {}
+    budgets.update(RouteBudget.parse(text) for text in args.route_limit)
     control = Control(rate_limit=args.rate_limit, route_budgets=budgets,
                       fault_rate=args.faults, seed=args.seed)
-    sim = Simulator(world, control, args.token, args.live_rate)
+    sim = Simulator(world, control, args.token, args.live_rate, change_rate=args.change_rate)
 
     async def main() -> None:
         runner = await serve(sim, args.host, args.port)

@@ -75,8 +75,13 @@ def offset_page(
         "X-Next-Page": str(page + 1) if has_next else "",
         "X-Prev-Page": str(page - 1) if page > 1 else "",
     }
+    # The other parameters (repeated ones such as iids[] included) are encoded once for all
+    # the links (hot path).
+    rest = urlencode([(k, v) for k, v in query.items() if k not in ("page", "per_page")])
+    prefix = f"{base}?{rest}&" if rest else f"{base}?"
+
     def link(to_page: int, rel: str) -> str:
-        return f'<{_url(base, query, page=str(to_page), per_page=str(per_page))}>; rel="{rel}"'
+        return f'<{prefix}page={to_page}&per_page={per_page}>; rel="{rel}"'
 
     links = []
     if page > 1:

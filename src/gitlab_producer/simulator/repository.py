@@ -73,6 +73,21 @@ def resolve_ref(project_id: int, ref: str) -> str | None:
     return ref if SHA_RE.match(ref) else None
 
 
+# Each branch has a short linear history ending at its head (``resolve_ref``); other
+# branches fork from the default branch after its first FORK_AT commits.
+COMMITS_PER_BRANCH = 20
+FORK_AT = 10
+
+
+def branch_commits(project_id: int, branch: str) -> list[str]:
+    """The commit ids of ``branch``, oldest first (the last is the branch head)."""
+    own = [sha_for("commit", project_id, branch, n) for n in range(COMMITS_PER_BRANCH - 1)]
+    own.append(sha_for("branch", project_id, branch))
+    if branch == BRANCHES[0]:
+        return own
+    return branch_commits(project_id, BRANCHES[0])[:FORK_AT] + own[FORK_AT:]
+
+
 def file_content(project_id: int, path: str, commit_id: str) -> bytes:
     text = f"{path} of project {project_id} at {commit_id}\nünïcødé ✓\n"
     if path.endswith(".jar"):

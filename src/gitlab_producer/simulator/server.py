@@ -15,8 +15,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gitlab_producer.simulator import api
-from gitlab_producer.simulator.control import BARE_429_ROUTES, Control, Throttle
+from gitlab_producer.simulator import api, objects_api
+from gitlab_producer.simulator.control import BARE_429_BODY, BARE_429_ROUTES, Control, Throttle
+from gitlab_producer.simulator.objects_changes import ChangeError, Changer
+from gitlab_producer.simulator.objects_changes import truth as objects_truth
+from gitlab_producer.simulator.objects_store import ObjectWorld
 from gitlab_producer.simulator.webhooks import HOOK_KINDS, deliver
 from gitlab_producer.simulator.world import World, WorldSpec
 
@@ -35,24 +38,47 @@ class Simulator:
     token: str = "sim-token"  # noqa: S105 - the simulator's documented default
     live_rate: float = 0.0
     _live_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    admin_token: str = "sim-admin-token"  # noqa: S105 - an administrator's token
+    change_rate: float = 0.0  # live mode: object changes per second
+    objects: ObjectWorld = field(init=False, repr=False)
+    changer: Changer = field(init=False, repr=False)
 
-    def authenticated(self, request: web.Request) -> tuple[bool, bool]:
-        """(token accepted, token came in the query string)."""
-        in_query = "private_token" in request.query
+    def __post_init__(self) -> None:
+        self.objects = ObjectWorld(self.world)
+        self.changer = Changer(self.objects, self.world.spec.seed)
+
+    @staticmethod
+    def _token_of(request: web.Request) -> str | None:
         given = request.headers.get("PRIVATE-TOKEN")
         bearer = request.headers.get("Authorization", "")
         if given is None and bearer.startswith("Bearer "):
             given = bearer[7:]
-        if given is None and in_query:
-            given = request.query["private_token"]
-        return given == self.token, in_query
+        if given is None:
+            given = request.query.get("private_token")
+        return given
+
+    def is_admin(self, request: web.Request) -> bool:
+        """The request came with the administrator's token."""
+        return self._token_of(request) == self.admin_token
+
+    def authenticated(self, request: web.Request) -> tuple[bool, bool]:
+        """(token accepted, token came in the query string)."""
+        return (self._token_of(request) in (self.token, self.admin_token),
+                "private_token" in request.query)
 
     async def live_loop(self) -> None:
-        """Create ``live_rate`` events per second, in small batches, while live mode is on."""
+        """Create ``live_rate`` events per second, in small batches, while live mode is on;
+        and make ``change_rate`` object changes per second."""
         carry = 0.0
+        changes = 0.0
         tick = 0.05
         while True:
             await asyncio.sleep(tick)
+            if self.change_rate > 0:
+                changes += self.change_rate * tick
+                if changes >= 1:
+                    self.changer.random(int(changes))
+                    changes -= int(changes)
             if self.live_rate <= 0:
                 carry = 0.0
                 continue
@@ -67,17 +93,19 @@ SIM_KEY = web.AppKey("simulator", Simulator)
 
 
 def _throttled(route: str, throttle: Throttle) -> web.Response:
-    headers = {"Retry-After": str(throttle.retry_after_s)}
-    if route not in BARE_429_ROUTES:
-        headers.update({
-            "RateLimit-Name": throttle.name,
-            "RateLimit-Limit": str(throttle.limit),
-            "RateLimit-Observed": str(throttle.observed),
-            "RateLimit-Remaining": "0",
-            "RateLimit-Reset": str(throttle.reset_epoch),
-            "RateLimit-ResetTime": time.strftime("%a, %d %b %Y %H:%M:%S GMT",
-                                                 time.gmtime(throttle.reset_epoch)),
-        })
+    if throttle.per_endpoint and route in BARE_429_ROUTES:
+        # gitlab-org/gitlab#365728: no RateLimit-* headers, no Retry-After either.
+        return web.Response(status=429, body=BARE_429_BODY, content_type="application/json")
+    headers = {
+        "Retry-After": str(throttle.retry_after_s),
+        "RateLimit-Name": throttle.name,
+        "RateLimit-Limit": str(throttle.limit),
+        "RateLimit-Observed": str(throttle.observed),
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": str(throttle.reset_epoch),
+        "RateLimit-ResetTime": time.strftime("%a, %d %b %Y %H:%M:%S GMT",
+                                             time.gmtime(throttle.reset_epoch)),
+    }
     return web.Response(status=429, text="Retry later", headers=headers)
 
 
@@ -101,7 +129,7 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
     sim.control.arrived()
     raw_path = request.rel_url.raw_path[len(API_PREFIX):].rstrip("/")
     ok, in_query = sim.authenticated(request)
-    route_name = (api.route(raw_path) or ("unknown",))[0]
+    route_name = (objects_api.route(raw_path) or api.route(raw_path) or ("unknown",))[0]
     if not ok:
         sim.control.record(route_name, 401, in_query)
         return web.Response(status=401, body=UNAUTHORIZED, content_type="application/json")
@@ -123,8 +151,10 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
         sim.control.record(route_name, 302, in_query)
         return web.Response(status=302, headers={"Location": sim.control.redirect_to})
     base = sim.control.link_base or f"{request.scheme}://{request.host}/api/v4"
-    name, response = api.handle(sim.world, raw_path, request.query, request.method, base,
-                                sim.control.entity_faults)
+    answered = objects_api.handle(sim.world, sim.objects, raw_path, request.query, base)
+    name, response = answered or api.handle(sim.world, raw_path, request.query, request.method,
+                                            base, sim.control.entity_faults,
+                                            admin=sim.is_admin(request))
     if sim.control.pad_bytes and isinstance(response, web.Response) and response.body and (
             response.content_type == "application/json"):
         response.body = bytes(response.body) + b" " * sim.control.pad_bytes  # type: ignore[arg-type]
@@ -195,7 +225,10 @@ async def settings(request: web.Request) -> web.Response:
         if "pad_bytes" in body:
             control.pad_bytes = int(body["pad_bytes"])
         control.entity_faults = control.entity_faults.updated(body)
-    return web.json_response({"live_rate": sim.live_rate, "fault_rate": control.fault_rate,
+        if "change_rate" in body:
+            sim.change_rate = float(body["change_rate"])
+    return web.json_response({"live_rate": sim.live_rate, "change_rate": sim.change_rate,
+                              "fault_rate": control.fault_rate,
                               "fault_kinds": list(control.fault_kinds),
                               "rate_limit": control.rate_limit,
                               **control.entity_faults.snapshot()})
@@ -206,6 +239,29 @@ async def add_events(request: web.Request) -> web.Response:
     ids = request.app[SIM_KEY].world.add_events(
         int(body.get("count", 1)), body.get("project_id"), body.get("author_id"))
     return web.json_response({"ids": ids})
+
+
+async def changes(request: web.Request) -> web.Response:
+    """Change objects: ``{"changes": [{"kind": "close_issue", "project_id": 3, "iid": 2}]}``,
+    one change as the body itself, or ``{"random": 10}``."""
+    sim = request.app[SIM_KEY]
+    body = await _json_body(request)
+    if "random" in body:
+        return web.json_response({"changes": sim.changer.random(int(body["random"]))})
+    try:
+        done = [sim.changer.apply(change) for change in body.get("changes", [body])]
+    except ChangeError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response({"changes": done})
+
+
+async def objects(request: web.Request) -> web.Response:
+    """Ground truth of the objects: ``?project_id=1&project_id=2`` (default: every project)."""
+    sim = request.app[SIM_KEY]
+    wanted = [int(p) for p in request.query.getall("project_id", []) if p.isdigit()]
+    ids = wanted or list(range(1, sim.world.project_count + 1))
+    return web.Response(body=orjson.dumps(objects_truth(sim.objects, ids)),
+                        content_type="application/json")
 
 
 async def send_webhooks(request: web.Request) -> web.Response:
@@ -231,6 +287,8 @@ def build_app(sim: Simulator) -> web.Application:
     app.router.add_post("/_simulator/settings", settings)
     app.router.add_post("/_simulator/events", add_events)
     app.router.add_post("/_simulator/webhooks", send_webhooks)
+    app.router.add_post("/_simulator/changes", changes)
+    app.router.add_get("/_simulator/objects", objects)
     app.router.add_route("*", API_PREFIX + "{tail:.*}", api_handler)
 
     async def live(app: web.Application) -> Any:

@@ -18,13 +18,14 @@ from functools import lru_cache
 
 import orjson
 
+from gitlab_producer.simulator import targets
 from gitlab_producer.simulator.catalog import ACTIONS, ActionKind, render_event
 
 DAY_MS = 86_400_000
 
 
 def _kind_choices(projectless: bool) -> tuple[list[int], list[int]]:
-    kinds = [i for i, a in enumerate(ACTIONS) if a.projectless == projectless]
+    kinds = [i for i, a in enumerate(ACTIONS) if a.projectless == projectless and a.weight]
     cumulative, total = [], 0
     for i in kinds:
         total += ACTIONS[i].weight
@@ -50,6 +51,9 @@ class WorldSpec:
     activity_interval_s: float = 3600.0
     quiet_s: float = 0.0  # the generated history ends this long before start-up
     host: str = "gitlab.example.com"
+    objects_per_project: int = 60  # mean issues + merge requests + notes + pipelines
+    big_project_issues: int = 0  # project 1 gets this many issues when set
+    feature_off_share: float = 0.1  # share of projects with each feature switched off
 
 
 @lru_cache(maxsize=4096)
@@ -77,6 +81,12 @@ class World:
         rng = random.Random(spec.seed)
         start = now - int(spec.history_days * DAY_MS)
         self.start_ms = start
+        self.end_ms = now  # the generated objects are spread up to here
+        self.deleted_projects: set[int] = set()
+        self._shapes: dict[int, targets.Shape] = {}
+        # Events made by object changes name their object explicitly: (target, detail), the
+        # detail being the note's body for a note, the pushed ref for a push.
+        self.ev_target: dict[int, tuple[targets.Target | None, str | None]] = {}
         n_proj, n_users = max(1, spec.projects), max(1, spec.users)
 
         self.project_created_ms = array(
@@ -163,6 +173,43 @@ class World:
                 ids.append(idx + 1)
         return ids
 
+    def add_object_event(self, project: int, author: int, action_name: str, target_type: str | None,
+                         target: targets.Target | None, detail: str | None = None,
+                         at_ms: int | None = None) -> tuple[int, int]:
+        """An event made by an object change (a note, a state change, a push), naming its
+        object. Returns (event id, created_at in ms)."""
+        action = next(i for i, a in enumerate(ACTIONS) if a.action_name == action_name
+                      and a.target_type == target_type and not a.projectless)
+        with self.lock:
+            t = at_ms if at_ms is not None else int(time.time() * 1000)
+            if self.ev_time and t < self.ev_time[-1]:
+                t = self.ev_time[-1]
+            idx = self._append(t, project, author, action, False)
+            self.ev_target[idx] = (target, detail)
+        return idx + 1, t
+
+    def project_shape(self, project: int) -> targets.Shape:
+        """How many objects of each kind the project's generated base holds (cached)."""
+        found = self._shapes.get(project)
+        if found is None:
+            found = self._shapes[project] = targets.shape(
+                self.spec.seed, project, self.spec.objects_per_project,
+                self.spec.big_project_issues)
+        return found
+
+    def event_target(self, idx: int) -> tuple[targets.Target | None, str | None]:
+        """The project object an event names (None for events outside projects and pushes)."""
+        explicit = self.ev_target.get(idx)
+        if explicit is not None:
+            return explicit
+        action, project = ACTIONS[self.ev_action[idx]], self.ev_project[idx]
+        if action.target_type is None or not project:
+            return None, None
+        return targets.base_target(
+            self.spec.seed, project, idx + 1, action.target_type, self.ev_time[idx],
+            self.project_shape(project), self.project_created_ms[project - 1], self.end_ms,
+            newest=action.action_name == "opened"), None
+
     # -- queries ----------------------------------------------------------------------------
     @property
     def project_count(self) -> int:
@@ -202,6 +249,7 @@ class World:
         cached = self._rendered[idx]
         if cached is None:
             author = self.ev_author[idx]
+            target, detail = self.event_target(idx)
             # orjson's result keeps its whole working buffer (~8 KB for an event of 1 KB);
             # a trimmed copy is what stays in the cache (measured: 8,153 -> 1,048 bytes).
             cached = bytes(memoryview(orjson.dumps(render_event(
@@ -211,6 +259,8 @@ class World:
                 author_id=author,
                 created_at=iso_ms(self.ev_time[idx]),
                 host=self.spec.host,
+                target=target,
+                detail=detail,
             ))))
             self._rendered[idx] = cached
         return cached

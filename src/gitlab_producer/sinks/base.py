@@ -20,6 +20,10 @@ class DeliveryError(Exception):
     """The sink did not acknowledge every message of a batch."""
 
 
+class MessageTooLarge(DeliveryError):
+    """A message is larger than the producer or the topic accepts: retrying cannot help."""
+
+
 class Sink(Protocol):
     """Send batches and return only once every message is acknowledged."""
 

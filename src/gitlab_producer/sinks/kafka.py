@@ -22,7 +22,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from gitlab_producer.config import Settings
 from gitlab_producer.logs import get_logger
-from gitlab_producer.sinks.base import DeliveryError, Message
+from gitlab_producer.sinks.base import DeliveryError, Message, MessageTooLarge
 
 log = get_logger(__name__)
 
@@ -100,13 +100,15 @@ class EpochWatch:
 class _Batch:
     """Counts acknowledgements from librdkafka's thread and wakes the event loop at zero."""
 
-    __slots__ = ("error", "future", "lock", "loop", "remaining", "timed_out", "unrecoverable")
+    __slots__ = ("error", "future", "lock", "loop", "remaining", "timed_out", "too_large",
+                 "unrecoverable")
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
         self.remaining = size
         self.error: str | None = None
         self.unrecoverable = False
         self.timed_out = False
+        self.too_large = False
         self.lock = threading.Lock()
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
@@ -125,6 +127,8 @@ class _Batch:
             self.unrecoverable = True
         elif err is not None and err.code() == KafkaError._MSG_TIMED_OUT:
             self.timed_out = True
+        if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+            self.too_large = True  # the broker's (topic's) limit
         self.settle(1, None if err is None else str(err))
 
     def _finish(self) -> None:
@@ -204,6 +208,9 @@ class KafkaSink:
                 except KafkaException as exc:
                     batch.settle(len(messages) - index, str(exc))
                     error = exc.args[0] if exc.args else None
+                    if (isinstance(error, KafkaError)
+                            and error.code() == KafkaError.MSG_SIZE_TOO_LARGE):
+                        raise MessageTooLarge(f"kafka refused the message: {exc}") from exc
                     if (isinstance(error, KafkaError) and error.fatal()
                             and producer is self._producer):
                         await self._renew(f"fatal error: {error.str()}")
@@ -214,6 +221,8 @@ class KafkaSink:
         await batch.future
         if (batch.unrecoverable or batch.timed_out) and producer is self._producer:
             await self._renew("fatal error" if batch.unrecoverable else "messages timed out")
+        if batch.too_large:
+            raise MessageTooLarge(f"kafka refused a message: {batch.error}")
         if batch.error is not None:
             raise DeliveryError(f"kafka delivery failed: {batch.error}")
 

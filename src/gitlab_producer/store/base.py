@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import orjson
 
@@ -39,6 +39,10 @@ class Cursor:
         return cls(float(synced_at), str(activity))
 
 
+ClaimState = Literal["claimed", "done", "pending"]
+PENDING = "#pending"  # suffix of the namespace that holds claims beside the marks
+
+
 class StoreError(Exception):
     """The store could not be reached or answered wrongly."""
 
@@ -57,6 +61,14 @@ class Store(Protocol):
 
     async def mark_keys(self, namespace: str, keys: Sequence[str], ttl_s: int) -> None:
         """Like :meth:`mark_sent` for string keys."""
+
+    async def claim_key(self, namespace: str, key: str, hold_s: float) -> ClaimState:
+        """Atomically, across processes: ``"done"`` when ``key`` is marked
+        (:meth:`mark_keys`), ``"pending"`` when another caller holds a claim on it, else take
+        the claim for ``hold_s`` seconds and return ``"claimed"``."""
+
+    async def release_key(self, namespace: str, key: str) -> None:
+        """Drop a claim taken with :meth:`claim_key` (its delivery failed)."""
 
     async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
         """Stored cursors of ``kind`` (``project`` or ``user``) for the given ids."""

@@ -82,20 +82,6 @@ class RedisClaims:
         """:data:`MINE`, :data:`SENT` or :data:`HELD` for each key, in order."""
         return await self._claims(keys)
 
-    async def claim_waiting(self, key: str | bytes, timeout_s: float) -> bool:
-        """Claim one key, waiting while another instance holds it: True when it is this
-        instance's to deliver, False when it was sent. :class:`StoreError` after
-        ``timeout_s`` still held (the caller answers "retry later")."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        for delay in poll_delays():
-            (outcome,) = await self.claim([key])
-            if outcome != HELD:
-                return outcome == MINE
-            if asyncio.get_running_loop().time() + delay > deadline:
-                raise StoreError("another instance is still delivering this key")
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # poll_delays() never ends
-
     async def _claim_all(self, keys: list[str | bytes]) -> list[int]:
         try:
             return [int(v) for v in await self._claim(keys=keys, args=[self.token,

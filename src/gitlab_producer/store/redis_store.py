@@ -4,6 +4,7 @@ Key layout (``prefix`` is ``REDIS_KEY_PREFIX``):
 
 - ``{prefix}event:{id}`` = ``1``, expiring after ``CACHE_TTL`` minutes (seed 000: "ID - true")
 - ``{prefix}{namespace}:{key}`` = ``1``, the same for string keys (``hook:<Idempotency-Key>``)
+- ``{prefix}{namespace}#pending:{key}`` = ``1``, a claim on a key being delivered (``SET NX PX``)
 - ``{prefix}cursor:{kind}`` hash: entity id -> ``[synced_at, activity]``
 - ``{prefix}meta`` hash: service metadata (``last_round_started``, ``since``)
 - ``{prefix}retry:{kind}`` hash: entity id -> why and since when it is kept for retry
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import partial
 from importlib.metadata import version
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -30,7 +31,7 @@ from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from gitlab_producer.store.base import Cursor, StoreError
+from gitlab_producer.store.base import PENDING, ClaimState, Cursor, StoreError
 from gitlab_producer.store.coalesce import Coalescer
 
 MAX_CONNECTIONS = 64
@@ -61,6 +62,14 @@ return #KEYS
 """
 
 
+# KEYS: the mark, the claim; ARGV[1]: claim lifetime in ms. The mark wins; else SET NX.
+CLAIM_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'done' end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return 'claimed' end
+return 'pending'
+"""
+
+
 class RedisStore:
     """The :class:`~gitlab_producer.store.base.Store` contract on Redis."""
 
@@ -68,6 +77,7 @@ class RedisStore:
         self._redis = client
         self.prefix = prefix
         self._mark: AsyncScript = client.register_script(MARK_SCRIPT)
+        self._claim: AsyncScript = client.register_script(CLAIM_SCRIPT)
         self._event_key = f"{prefix}event:".encode() + b"%d"  # bytes skip redis-py's encoder
         # Calls made while one is in flight go out together (see coalesce.py).
         self._unseen: Coalescer[str | bytes, bool] = Coalescer(self._lookup)
@@ -126,6 +136,23 @@ class RedisStore:
 
     async def mark_keys(self, namespace: str, keys: Sequence[str], ttl_s: int) -> None:
         await self._set_marks(self.namespaced_keys(namespace, keys), ttl_s)
+
+    async def claim_key(self, namespace: str, key: str, hold_s: float) -> ClaimState:
+        keys = [f"{self.prefix}{namespace}:{key}", f"{self.prefix}{namespace}{PENDING}:{key}"]
+        try:
+            state = await self._claim(keys=keys, args=[max(1, int(hold_s * 1000))])
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+        text = state.decode() if isinstance(state, bytes) else str(state)
+        if text not in ("claimed", "done", "pending"):
+            raise StoreError(f"redis: unexpected claim answer {text!r}")
+        return cast(ClaimState, text)
+
+    async def release_key(self, namespace: str, key: str) -> None:
+        try:
+            await self._redis.delete(f"{self.prefix}{namespace}{PENDING}:{key}")
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
 
     async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
         if not entity_ids:

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
-from gitlab_producer.store.base import Cursor, StoreError
+from gitlab_producer.store.base import PENDING, ClaimState, Cursor, StoreError
 
 T = TypeVar("T")
 
@@ -155,6 +155,27 @@ class SQLiteStore:
 
         if keys:
             await self._run(write)
+
+    async def claim_key(self, namespace: str, key: str, hold_s: float) -> ClaimState:
+        def claim(db: sqlite3.Connection) -> ClaimState:
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")  # other processes on the file wait for this one
+            try:
+                for space, state in ((namespace, "done"), (namespace + PENDING, "pending")):
+                    if db.execute("SELECT 1 FROM keyed WHERE namespace = ? AND key = ? "
+                                  "AND expires_at > ?", (space, key, now)).fetchone():
+                        return cast(ClaimState, state)
+                db.execute("INSERT OR REPLACE INTO keyed (namespace, key, expires_at) "
+                           "VALUES (?, ?, ?)", (namespace + PENDING, key, now + hold_s))
+                return "claimed"
+            finally:
+                db.execute("COMMIT")
+
+        return await self._run(claim)
+
+    async def release_key(self, namespace: str, key: str) -> None:
+        await self._run(lambda db: db.execute(
+            "DELETE FROM keyed WHERE namespace = ? AND key = ?", (namespace + PENDING, key)))
 
     async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
         if not entity_ids:
