@@ -19,9 +19,9 @@ redis-server-installed:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
 	  || { echo "could not install redis-server"; exit 1; }; }
 
-# Debian's libfaketime: tests run some processes with their clock moved (tests/scaleout).
+# Debian's faketime: the time tests run the simulator with its clock moved.
 faketime-installed:
-	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || { \
+	@command -v faketime >/dev/null 2>&1 || { \
 	  echo "installing faketime (Debian package)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime) \
 	  || { echo "could not install faketime"; exit 1; }; }

@@ -229,6 +229,65 @@ def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
         consumer.close()
 
 
+# -- clocks -----------------------------------------------------------------------------------
+def clock_shifted(command: list[str], shift_s: float) -> list[str]:
+    """``command`` under Debian's ``faketime``, its wall clock ``shift_s`` seconds off the real
+    one (monotonic clocks untouched). For the simulator only: libfaketime 0.9.10 stalls
+    librdkafka's timed waits, so the service keeps the real clock, and a service clock behind
+    GitLab's is a simulator clock ahead (the simulator never talks to the broker, which
+    would refuse timestamps from the future)."""
+    if not shift_s:
+        return command
+    binary = shutil.which("faketime")
+    if binary is None:
+        pytest.fail("faketime is not installed (make test installs Debian's faketime)")
+    return [binary, "-m", "-f", f"{int(shift_s):+d}s", *command]
+
+
+@dataclass
+class SimulatorProcess:
+    """``gitlab-producer simulate`` as its own process (so that its clock can be moved)."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def get(self, path: str, **params: Any) -> Any:
+        import httpx
+
+        return httpx.get(f"{self.url}{path}", params=params, timeout=30).json()
+
+
+@contextlib.contextmanager
+def simulator_process(log: Path, *args: str, clock_shift_s: float = 0.0
+                      ) -> Iterator[SimulatorProcess]:
+    """The simulator CLI on a free port, its clock optionally shifted; stops on exit."""
+    port = free_port()
+    command = clock_shifted([sys.executable, "-m", "gitlab_producer", "simulate",
+                             "--port", str(port), *args], clock_shift_s)
+    with log.open("wb") as out:
+        # A session of its own: faketime runs the simulator as its child, and stopping only
+        # faketime would leave the simulator running.
+        proc = subprocess.Popen(command, env={**os.environ, "FAKETIME_DONT_FAKE_MONOTONIC": "1"},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, 60)
+        yield SimulatorProcess(f"http://127.0.0.1:{port}", proc)
+    finally:
+        stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process's whole group, SIGKILL after 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 # -- the service as a real process ------------------------------------------------------------
 @dataclass
 class ServiceRun:

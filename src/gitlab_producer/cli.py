@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="object changes per second (live mode)")
     sim.add_argument("--gitlab-com-limits", action="store_true",
                      help="gitlab.com's per-endpoint limits on the projects, groups, users APIs")
+    sim.add_argument("--utc-offset", default="Z",
+                     help="the server's time zone, e.g. -08:00 (UTC-12..UTC+14; default UTC)")
     sim.set_defaults(func=cmd_simulate)
     return parser
 

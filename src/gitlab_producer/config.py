@@ -32,12 +32,16 @@ from pydantic_settings import (
 )
 
 from gitlab_producer.artifact_paths import relative_path
+from gitlab_producer.gitlab.calendar import utc_day_start
 from gitlab_producer.gitlab.pagination import DEFAULT_MAX_PAGES
 from gitlab_producer.redaction import host_port, mask_userinfo, url_passwords
 
 DEFAULT_CONFIG_PATH = Path("configs/conf.yaml")
 MIN_UPLOAD_TOKEN_CHARS = 16
 LogLevel = Literal["debug", "info", "warning", "error"]
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,239}")
+_PATH_RE = re.compile(r"[A-Za-z0-9._/-]{1,200}")
 DAY_S = 86_400
 MIB = 1024 * 1024
 MAX_REDIS_DB = 1023  # Redis has 16 by default (its "databases" setting)
@@ -196,11 +200,57 @@ class Settings(BaseSettings):
                 raise ValueError(f"{protocol}:// is read-only; the store needs writes")
         return value
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("must be valid UTF-8") from None
+            if _CONTROL_RE.search(text):
+                raise ValueError("must not contain control characters (line breaks, NUL)")
+        return value
+
     @field_validator("gitlab_private_token")
     @classmethod
     def _token(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
+        token = value.get_secret_value()
+        if not token.strip():
             raise ValueError("must not be empty")
+        if token != token.strip() or " " in token:
+            raise ValueError("must not contain spaces (it travels in an HTTP header)")
+        return value
+
+    @field_validator("kafka_topic", "kafka_webhook_topic", "kafka_artifact_topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        # Kafka's own rule for topic names (the derived .hooks/.artifacts add 10 characters).
+        if value and not _TOPIC_RE.fullmatch(value):
+            raise ValueError("must be a Kafka topic name: 1-239 of a-z A-Z 0-9 . _ -")
+        return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _brokers(cls, value: str) -> str:
+        for broker in filter(None, (b.strip() for b in value.split(","))):
+            host, sep, port = broker.rpartition(":")
+            if "@" in broker or "/" in broker:
+                raise ValueError("must list host:port pairs (credentials go in KAFKA_LOGIN and "
+                                 "KAFKA_PASSWORD)")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"must list host:port pairs with a port in 1-65535, not "
+                                 f"{broker!r}")
+        return value
+
+    @field_validator("metrics_url")
+    @classmethod
+    def _metrics_path(cls, value: str) -> str:
+        if not _PATH_RE.fullmatch(value.strip("/")):
+            raise ValueError("must be a URL path of letters, digits and - _ . / (e.g. metrics)")
+        if ".." in value.split("/"):
+            raise ValueError("must not contain '..'")
         return value
 
     @field_validator("sync_since", mode="before")
@@ -276,9 +326,10 @@ class Settings(BaseSettings):
     def instance(self) -> str:
         return self.source_instance or host_port(self.gitlab_base_url)
 
-    def since(self, now: datetime) -> datetime:
-        """Start of the very first round: SYNC_SINCE, else the start of today (UTC)."""
-        return self.sync_since or datetime.combine(now.astimezone(UTC).date(), time(), UTC)
+    def since(self, now: float) -> float:
+        """Start of the very first round: SYNC_SINCE, else the start of today (UTC) at ``now``
+        (GitLab's time)."""
+        return self.sync_since.timestamp() if self.sync_since else utc_day_start(now)
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets masked, under their variable names."""

@@ -18,6 +18,10 @@ class Metrics:
             "gitlab_producer_gitlab_request_duration_seconds", "GitLab API request latency",
             ["endpoint"], registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.gitlab_clock_skew = Gauge(
+            "gitlab_producer_gitlab_clock_skew_seconds",
+            "The host's clock minus GitLab's, from GitLab's Date header (positive: the host is "
+            "ahead); cursors and windows use GitLab's time", registry=r)
         self.rate_limit_wait = Counter(
             "gitlab_producer_rate_limit_wait_seconds_total",
             "Time spent waiting for the request budget or a 429 pause", registry=r)

@@ -16,7 +16,6 @@ import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -86,7 +85,7 @@ class Service:
             max_connections=max(4, s.gitlab_concurrency * 2 + 2), max_body=s.gitlab_max_body,
             max_pages=s.gitlab_max_pages)
 
-    async def _since(self, store: Store) -> float:
+    async def _since(self, store: Store, client: GitLabClient) -> float:
         """The first round's start, fixed in the store so restarts do not move it."""
         try:
             stored = await store.get_meta(SINCE_KEY)
@@ -98,7 +97,7 @@ class Service:
             raise
         if stored:
             return float(stored)
-        since = self.settings.since(datetime.now(UTC)).timestamp()
+        since = self.settings.since(client.clock.now())
         await store.set_meta(SINCE_KEY, repr(since))
         return since
 
@@ -160,7 +159,7 @@ class Service:
                             attempt=failures, retry_in_s=delay)
                 await asyncio.sleep(delay)
 
-    async def _check_state(self, store: Store, since: float) -> None:
+    async def _check_state(self, store: Store, since: float, client: GitLabClient) -> None:
         """Warn loudly when the store has lost what this process wrote into it (a Redis that
         restarted without persistence, a flush): every mark and cursor is gone, and events
         are sent again. What the process still knows (the base of the windows) is restored."""
@@ -173,8 +172,9 @@ class Service:
                          "will be delivered again; production Redis needs AOF or RDB "
                          "persistence", since=iso(since))
         await store.set_meta(SINCE_KEY, repr(since))
-        if self.last_ok_round_started is not None:
-            await store.set_meta(LAST_ROUND_KEY, repr(self.last_ok_round_started))
+        if self.last_ok_round_started is not None:  # the round base is in GitLab's time
+            base = client.clock.to_gitlab(self.last_ok_round_started)
+            await store.set_meta(LAST_ROUND_KEY, repr(base))
 
     def capturer(self, client: GitLabClient) -> Capturer:
         s = self.settings
@@ -201,7 +201,7 @@ class Service:
                           s.webhook_body_timeout, s.webhook_max_inflight_bytes,
                           s.webhook_delivery_timeout),
             store, hook_sink, self.metrics,
-            capturer.on_hook if s.capture_rules else None)
+            capturer.on_hook if s.capture_rules else None, client.clock.now)
         upload_token = s.artifact_upload_token.get_secret_value()
         uploads = ArtifactUploads(capturer, upload_token, s.artifact_max_bytes,
                                   s.artifact_idle_timeout, self.metrics)
@@ -231,10 +231,10 @@ class Service:
         hook_runners, extra_sinks = await self._start_webhooks(client, store)
         runners += hook_runners
         sinks += extra_sinks
-        since = await self._retrying("since", lambda: self._since(store))
+        since = await self._retrying("since", lambda: self._since(store, client))
         return SyncContext(
             client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance,
-                                     shared_claims(store, s.instance)),
+                                     client.clock.now, shared_claims(store, s.instance)),
             self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,
                                       s.user_resync_interval),
             s.gitlab_per_page_pagination, since, self.stop)
@@ -313,7 +313,7 @@ class Service:
     async def _checked_round(self, sync_round: SyncRound, store: Store, since: float
                              ) -> RoundResult:
         try:
-            await self._check_state(store, since)
+            await self._check_state(store, since, sync_round.ctx.client)
         except StoreError as exc:
             return RoundResult(started=time.time(), ok=False, error=f"StoreError: {exc}")
         return await sync_round.run()

@@ -317,6 +317,13 @@ BAD_VALUES = [
     ("SHUTDOWN_GRACE", "-1", "SHUTDOWN_GRACE"),
     ("WEBHOOK_MAX_SKEW", "inf", "WEBHOOK_MAX_SKEW"),
     ("GITLAB_MAX_BODY", "10", "GITLAB_MAX_BODY"),
+    ("GITLAB_PRIVATE_TOKEN", f"{TOKEN}\r\nX-Evil: 1", "GITLAB_PRIVATE_TOKEN"),
+    ("GITLAB_BASE_URL", "http://\udcff\udcfe/api/v4", "GITLAB_BASE_URL"),  # bytes ff fe
+    ("REDIS_KEY_PREFIX", "\udcff", "REDIS_KEY_PREFIX"),
+    ("KAFKA_BOOTSTRAP_SERVERS", "user:pw@127.0.0.1:9092", "KAFKA_BOOTSTRAP_SERVERS"),
+    ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:99999", "KAFKA_BOOTSTRAP_SERVERS"),
+    ("KAFKA_TOPIC", "bad topic/../x", "KAFKA_TOPIC"),
+    ("METRICS_URL", "../../etc", "METRICS_URL"),
 ]
 
 

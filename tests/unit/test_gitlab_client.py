@@ -159,6 +159,18 @@ async def test_429_pauses_everyone_for_retry_after() -> None:
     assert len(paused) == 1 and 7 <= paused[0] <= 7.25
 
 
+@pytest.mark.parametrize("header", ["retry-after", "ratelimit-reset"])
+async def test_a_huge_pause_asked_by_a_429_is_capped(header: str) -> None:
+    """A Retry-After of a day (or a reset years ahead) must not stop every request."""
+    client, _ = make_client(scripted(
+        answer(429, text="Retry later", headers={header: "99999999999"}), OK))
+    paused: list[float] = []
+    client.limiter.pause = paused.append  # type: ignore[method-assign]
+    await client.get("projects/1/events")
+    cap = FAST.max_pause_s
+    assert len(paused) == 1 and cap <= paused[0] <= cap + 0.25
+
+
 async def test_429_without_headers_backs_off_on_its_own() -> None:
     policy = RetryPolicy(base_s=0, cap_s=0, throttle_base_s=2, throttle_cap_s=60)
     client, _ = make_client(scripted(answer(429, text="Retry later"),

@@ -201,7 +201,8 @@ async def test_round_base_stays_until_a_round_succeeds(harness: Harness,
     sink.refuse = set()
     second = await harness.round(sync_users=False)
     assert second.ok, second.error
-    assert await harness.store.get_meta(LAST_ROUND_KEY) == repr(second.started)
+    base = harness.ctx.client.clock.to_gitlab(second.started)  # the base is in GitLab's time
+    assert await harness.store.get_meta(LAST_ROUND_KEY) == repr(base)
     delivered = sink.delivered()
     assert set(delivered) == in_projects(truth)  # the failed project's events arrived
     assert max(delivered.values()) == 1
@@ -400,8 +401,8 @@ async def test_warm_projects_are_covered_by_their_authors_then_read_themselves(
     # Once their lag (and overlap) has passed, each covered project is read once itself.
     settled_at = max(e.created_ms for e in harness.truth() if e.id in activity) / 1000 + \
         SCALED.project_lag_s + SCALED.overlap_s
-    async def lag_passed() -> bool:
-        return time.time() > settled_at
+    async def lag_passed() -> bool:  # GitLab's clock, known from whole-second Date headers,
+        return time.time() > settled_at + 1.5  # may be taken up to a second behind ours
 
     await wait_until_async(lag_passed, 2 * SCALED.project_lag_s, "the warm projects' lag")
     harness.reset_requests()

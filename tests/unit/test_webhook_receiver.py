@@ -75,3 +75,37 @@ async def test_concurrent_repeats_produce_once(tmp_path: Path) -> None:
     assert sorted(a.json()["status"] for a in answers) == ["delivered"] + ["duplicate"] * 7
     assert later.json() == {"status": "duplicate"}
     assert len((tmp_path / "hooks.jsonl").read_bytes().splitlines()) == 1
+
+
+async def test_signatures_are_checked_against_gitlabs_clock(tmp_path: Path) -> None:
+    """GitLab signs with its own clock: 15 minutes off the host's, a signed hook is still
+    accepted when the receiver is given GitLab's clock (the service passes the client's)."""
+    import time
+
+    from tests.unit.test_webhook_rules import sign
+
+    gitlab_ts = str(int(time.time()) - 900)
+    body = orjson.dumps({"object_kind": "push", "project_id": 4})
+    headers = {"X-Gitlab-Token": "s3cret", "X-Gitlab-Event": "Push Hook", "webhook-id": "m1",
+               "webhook-timestamp": gitlab_ts,
+               "webhook-signature": sign(b"signing-key", "m1", gitlab_ts, body)}
+    statuses = []
+    for now in (lambda: time.time() - 900, time.time):
+        store = SQLiteStore(tmp_path / f"state-{len(statuses)}.sqlite3")
+        sink = FileSink(str(tmp_path / f"hooks-{len(statuses)}.jsonl"), "bus.hooks")
+        receiver = WebhookReceiver(WebhookConfig("s3cret", "signing-key", 300, 3600, "gl"),
+                                   store, sink, Metrics(), now=now)
+        runner = web.AppRunner(build_webhook_app(receiver, 4096))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                answer = await client.post(f"http://127.0.0.1:{port}/webhooks/gitlab",
+                                           content=body, headers=headers)
+            statuses.append(answer.status_code)
+        finally:
+            await runner.cleanup()
+            await sink.close()
+            await store.close()
+    assert statuses == [200, 401]  # GitLab's clock: accepted; the host's: 15 min too old

@@ -11,7 +11,6 @@ from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.store.base import Cursor
 from gitlab_producer.sync.windows import (
     WindowRules,
-    after_param,
     cover_day,
     iso,
     lower_bound,
@@ -27,12 +26,6 @@ RULES = WindowRules(overlap_s=300, project_lag_s=3600, user_resync_s=600)
 
 def ts(text: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
-
-
-def test_after_param_reaches_back_a_whole_day() -> None:
-    # after=D returns events from D+1 00:00, so the day before the bound is asked for.
-    assert after_param(ts("2026-03-10T00:00:00")) == "2026-03-09"
-    assert after_param(ts("2026-03-10T23:59:59")) == "2026-03-09"
 
 
 def test_iso_round_trips_gitlab_timestamps() -> None:
@@ -72,10 +65,11 @@ def test_warm_projects_and_the_day_their_authors_cover() -> None:
     # New activity or no cursor: a read of its own, never left to the users.
     assert not project_is_warm(RULES, read, "2026-03-10T12:35:00.000Z", later)
     assert not project_is_warm(RULES, None, activity, later)
-    # Authors active since the oldest cursor's day, one day earlier for GitLab's time zone.
-    cursors = [read, Cursor(ts("2026-03-10T00:02:00"), activity)]
-    assert cover_day(RULES, cursors) == "2026-03-08"  # 00:02 less 5 min is on the 9th
-    assert cover_day(RULES, [read]) == "2026-03-09"
+    # Authors active since GitLab's date at the oldest cursor (less the overlap), in the
+    # earliest zone (UTC-12), whose date is the UTC date until 12:00 UTC.
+    cursors = [read, Cursor(ts("2026-03-10T12:02:00"), activity)]
+    assert cover_day(RULES, cursors) == "2026-03-09"  # 12:02 less 5 min is the 9th at UTC-12
+    assert cover_day(RULES, [read]) == "2026-03-10"  # 12:25 UTC is the 10th everywhere
 
 
 def test_user_rules() -> None:
@@ -89,11 +83,20 @@ def test_user_rules() -> None:
     assert user_needs_sync(RULES, stale, "2026-03-10", since, now)
     # A new activity date always means unread events.
     assert user_needs_sync(RULES, Cursor(now - 10, "2026-03-09"), "2026-03-10", since, now)
-    # After the day ended (plus overlap) one more read, then it is settled.
-    next_day = ts("2026-03-11T00:06:00")
+    # After the day ended (in every zone: at UTC-12, at 12:00 UTC the next day), plus the
+    # overlap, one more read, then it is settled.
+    still_today = ts("2026-03-11T11:59:00")  # 23:59 on the 10th at UTC-12
+    assert not user_needs_sync(RULES, Cursor(still_today - 60, "2026-03-10"), "2026-03-10",
+                               since, still_today)  # read a minute ago: not yet
+    assert user_needs_sync(RULES, Cursor(still_today - 601, "2026-03-10"), "2026-03-10",
+                           since, still_today)  # still re-read periodically
+    next_day = ts("2026-03-11T12:06:00")
     assert user_needs_sync(RULES, fresh, "2026-03-10", since, next_day)
     done = Cursor(next_day, "2026-03-10")
     assert not user_needs_sync(RULES, done, "2026-03-10", since, next_day + 3600)
+    # A day that ended before since in every zone is skipped; one that may not have is not.
+    assert not user_needs_sync(RULES, None, "2026-02-27", since, now)
+    assert user_needs_sync(RULES, None, "2026-02-28", since, now)  # UTC-12: to 03-01 12:00
 
 
 def test_users_without_activity_dates_are_reread_periodically() -> None:

@@ -17,6 +17,7 @@ from urllib.parse import urlencode, urlparse
 
 import orjson
 
+from gitlab_producer.gitlab.calendar import GitLabClock
 from gitlab_producer.gitlab.errors import (
     BadRequestError,
     FatalGitLabError,
@@ -109,6 +110,10 @@ class RetryPolicy:
     cap_s: float = 30.0
     throttle_base_s: float = 1.0
     throttle_cap_s: float = 60.0
+    # GitLab's limits reset within their period (a minute; ten for the projects listing): a
+    # longer Retry-After or RateLimit-Reset is a broken or hostile answer, not a reason to
+    # stop every request for hours.
+    max_pause_s: float = 900.0
 
     def backoff_s(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0, min(self.cap_s, self.base_s * 2.0**attempt))
@@ -145,6 +150,7 @@ class GitLabClient:
         self.max_pages = max_pages
         self.reachable: bool | None = None  # None until the first answer
         self.answered_at: float | None = None  # monotonic time of the last useful answer
+        self.clock = GitLabClock(self.metrics.gitlab_clock_skew.set)  # from every answer's Date
         self._http: Transport = transport or AiohttpTransport(
             {"PRIVATE-TOKEN": token, "Accept": "application/json",
              "User-Agent": "gitlab-producer"}, timeout_s, max_connections, max_body)
@@ -233,7 +239,7 @@ class GitLabClient:
         waited = await self.limiter.acquire()
         if waited:
             self.metrics.rate_limit_wait.inc(waited)
-        started = time.perf_counter()
+        started, sent = time.perf_counter(), time.time()
         try:
             if write is None:
                 response = await self._http.get(url)
@@ -253,6 +259,7 @@ class GitLabClient:
             raise _Retry(f"connection: {exc}") from None
         finally:
             self.metrics.gitlab_latency.labels(endpoint).observe(time.perf_counter() - started)
+        self.clock.observe(response.headers.get("date"), sent, time.time())
         status, content = response.status, response.body
         self.reachable = status < 500
         self.metrics.gitlab_requests.labels(endpoint, str(status)).inc()
@@ -295,13 +302,17 @@ class GitLabClient:
         if retry_after.isdigit():
             pause = float(retry_after)
         elif reset.isdigit():
-            pause = max(0.0, float(reset) - time.time())
+            pause = max(0.0, float(reset) - self.clock.now())  # an instant in GitLab's time
         if pause is None:
             # gitlab.com's projects and users APIs send no headers with their 429s.
             self._throttle_streak += 1
             pause = self.policy.throttle_s(self._throttle_streak - 1, self._rng)
         else:
             self._throttle_streak = 0
+            if pause > self.policy.max_pause_s:
+                log.warning("gitlab_pause_capped", endpoint=endpoint, asked_s=round(pause),
+                            pause_s=self.policy.max_pause_s)
+                pause = self.policy.max_pause_s
             pause += self._rng.uniform(0, 0.25)
         self.limiter.pause(pause)
         self.metrics.rate_limit_wait.inc(pause)

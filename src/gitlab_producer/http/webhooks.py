@@ -132,8 +132,9 @@ class WebhookReceiver:
     """Checks, deduplicates and produces webhook deliveries."""
 
     def __init__(self, config: WebhookConfig, store: Store, sink: Sink, metrics: Metrics,
-                 on_hook: OnPush | None = None) -> None:
+                 on_hook: OnPush | None = None, now: Callable[[], float] = time.time) -> None:
         self.config = config
+        self._now = now  # GitLab's clock: signature timestamps are GitLab's
         self.store = store
         self.sink = sink
         self.on_hook = on_hook
@@ -216,7 +217,7 @@ class WebhookReceiver:
                 self.config.signing_token, webhook_id,
                 request.headers.get("webhook-timestamp", ""), body,
                 request.headers.get("webhook-signature", ""), self.config.max_skew_s,
-                time.time()):
+                self._now()):
             return self._answer(kind, 401, "bad signature")
         try:
             payload = orjson.loads(body)

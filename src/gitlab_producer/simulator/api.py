@@ -6,7 +6,7 @@ import base64
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote
 
@@ -23,7 +23,7 @@ from gitlab_producer.simulator.paging import (
     offset_page,
     per_page_of,
 )
-from gitlab_producer.simulator.world import World, iso_ms
+from gitlab_producer.simulator.world import World
 
 JSON = "application/json"
 Handler = Callable[["ApiRequest"], web.StreamResponse]
@@ -84,10 +84,11 @@ def _endless_offset(req: ApiRequest, route: str, headers: dict[str, str]) -> Non
         headers["X-Next-Page"] = str(int(headers.get("X-Page", "1")) + 1)
 
 
-def _parse_time(text: str) -> int:
+def _parse_time(world: World, text: str) -> int:
+    """An ISO 8601 parameter; without an offset it is the server's local time, as in Rails."""
     dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
+        dt = dt.replace(tzinfo=timezone(timedelta(seconds=world.spec.utc_offset_s)))
     return int(dt.timestamp() * 1000)
 
 
@@ -152,8 +153,10 @@ PROJECT_ORDERS = ("id", "name", "path", "created_at", "updated_at", "last_activi
 
 
 def _project_rows(world: World, q: dict[str, str]) -> list[int]:
-    after = _parse_time(q["last_activity_after"]) if "last_activity_after" in q else None
-    before = _parse_time(q["last_activity_before"]) if "last_activity_before" in q else None
+    after = (_parse_time(world, q["last_activity_after"]) if "last_activity_after" in q
+             else None)
+    before = (_parse_time(world, q["last_activity_before"]) if "last_activity_before" in q
+              else None)
     id_after = int(q.get("id_after", 0))
     id_before = int(q.get("id_before", 0)) or world.project_count + 1
     activity = world.project_last_activity_ms
@@ -175,8 +178,8 @@ def _project_sort_key(world: World, order: str) -> Callable[[int], Any]:
 
 def _render_project(world: World, pid: int, simple: bool) -> bytes:
     return orjson.dumps(project_json(
-        pid, iso_ms(world.project_created_ms[pid - 1]),
-        iso_ms(world.project_last_activity_ms[pid - 1]), world.spec.host, simple))
+        pid, world.render_time(world.project_created_ms[pid - 1]),
+        world.render_time(world.project_last_activity_ms[pid - 1]), world.spec.host, simple))
 
 
 def projects_list(req: ApiRequest) -> web.Response:
@@ -223,7 +226,8 @@ def members_all(req: ApiRequest) -> web.Response:
         return not_found("404 Project Not Found")
     rows = []
     for uid, level in repo.members(pid, world.user_count):
-        data = user_json(uid, iso_ms(world.user_created_ms[uid - 1]), "", world.spec.host)
+        data = user_json(uid, world.render_time(world.user_created_ms[uid - 1]), "",
+                         world.spec.host)
         data.pop("last_activity_on")
         data.update({"access_level": level, "expires_at": None, "membership_state": "active"})
         rows.append(orjson.dumps(data))
@@ -238,8 +242,8 @@ USER_ORDERS = ("id", "name", "username", "created_at", "updated_at")
 
 def _render_user(world: World, uid: int) -> bytes:
     last = world.user_last_activity_ms[uid - 1]
-    return orjson.dumps(user_json(uid, iso_ms(world.user_created_ms[uid - 1]),
-                                  iso_ms(last)[:10], world.spec.host))
+    return orjson.dumps(user_json(uid, world.render_time(world.user_created_ms[uid - 1]),
+                                  world.render_date(last), world.spec.host))
 
 
 def _user_key(order: str) -> Callable[[int], Any]:

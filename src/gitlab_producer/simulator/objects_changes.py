@@ -30,7 +30,6 @@ from gitlab_producer.simulator.objects import (
     set_state,
 )
 from gitlab_producer.simulator.objects_store import ObjectWorld
-from gitlab_producer.simulator.world import iso_ms
 
 TYPE_NAMES = {"issue": "Issue", "merge_request": "MergeRequest"}
 RANDOM_KINDS: tuple[tuple[str, int], ...] = (
@@ -112,7 +111,8 @@ class Changer:
 
     def _thing_result(self, thing: Thing, event_id: int | None = None) -> dict[str, Any]:
         return {"object": {"type": TYPE_NAMES[thing.kind], "id": thing.id, "iid": thing.iid},
-                "updated_at": iso_ms(thing.updated), "state": thing.state, "event_id": event_id}
+                "updated_at": self.world.render_time(thing.updated), "state": thing.state,
+                "event_id": event_id}
 
     def _edit(self, po: ProjectObjects, body: dict[str, Any], kind: str) -> dict[str, Any]:
         thing = self._thing(po, kind, body)
@@ -220,7 +220,8 @@ class Changer:
         po.pipelines.append(pipe)
         po.deployments += deployments_of(po, pipe)
         return {"object": {"type": "Pipeline", "id": pipe.id, "iid": pipe.iid},
-                "updated_at": iso_ms(pipe.updated), "state": pipe.status, "event_id": None}
+                "updated_at": self.world.render_time(pipe.updated), "state": pipe.status,
+                "event_id": None}
 
     def _finish_pipelines(self, po: ProjectObjects, body: dict[str, Any]) -> dict[str, Any]:
         status = str(body.get("status", "success"))
@@ -305,7 +306,7 @@ def _project_truth(objects: ObjectWorld, po: ProjectObjects) -> dict[str, Any]:
     deleted: dict[str, list[int]] = {"issues": [], "merge_requests": [], "notes": [],
                                      "pipelines": []}
     data: dict[str, Any] = {
-        "last_activity_at": iso_ms(world.project_last_activity_ms[po.pid - 1]),
+        "last_activity_at": world.render_time(world.project_last_activity_ms[po.pid - 1]),
         "features_off": sorted(features_off(world.spec.seed, po.pid,
                                             world.spec.feature_off_share)),
         "notes": [], "deleted": deleted}
@@ -316,18 +317,18 @@ def _project_truth(objects: ObjectWorld, po: ProjectObjects) -> dict[str, Any]:
                 deleted[f"{kind}s"].append(thing.id)
                 deleted["notes"] += [n.id for n in thing.notes]
                 continue
-            rows.append([thing.id, thing.iid, iso_ms(thing.updated), thing.state])
+            rows.append([thing.id, thing.iid, world.render_time(thing.updated), thing.state])
             for note in thing.notes:
                 if note.deleted:
                     deleted["notes"].append(note.id)
                 else:
                     data["notes"].append([note.id, TYPE_NAMES[kind], thing.iid,
-                                          iso_ms(note.updated)])
-    data["pipelines"] = [[p.id, iso_ms(p.updated), p.status] for p in po.pipelines
+                                          world.render_time(note.updated)])
+    data["pipelines"] = [[p.id, world.render_time(p.updated), p.status] for p in po.pipelines
                          if not p.deleted]
     deleted["pipelines"] = [p.id for p in po.pipelines if p.deleted]
     data["jobs"] = [[j.id, j.status] for j in po.jobs()]
-    data["deployments"] = [[d.id, iso_ms(d.updated), d.status] for d in po.deployments
+    data["deployments"] = [[d.id, world.render_time(d.updated), d.status] for d in po.deployments
                            if not d.pipeline.deleted]
     data["releases"] = [r.tag for r in po.releases]
     return data

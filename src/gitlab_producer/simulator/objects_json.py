@@ -1,5 +1,5 @@
 """GitLab's JSON shapes (REST v4, as documented) for the simulated projects' objects. Every
-timestamp goes through ``world.iso_ms``, the simulator's one timestamp format."""
+timestamp goes through ``World.render_time`` (the server's zone), the simulator's one format."""
 
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ from gitlab_producer.simulator.objects import (
     features_off,
 )
 from gitlab_producer.simulator.repository import BRANCHES
-from gitlab_producer.simulator.world import World, iso_ms
+from gitlab_producer.simulator.world import World
 
 TYPE_NAMES = {"issue": "Issue", "merge_request": "MergeRequest"}
 
 
-def _t(ms: int | None) -> str | None:
-    return None if ms is None else iso_ms(ms)
+def _t(world: World, ms: int | None) -> str | None:
+    return None if ms is None else world.render_time(ms)
 
 
 @lru_cache(maxsize=4096)
@@ -50,8 +50,9 @@ def project_full(world: World, po: ProjectObjects) -> dict[str, Any]:
     """``GET /projects/:id``: the full field set, with the project's switched-off features and
     its open issues counted."""
     pid = po.pid
-    data = project_json(pid, iso_ms(world.project_created_ms[pid - 1]),
-                        iso_ms(world.project_last_activity_ms[pid - 1]), world.spec.host, False)
+    data = project_json(pid, world.render_time(world.project_created_ms[pid - 1]),
+                        world.render_time(world.project_last_activity_ms[pid - 1]),
+                            world.spec.host, False)
     off = features_off(world.spec.seed, pid, world.spec.feature_off_share)
     data["open_issues_count"] = sum(not t.deleted and t.state == "opened"
                                     for t in po.issues.values())
@@ -84,7 +85,8 @@ def group_json(world: World, gid: int) -> dict[str, Any]:
         "emails_disabled": False, "emails_enabled": True, "mentions_disabled": None,
         "lfs_enabled": True, "default_branch": None, "default_branch_protection": 2,
         "avatar_url": None, "request_access_enabled": True, "full_name": full_name,
-        "full_path": full_path, "created_at": iso_ms(world.start_ms - (500 + gid) * 86_400_000),
+        "full_path": full_path,
+            "created_at": world.render_time(world.start_ms - (500 + gid) * 86_400_000),
         "parent_id": parent, "organization_id": 1, "shared_runners_setting": "enabled",
     }
 
@@ -114,7 +116,8 @@ def milestone_json(world: World, po: ProjectObjects, iid: int) -> dict[str, Any]
     mid, _, title, created = found
     return {"id": mid, "iid": iid, "project_id": po.pid, "title": title,
             "description": f"{title} of project {po.pid}", "state": "active",
-            "created_at": iso_ms(created), "updated_at": iso_ms(created), "due_date": None,
+            "created_at": world.render_time(created), "updated_at": world.render_time(created),
+                "due_date": None,
             "start_date": None, "expired": False, "web_url": _web(world, po.pid,
                                                                    f"milestones/{iid}")}
 
@@ -139,8 +142,9 @@ def thing_json(world: World, po: ProjectObjects, thing: Thing, label_details: bo
     data: dict[str, Any] = {
         "id": thing.id, "iid": thing.iid, "project_id": po.pid, "title": thing.title,
         "description": thing.description, "state": thing.state,
-        "created_at": iso_ms(thing.created), "updated_at": iso_ms(thing.updated),
-        "closed_at": _t(thing.closed_at), "closed_by": _user(world, thing.closed_by),
+        "created_at": world.render_time(thing.created),
+            "updated_at": world.render_time(thing.updated),
+        "closed_at": _t(world, thing.closed_at), "closed_by": _user(world, thing.closed_by),
         "labels": ([label_json(po, n) for n in thing.labels] if label_details
                    else list(thing.labels)),
         "milestone": (milestone_json(world, po, thing.milestone)
@@ -174,7 +178,7 @@ def thing_json(world: World, po: ProjectObjects, thing: Thing, label_details: bo
     sha = thing.commits[-1] if thing.commits else None
     merged_by = _user(world, thing.state_events[-1].user) if thing.state == "merged" else None
     data.update({
-        "merged_by": merged_by, "merge_user": merged_by, "merged_at": _t(thing.merged_at),
+        "merged_by": merged_by, "merge_user": merged_by, "merged_at": _t(world, thing.merged_at),
         "target_branch": "main", "source_branch": f"feature/mr-{thing.iid}",
         "reviewers": [], "source_project_id": po.pid, "target_project_id": po.pid,
         "draft": False, "work_in_progress": False, "merge_when_pipeline_succeeds": False,
@@ -183,7 +187,7 @@ def thing_json(world: World, po: ProjectObjects, thing: Thing, label_details: bo
         "sha": sha, "merge_commit_sha": (sha_for("merge", po.pid, thing.iid)
                                          if thing.state == "merged" else None),
         "squash_commit_sha": None, "should_remove_source_branch": None,
-        "force_remove_source_branch": True, "prepared_at": iso_ms(thing.created),
+        "force_remove_source_branch": True, "prepared_at": world.render_time(thing.created),
         "reference": f"!{thing.iid}", "squash": False, "squash_on_merge": False,
         "has_conflicts": False, "blocking_discussions_resolved": True,
     })
@@ -204,8 +208,8 @@ def note_json(world: World, po: ProjectObjects, note: Note) -> dict[str, Any]:
     kind = "DiffNote" if note.position else ("DiscussionNote" if len(siblings) > 1 else None)
     data: dict[str, Any] = {
         "id": note.id, "type": kind, "body": note.body, "attachment": None,
-        "author": _user(world, note.author), "created_at": iso_ms(note.created),
-        "updated_at": iso_ms(note.updated), "system": False, "noteable_id": thing.id,
+        "author": _user(world, note.author), "created_at": world.render_time(note.created),
+        "updated_at": world.render_time(note.updated), "system": False, "noteable_id": thing.id,
         "noteable_type": TYPE_NAMES[thing.kind], "project_id": po.pid,
         "resolvable": kind is not None, "confidential": False, "internal": False,
         "imported": False, "imported_from": "none", "noteable_iid": thing.iid,
@@ -228,7 +232,7 @@ def discussion_json(world: World, po: ProjectObjects, discussion: str) -> dict[s
 def resource_event_json(world: World, po: ProjectObjects, thing: Thing, event: ResourceEvent,
                         kind: str) -> dict[str, Any]:
     data: dict[str, Any] = {"id": event.id, "user": _user(world, event.user),
-                            "created_at": iso_ms(event.created),
+                            "created_at": world.render_time(event.created),
                             "resource_type": TYPE_NAMES[thing.kind], "resource_id": thing.id}
     if kind == "state":
         data["state"] = event.action
@@ -243,7 +247,8 @@ def resource_event_json(world: World, po: ProjectObjects, thing: Thing, event: R
 def award_json(world: World, thing: Thing, index: int) -> dict[str, Any]:
     award = thing.awards[index]
     return {"id": award.id, "name": award.name, "user": _user(world, award.user),
-            "created_at": iso_ms(award.created), "updated_at": iso_ms(award.created),
+            "created_at": world.render_time(award.created),
+                "updated_at": world.render_time(award.created),
             "awardable_id": thing.id, "awardable_type": TYPE_NAMES[thing.kind], "url": None}
 
 
@@ -251,13 +256,14 @@ def commit_json(world: World, po: ProjectObjects, commit: Commit, stats: bool = 
                 ) -> dict[str, Any]:
     author = author_json(commit.author, world.spec.host)
     data: dict[str, Any] = {
-        "id": commit.id, "short_id": commit.id[:8], "created_at": iso_ms(commit.created),
+        "id": commit.id, "short_id": commit.id[:8], "created_at": world.render_time(commit.created),
         "parent_ids": [commit.parent] if commit.parent else [], "title": commit.title,
         "message": f"{commit.title}\n", "author_name": author["name"],
         "author_email": f"{author['username']}@example.com",
-        "authored_date": iso_ms(commit.created), "committer_name": author["name"],
+        "authored_date": world.render_time(commit.created), "committer_name": author["name"],
         "committer_email": f"{author['username']}@example.com",
-        "committed_date": iso_ms(commit.created), "trailers": {}, "extended_trailers": {},
+        "committed_date": world.render_time(commit.created), "trailers": {},
+            "extended_trailers": {},
         "web_url": _web(world, po.pid, f"commit/{commit.id}"),
     }
     if stats:
@@ -277,7 +283,8 @@ def approvals_json(world: World, po: ProjectObjects, thing: Thing) -> dict[str, 
     approved = [{"user": _user(world, uid)} for uid in thing.approved_by]
     return {"id": thing.id, "iid": thing.iid, "project_id": po.pid, "title": thing.title,
             "description": thing.description, "state": thing.state,
-            "created_at": iso_ms(thing.created), "updated_at": iso_ms(thing.updated),
+            "created_at": world.render_time(thing.created),
+                "updated_at": world.render_time(thing.updated),
             "merge_status": "can_be_merged", "approved": bool(approved),
             "approvals_required": 0, "approvals_left": 0,
             "require_password_to_approve": False, "approved_by": approved,
@@ -292,16 +299,16 @@ def pipeline_json(world: World, po: ProjectObjects, pipe: Pipeline, single: bool
                   ) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": pipe.id, "iid": pipe.iid, "project_id": po.pid, "sha": pipe.sha, "ref": pipe.ref,
-        "status": pipe.status, "source": "push", "created_at": iso_ms(pipe.created),
-        "updated_at": iso_ms(pipe.updated), "web_url": _web(world, po.pid,
+        "status": pipe.status, "source": "push", "created_at": world.render_time(pipe.created),
+        "updated_at": world.render_time(pipe.updated), "web_url": _web(world, po.pid,
                                                             f"pipelines/{pipe.id}"),
         "name": None,
     }
     if single:
         duration = None if pipe.finished is None else (pipe.finished - pipe.created) // 1000
         data.update({"before_sha": "0" * 40, "tag": False, "yaml_errors": None,
-                     "user": _user(world, pipe.user), "started_at": _t(pipe.started),
-                     "finished_at": _t(pipe.finished), "committed_at": None,
+                     "user": _user(world, pipe.user), "started_at": _t(world, pipe.started),
+                     "finished_at": _t(world, pipe.finished), "committed_at": None,
                      "duration": duration, "queued_duration": 1.0, "coverage": None,
                      "detailed_status": {"icon": f"status_{pipe.status}", "text": pipe.status,
                                          "label": pipe.status, "group": pipe.status}})
@@ -313,8 +320,8 @@ def job_json(world: World, po: ProjectObjects, pipe: Pipeline, job: Job) -> dict
     data: dict[str, Any] = {
         "id": job.id, "status": job.status, "stage": job.stage, "name": job.name,
         "ref": pipe.ref, "tag": False, "coverage": None, "allow_failure": False,
-        "created_at": iso_ms(job.created), "started_at": _t(job.started),
-        "finished_at": _t(job.finished), "erased_at": None,
+        "created_at": world.render_time(job.created), "started_at": _t(world, job.started),
+        "finished_at": _t(world, job.finished), "erased_at": None,
         "duration": (None if job.finished is None or job.started is None
                      else (job.finished - job.started) / 1000),
         "queued_duration": 0.5, "user": _user(world, pipe.user),
@@ -331,20 +338,22 @@ def job_json(world: World, po: ProjectObjects, pipe: Pipeline, job: Job) -> dict
 
 def deployment_json(world: World, po: ProjectObjects, dep: Deployment) -> dict[str, Any]:
     return {"id": dep.id, "iid": dep.iid, "ref": dep.pipeline.ref, "sha": dep.pipeline.sha,
-            "created_at": iso_ms(dep.created), "updated_at": iso_ms(dep.updated),
-            "finished_at": _t(dep.job.finished) if dep.status == "success" else None,
+            "created_at": world.render_time(dep.created),
+                "updated_at": world.render_time(dep.updated),
+            "finished_at": _t(world, dep.job.finished) if dep.status == "success" else None,
             "status": dep.status, "user": _user(world, dep.pipeline.user),
             "environment": {"id": po.pid * 10 + 1, "name": "production", "slug": "production",
                             "external_url": f"https://project-{po.pid}.example.com",
-                            "created_at": iso_ms(po.created), "updated_at": iso_ms(po.created)},
+                            "created_at": world.render_time(po.created),
+                                "updated_at": world.render_time(po.created)},
             "deployable": job_json(world, po, dep.pipeline, dep.job)}
 
 
 def release_json(world: World, po: ProjectObjects, release: Release) -> dict[str, Any]:
     commit = next(c for c in po.commits if c.id == release.commit)
     return {"tag_name": release.tag, "description": release.description,
-            "name": release.name, "created_at": iso_ms(release.created),
-            "released_at": iso_ms(release.created), "upcoming_release": False,
+            "name": release.name, "created_at": world.render_time(release.created),
+            "released_at": world.render_time(release.created), "upcoming_release": False,
             "author": _user(world, release.author), "commit": commit_json(world, po, commit),
             "milestones": [], "commit_path": f"/-/commit/{release.commit}",
             "tag_path": f"/-/tags/{release.tag}",
@@ -385,7 +394,7 @@ def tag_json(world: World, po: ProjectObjects, release: Release) -> dict[str, An
     return {"name": release.tag, "message": f"Version {release.tag}", "target": release.commit,
             "commit": commit_json(world, po, commit),
             "release": {"tag_name": release.tag, "description": release.description},
-            "protected": False, "created_at": iso_ms(release.created)}
+            "protected": False, "created_at": world.render_time(release.created)}
 
 
 def protected_branch_json(po: ProjectObjects) -> dict[str, Any]:

@@ -193,7 +193,8 @@ async def stats(request: web.Request) -> web.Response:
     with sim.control.lock:
         snapshot = sim.control.stats.snapshot()
     snapshot.update({"events": len(sim.world.ev_time), "projects": sim.world.project_count,
-                     "users": sim.world.user_count})
+                     "users": sim.world.user_count, "start_ms": sim.world.start_ms,
+                     "utc_offset_s": sim.world.spec.utc_offset_s})
     return web.Response(body=orjson.dumps(snapshot), content_type="application/json")
 
 

@@ -11,7 +11,7 @@ import httpx
 
 from gitlab_producer.simulator.catalog import author_json, namespace_json, project_json, sha_for
 from gitlab_producer.simulator.repository import BRANCHES
-from gitlab_producer.simulator.world import World, iso_ms
+from gitlab_producer.simulator.world import World
 
 GITLAB_VERSION = "17.6.0"
 HOOK_TIMEOUT_S = 10.0
@@ -35,8 +35,9 @@ HOOK_KINDS: dict[str, tuple[str, str]] = {
 
 
 def _project_block(world: World, pid: int) -> dict[str, Any]:
-    data = project_json(pid, iso_ms(world.project_created_ms[pid - 1]),
-                        iso_ms(world.project_last_activity_ms[pid - 1]), world.spec.host, True)
+    data = project_json(pid, world.render_time(world.project_created_ms[pid - 1]),
+                        world.render_time(world.project_last_activity_ms[pid - 1]),
+                        world.spec.host, True)
     return {"id": pid, "name": data["name"], "web_url": data["web_url"],
             "path_with_namespace": data["path_with_namespace"], "default_branch": "main",
             "namespace": data["namespace"]["name"], "git_http_url": data["http_url_to_repo"]}
@@ -46,8 +47,9 @@ def payload(world: World, kind: str, pid: int, uid: int, serial: int) -> dict[st
     """A payload of ``kind`` for project ``pid`` by user ``uid``."""
     header, name = HOOK_KINDS[kind]
     user = author_json(uid, world.spec.host)
+    at = world.render_time(world.start_ms)
     if header == "System Hook":
-        return {"event_name": name, "created_at": iso_ms(world.start_ms), "project_id": pid,
+        return {"event_name": name, "created_at": at, "project_id": pid,
                 "user_id": uid, "username": user["username"],
                 "path_with_namespace": namespace_json(pid, world.spec.host)["full_path"]}
     body: dict[str, Any] = {"object_kind": name, "event_type": name, "user": user,
@@ -56,7 +58,7 @@ def payload(world: World, kind: str, pid: int, uid: int, serial: int) -> dict[st
         ref = f"refs/heads/{BRANCHES[0]}" if name == "push" else f"refs/tags/v{serial}"
         after = sha_for("branch", pid, BRANCHES[0]) if name == "push" else sha_for(pid, serial)
         commits = [{"id": sha_for(pid, serial, i), "message": f"Commit {i}",
-                    "timestamp": iso_ms(world.start_ms), "author": {"name": user["name"]}}
+                    "timestamp": at, "author": {"name": user["name"]}}
                    for i in range(min(3, 20))]
         body.update({"before": sha_for(pid, serial, "before"), "after": after, "ref": ref,
                      "checkout_sha": after, "user_id": uid, "user_username": user["username"],
@@ -66,7 +68,7 @@ def payload(world: World, kind: str, pid: int, uid: int, serial: int) -> dict[st
                      "project_id": pid, "ref": "main", "sha": sha_for("branch", pid, "main")})
     else:
         body["object_attributes"] = {"id": serial, "iid": serial % 500 + 1, "action": "open",
-                                     "created_at": iso_ms(world.start_ms)}
+                                     "created_at": at}
     return body
 
 

@@ -3,11 +3,17 @@
 Events are stored column-wise in compact arrays (a million events cost tens of megabytes) and
 rendered to GitLab's JSON shape only when served; the rendered bytes are cached per event.
 Event ids grow with ``created_at``, as they do in GitLab.
+
+Like a self-managed GitLab with a ``time_zone`` in ``gitlab.yml``, the world may live at a
+fixed offset from UTC (``WorldSpec.utc_offset_s``): every timestamp is rendered in that zone
+with its offset, events' ``after``/``before`` dates are that zone's days, and
+``last_activity_on`` is that zone's date. Times are stored as UTC epoch milliseconds.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from array import array
@@ -54,6 +60,22 @@ class WorldSpec:
     objects_per_project: int = 60  # mean issues + merge requests + notes + pipelines
     big_project_issues: int = 0  # project 1 gets this many issues when set
     feature_off_share: float = 0.1  # share of projects with each feature switched off
+    utc_offset_s: int = 0  # the server's time zone (UTC-12..UTC+14), as GitLab's time_zone
+
+
+def parse_utc_offset(text: str) -> int:
+    """``+03:00``, ``-08:00``, ``+05:45``, ``Z`` or ``0`` -> seconds east of UTC."""
+    text = text.strip()
+    if text in ("Z", "0", "+00:00", "-00:00"):
+        return 0
+    match = re.fullmatch(r"([+-])(\d{1,2}):?(\d{2})", text)
+    if not match:
+        raise ValueError(f"not a UTC offset: {text!r} (expected e.g. +03:00 or -08:00)")
+    sign, hours, minutes = match.groups()
+    seconds = (int(hours) * 60 + int(minutes)) * 60
+    if int(minutes) >= 60 or not -12 * 3600 <= (-seconds if sign == "-" else seconds) <= 14 * 3600:
+        raise ValueError(f"UTC offset out of range (UTC-12..UTC+14): {text!r}")
+    return -seconds if sign == "-" else seconds
 
 
 @lru_cache(maxsize=4096)
@@ -61,13 +83,24 @@ def _day_text(day: int) -> str:
     return datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%d")
 
 
-def iso_ms(epoch_ms: int) -> str:
-    """GitLab's timestamp format: ``2017-02-09T10:43:19.667Z`` (hot path: no datetime)."""
-    seconds, ms = divmod(epoch_ms, 1000)
+@lru_cache(maxsize=64)
+def _offset_text(offset_s: int) -> str:
+    if offset_s == 0:
+        return "Z"
+    sign, minutes = ("+" if offset_s > 0 else "-"), abs(offset_s) // 60
+    return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def iso_ms(epoch_ms: int, utc_offset_s: int = 0) -> str:
+    """GitLab's timestamp format, in the server's zone: ``2017-02-09T10:43:19.667Z`` at UTC,
+    ``2017-02-09T13:43:19.667+03:00`` at UTC+3 (hot path: no datetime). Every timestamp
+    the simulator sends is rendered here (through :meth:`World.render_time`)."""
+    seconds, ms = divmod(epoch_ms + utc_offset_s * 1000, 1000)
     day, second_of_day = divmod(seconds, 86_400)
     hour, rest = divmod(second_of_day, 3600)
     minute, second = divmod(rest, 60)
-    return f"{_day_text(day)}T{hour:02d}:{minute:02d}:{second:02d}.{ms:03d}Z"
+    return (f"{_day_text(day)}T{hour:02d}:{minute:02d}:{second:02d}.{ms:03d}"
+            f"{_offset_text(utc_offset_s)}")
 
 
 class World:
@@ -144,7 +177,7 @@ class World:
             if t_ms - last > self.spec.activity_interval_s * 1000:
                 self.project_last_activity_ms[project - 1] = t_ms
         self.user_events[author - 1].append(idx)
-        day = t_ms - t_ms % DAY_MS
+        day = self.day_start_ms(t_ms)
         if day > self.user_last_activity_ms[author - 1]:
             self.user_last_activity_ms[author - 1] = day
         return idx
@@ -210,6 +243,24 @@ class World:
             self.project_shape(project), self.project_created_ms[project - 1], self.end_ms,
             newest=action.action_name == "opened"), None
 
+    # -- the server's time zone -------------------------------------------------------------
+    def render_time(self, epoch_ms: int) -> str:
+        """A timestamp as this server renders it (its zone, with the offset)."""
+        return iso_ms(epoch_ms, self.spec.utc_offset_s)
+
+    def render_date(self, epoch_ms: int) -> str:
+        """The server's date at that instant (``last_activity_on``)."""
+        return self.render_time(epoch_ms)[:10]
+
+    def day_start_ms(self, epoch_ms: int) -> int:
+        """Start of the server's day holding that instant."""
+        offset_ms = self.spec.utc_offset_s * 1000
+        return epoch_ms - (epoch_ms + offset_ms) % DAY_MS
+
+    def date_start_ms(self, date_text: str) -> int:
+        """Start of the server's day ``YYYY-MM-DD`` (its midnight, as an instant)."""
+        return _day_ms(date_text) - self.spec.utc_offset_s * 1000
+
     # -- queries ----------------------------------------------------------------------------
     @property
     def project_count(self) -> int:
@@ -231,12 +282,12 @@ class World:
         lo, hi = 0, len(indices)
         times = self.ev_time
         if after:
-            # after=D: created_at > D.end_of_day, i.e. from D+1 00:00.
-            bound = _day_ms(after) + DAY_MS
+            # after=D: created_at > D.end_of_day in the server's zone: from D+1 00:00 there.
+            bound = self.date_start_ms(after) + DAY_MS
             lo = bisect_left(indices, bound, key=lambda i: times[i])
         if before:
-            # before=D: created_at < D.beginning_of_day.
-            bound = _day_ms(before)
+            # before=D: created_at < D.beginning_of_day in the server's zone.
+            bound = self.date_start_ms(before)
             hi = bisect_left(indices, bound, lo, hi, key=lambda i: times[i])
         selected = indices[lo:hi]
         if action or target_type:
@@ -257,7 +308,7 @@ class World:
                 action=ACTIONS[self.ev_action[idx]],
                 project_id=self.ev_project[idx] or None,
                 author_id=author,
-                created_at=iso_ms(self.ev_time[idx]),
+                created_at=self.render_time(self.ev_time[idx]),
                 host=self.spec.host,
                 target=target,
                 detail=detail,

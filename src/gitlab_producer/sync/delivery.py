@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gitlab_producer.gitlab.events import Event
 from gitlab_producer.metrics import Metrics
@@ -40,8 +40,10 @@ class Deliverer:
     """Sends the unsent events of a page and marks them once acknowledged."""
 
     def __init__(self, store: Store, sink: Sink, ttl_s: int, metrics: Metrics,
-                 instance: str, shared: RedisClaims | None = None) -> None:
+                 instance: str, now: Callable[[], float] = time.time,
+                 shared: RedisClaims | None = None) -> None:
         self.store = store
+        self._now = now  # GitLab's clock: events' ages are measured against their created_at
         self.shared = shared
         self.sink = sink
         self.ttl_s = ttl_s
@@ -113,4 +115,4 @@ class Deliverer:
         if in_projects < len(events):
             self.metrics.events_produced.labels("user").inc(len(events) - in_projects)
         newest = max(events, key=lambda e: e.id)
-        self.metrics.newest_event_age.set(max(0.0, time.time() - newest.created_ts))
+        self.metrics.newest_event_age.set(max(0.0, self._now() - newest.created_ts))

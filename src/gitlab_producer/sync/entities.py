@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 
 from gitlab_producer.gitlab import listings
+from gitlab_producer.gitlab.calendar import after_param, earliest_date
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.errors import FatalGitLabError, ForbiddenError
 from gitlab_producer.gitlab.events import Event, EventPage, decode_events
@@ -18,7 +17,6 @@ from gitlab_producer.store.base import Cursor, Store
 from gitlab_producer.sync.delivery import Deliverer
 from gitlab_producer.sync.windows import (
     WindowRules,
-    after_param,
     iso,
     lower_bound,
     project_is_warm,
@@ -126,7 +124,7 @@ async def discover_projects(ctx: SyncContext, listing_after: float,
         "pagination": "keyset", "order_by": "id", "sort": "asc", "simple": "true",
         "per_page": ctx.per_page, "last_activity_after": iso(listing_after)}
     queued = 0
-    now = time.time()
+    now = ctx.client.clock.now()
     retry = retry if retry is not None else set()
     async for page in listing_pages(ctx, "projects", params):
         listed = listings.projects(page)
@@ -156,7 +154,7 @@ class UserListing:
 
     queued: int = 0
     pages: int = 0
-    recent: int = 0  # users active since yesterday (UTC): about what covering warm projects reads
+    recent: int = 0  # users active since about an hour ago: what covering warm projects reads
     dated: bool = True  # every user showed last_activity_on (an administrator's token)
 
 
@@ -170,8 +168,9 @@ async def discover_users(ctx: SyncContext, out: asyncio.Queue[Work | None],
     params: dict[str, object] = {"pagination": "keyset", "order_by": "id", "sort": "asc",
                                  "per_page": ctx.per_page}
     listing = UserListing()
-    now = time.time()
-    yesterday = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+    now = ctx.client.clock.now()
+    # The day a cover would start from (see cover_day): warm cursors are about that old.
+    recent_from = earliest_date(now - ctx.rules.project_lag_s - ctx.rules.overlap_s)
     retry = retry if retry is not None else set()
     async for page in listing_pages(ctx, "users", params):
         listing.pages += 1
@@ -179,7 +178,7 @@ async def discover_users(ctx: SyncContext, out: asyncio.Queue[Work | None],
         ctx.malformed("users", listed.malformed)
         cursors = await ctx.store.cursors("user", [uid for uid, _ in listed.entries])
         for uid, activity in listed.entries:
-            listing.recent += activity >= yesterday
+            listing.recent += activity >= recent_from
             listing.dated = listing.dated and bool(activity)
             cursor = cursors.get(uid)
             covers = cover_from is not None and (not activity or activity >= cover_from)
@@ -200,8 +199,9 @@ async def read_events(ctx: SyncContext, work: Work,
     Returns the cursor to save once everything was acknowledged.
 
     A page is delivered while the next one is fetched (one delivery in flight per reader):
-    GitLab still sees one request at a time from each reader."""
-    started = time.time()
+    GitLab still sees one request at a time from each reader. The cursor is the start in
+    GitLab's time (converted at the end, when the skew is surely known)."""
+    started = ctx.client.clock.wall()
     lower = lower_bound(ctx.rules, work.cursor, ctx.since)
     path = f"{work.kind}s/{work.entity_id}/events"
     params = {"after": after_param(lower), "sort": "desc", "per_page": ctx.per_page}
@@ -236,7 +236,7 @@ async def read_events(ctx: SyncContext, work: Work,
             delivering.exception()
         raise
     ctx.metrics.entities_synced.labels(work.kind).inc()
-    return Cursor(started, work.activity)
+    return Cursor(ctx.client.clock.to_gitlab(started), work.activity)
 
 
 def covered_by_projects(ctx: SyncContext) -> Callable[[Events], Awaitable[Events]]:

@@ -54,7 +54,7 @@ RECOVERABLE = (GitLabError, DeliveryError, StoreError)
 class RoundResult:
     """What a round did."""
 
-    started: float
+    started: float  # the host's clock (durations, the gauge); stored in GitLab's time
     ok: bool = True
     queued: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
     synced: dict[str, int] = field(default_factory=lambda: {"project": 0, "user": 0})
@@ -93,7 +93,7 @@ class SyncRound:
                                               ctx.since)
         log.info("round_started", projects_active_after=iso(listing_after))
         produced_before = self._produced()
-        listing_due = self.sync_users and await self._user_listing_due(result.started)
+        listing_due = self.sync_users and await self._user_listing_due(ctx.client.clock.now())
         if self.sync_users and self._last_user_listing is None:  # once per process, mostly
             self._last_user_listing = await self._stored_user_counts()
         # Set by project discovery: the day from which users cover the warm projects, or None.
@@ -129,9 +129,11 @@ class SyncRound:
             result.ok = False
         result.produced = self._produced() - produced_before
         if result.ok:
-            await ctx.store.set_meta(LAST_ROUND_KEY, repr(result.started))
+            # In GitLab's time: the next round's windows compare it with GitLab's timestamps.
+            base = repr(ctx.client.clock.to_gitlab(result.started))
+            await ctx.store.set_meta(LAST_ROUND_KEY, base)
             if listed_users:
-                await ctx.store.set_meta(LAST_USER_LISTING_KEY, repr(result.started))
+                await ctx.store.set_meta(LAST_USER_LISTING_KEY, base)
 
     def _can_cover(self) -> bool:
         seen = self._last_user_listing

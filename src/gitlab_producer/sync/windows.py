@@ -6,19 +6,21 @@ GitLab facts they rest on:
   (``PROJECT_ACTIVITY_LAG``), so after a new event it may still show a time up to an hour old;
   but any event created more than that lag after it *would* have moved it.
 - ``User#last_activity_on`` is a date: activity later on the same day does not change it.
-- Events' ``after``/``before`` filters take whole days (``after=D`` starts at D+1 00:00).
+- Events' ``after``/``before`` filters take whole days. Days and dates are GitLab's, in a time
+  zone it does not name: all day arithmetic is in :mod:`gitlab_producer.gitlab.calendar`.
 - Event ids and ``created_at`` grow together; an event may become visible a little after its
   ``created_at`` (``SYNC_OVERLAP`` re-reads that far behind each cursor).
+
+Every instant here (cursors, ``now``, ``since``) is in GitLab's time, not the host's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime
 
+from gitlab_producer.gitlab.calendar import day_end, earliest_date
 from gitlab_producer.store.base import Cursor
-
-DAY_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,6 @@ def parse_time(text: str) -> float:
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def after_param(lower_ts: float) -> str:
-    """The ``after`` date that returns every event created at or after ``lower_ts``."""
-    day = datetime.fromtimestamp(lower_ts, UTC).date() - timedelta(days=1)
-    return day.isoformat()
 
 
 def project_listing_after(rules: WindowRules, last_round_start: float | None,
@@ -80,10 +76,8 @@ def project_is_warm(rules: WindowRules, cursor: Cursor | None, last_activity_at:
 
 def cover_day(rules: WindowRules, cursors: list[Cursor]) -> str:
     """The oldest ``last_activity_on`` an author of an unread event in these warm projects can
-    have: the day of the oldest cursor (less the overlap), one day earlier for GitLab's time
-    zone (the date is the server's, not UTC)."""
-    oldest = min(c.synced_at for c in cursors) - rules.overlap_s
-    return (datetime.fromtimestamp(oldest, UTC).date() - timedelta(days=1)).isoformat()
+    have: GitLab's date at the oldest cursor (less the overlap), in the earliest zone."""
+    return earliest_date(min(c.synced_at for c in cursors) - rules.overlap_s)
 
 
 def user_needs_sync(rules: WindowRules, cursor: Cursor | None, last_activity_on: str | None,
@@ -93,13 +87,12 @@ def user_needs_sync(rules: WindowRules, cursor: Cursor | None, last_activity_on:
     if not last_activity_on:
         # Without an administrator token GitLab hides last_activity_on: re-read periodically.
         return cursor is None or now - cursor.synced_at >= rules.user_resync_s
-    day_end = datetime.combine(date.fromisoformat(last_activity_on[:10]),
-                               datetime.min.time(), UTC).timestamp() + DAY_S
-    if day_end <= since:
+    ends = day_end(last_activity_on)  # the latest it can end, GitLab's zone being unknown
+    if ends <= since:
         return False
     if cursor is None or cursor.activity != last_activity_on:
         return True
-    settled_at = day_end + rules.overlap_s
+    settled_at = ends + rules.overlap_s
     if cursor.synced_at >= settled_at:
         return False
     return now >= settled_at or now - cursor.synced_at >= rules.user_resync_s
