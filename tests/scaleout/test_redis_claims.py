@@ -30,7 +30,7 @@ async def stores(redis_address: str, redis_prefix: str) -> AsyncIterator[list[Re
 def instance(store: RedisStore, sink: RecordingSink, name: str,
              metrics: Metrics | None = None) -> Deliverer:
     return Deliverer(store, sink, 3600, metrics or Metrics(), "gitlab.test",
-                     shared_claims(store, name))
+                     shared=shared_claims(store, name))
 
 
 async def test_two_instances_meeting_the_same_events_produce_each_once(
