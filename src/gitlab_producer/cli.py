@@ -120,6 +120,35 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         config_exit(exc)
 
 
+def cmd_instances(args: argparse.Namespace) -> int:
+    """The instances on this Redis and the shared budget's use, as JSON."""
+    from redis.exceptions import RedisError
+
+    from gitlab_producer.instances import cluster_status
+    from gitlab_producer.store.redis_store import connect
+
+    settings = _settings(args)
+    if not settings.redis_address:
+        config_exit(ConfigError("REDIS_ADDRESS: empty (the embedded store has one instance: "
+                                "this command reads the instances of a Redis)"))
+    host, port, password = settings.redis_endpoint
+
+    async def main() -> int:
+        client = connect(f"{host}:{port}", password, settings.redis_db, 2)
+        try:
+            found = await cluster_status(client, settings.redis_key_prefix,
+                                         settings.operations_per_second)
+        except (RedisError, OSError) as exc:
+            print(f"redis unreachable: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.aclose()
+        sys.stdout.buffer.write(orjson.dumps(found, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+
+    return run_async(main())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gitlab_producer.demo import run_demo
 
@@ -143,13 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.set_defaults(func=cmd_check_config)
+    instances = sub.add_parser("instances", help="instances alive on this Redis, their work "
+                               "and the shared request budget's use")
+    instances.set_defaults(func=cmd_instances)
     backfill = sub.add_parser("backfill", help="import every project's full object history, "
                               "then exit (resumable)")
     worker = sub.add_parser("worker", help="serve the import's jobs from Redis (any number)")
     status = sub.add_parser("status", help="per project: stage, counts, failures")
     for p in (backfill, worker, status):
         p.set_defaults(func=cmd_backfill)
-    for p in (run, check, backfill, worker, status):
+    for p in (run, check, instances, backfill, worker, status):
         p.add_argument("--config", default=None,
                        help=f"YAML config file (default: {DEFAULT_CONFIG_PATH}, if present)")
 

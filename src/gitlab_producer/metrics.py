@@ -136,3 +136,35 @@ class Metrics:
             "gitlab_producer_user_lookups_total",
             "User lookups of the import, answered by the cache or by GitLab", ["result"],
             registry=r)
+        # The request budget (shared by all instances on one Redis, or this process's own).
+        self.budget_limit = Gauge(
+            "gitlab_producer_budget_limit_per_second",
+            "OPERATIONS_PER_SECOND: the token's request budget across all instances", registry=r)
+        self.budget_reserved = Counter(
+            "gitlab_producer_budget_reserved_total",
+            "Request slots this instance reserved in the shared budget (sum over instances / "
+            "limit = the budget's use)", registry=r)
+        self.budget_wait = Histogram(
+            "gitlab_producer_budget_wait_seconds",
+            "How long a request waited for its slot in the shared budget", registry=r,
+            buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.budget_fallbacks = Counter(
+            "gitlab_producer_budget_fallbacks_total",
+            "Requests limited by this process alone because Redis did not answer", registry=r)
+        # Claims across instances (Redis store).
+        self.claims_held_elsewhere = Counter(
+            "gitlab_producer_claims_held_elsewhere_total",
+            "Events met while another instance was delivering them (waited for)",
+            registry=r)
+        self.claims_taken_over = Counter(
+            "gitlab_producer_claims_taken_over_total",
+            "Events this instance delivered after the instance holding them gave them up or "
+            "died (its claim expired)", registry=r)
+        # Instances on one Redis (heartbeats: gitlab_producer.instances).
+        self.instances_alive = Gauge(
+            "gitlab_producer_instances_alive",
+            "Instances whose heartbeat in Redis is recent (as this instance last saw it)",
+            registry=r)
+        self.budget_use = Gauge(
+            "gitlab_producer_budget_use_ratio",
+            "Requests reserved by all instances over the last seconds / the limit", registry=r)

@@ -24,7 +24,7 @@ from gitlab_producer.capture import ArtifactStore, Capturer, capture_endpoint
 from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError
-from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.gitlab.shared_budget import open_budget
 from gitlab_producer.http.artifacts import ArtifactUploads
 from gitlab_producer.http.ops import OpsState, RoundWatch, listen, start_ops
 from gitlab_producer.http.webhooks import (
@@ -34,10 +34,12 @@ from gitlab_producer.http.webhooks import (
     WebhookRunner,
     build_webhook_app,
 )
+from gitlab_producer.instances import heartbeat, registry_for
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, StoreError, open_store
+from gitlab_producer.store.redis_claims import shared_claims
 from gitlab_producer.sync.delivery import Deliverer
 from gitlab_producer.sync.entities import SyncContext
 from gitlab_producer.sync.round import LAST_ROUND_KEY, RoundResult, SyncRound
@@ -77,7 +79,7 @@ class Service:
         s = self.settings
         return GitLabClient(
             s.gitlab_base_url, s.gitlab_private_token.get_secret_value(),
-            RateLimiter(s.operations_per_second), self.metrics, s.gitlab_timeout,
+            open_budget(s, self.metrics), self.metrics, s.gitlab_timeout,
             RetryPolicy(max_retries=s.gitlab_max_retries,
                         rate_limit_retries=s.gitlab_rate_limit_retries),
             max_connections=max(4, s.gitlab_concurrency * 2 + 2), max_body=s.gitlab_max_body,
@@ -232,7 +234,7 @@ class Service:
         since = await self._retrying("since", lambda: self._since(store, client))
         return SyncContext(
             client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance,
-                                     client.clock.now),
+                                     client.clock.now, shared_claims(store, s.instance)),
             self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,
                                       s.user_resync_interval),
             s.gitlab_per_page_pagination, since, self.stop)
@@ -263,7 +265,9 @@ class Service:
                 log.info("service_started", since=iso(ctx.since), once=once,
                          sink="kafka" if s.kafka_bootstrap_servers else "file",
                          store="redis" if s.redis_address else "sqlite")
-                result = await self._rounds(ctx, store, once, max_rounds, on_round)
+                async with heartbeat(registry_for(store, s.redis_key_prefix, self.metrics,
+                                                  s.operations_per_second), self.stop):
+                    result = await self._rounds(ctx, store, once, max_rounds, on_round)
         finally:
             await self._shutdown(client, store, sinks, runners)
         if once and (result is None or not result.ok):

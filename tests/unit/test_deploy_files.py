@@ -40,6 +40,13 @@ def test_compose_wires_kafka_redis_and_the_service() -> None:
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     for dependency in producer["depends_on"].values():
         assert dependency["condition"] == "service_healthy"
+    # Two replicas share Redis (issue 15): each needs a host port of its own.
+    replicas = producer["deploy"]["replicas"]
+    assert replicas == 2
+    for mapping in producer["ports"]:
+        host = mapping.rpartition(":")[0]
+        first, _, last = host.partition("-")
+        assert int(last or first) - int(first) + 1 == replicas, mapping
 
 
 def test_dockerfile_is_multi_stage_and_non_root() -> None:

@@ -159,6 +159,7 @@ class GitLabClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self.limiter.aclose()
 
     async def __aenter__(self) -> GitLabClient:
         return self

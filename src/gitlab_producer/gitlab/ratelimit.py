@@ -55,3 +55,6 @@ class RateLimiter:
         if until > self._paused_until:
             self._paused_until = until
             self._next_slot = max(self._next_slot, until)
+
+    async def aclose(self) -> None:
+        """Release what the limiter holds (nothing here; a shared budget's connections)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 FAULT_KINDS = ("html502", "error500", "truncated", "slow", "drop")
@@ -99,6 +99,16 @@ class Stats:
     per_second: Counter[int] = field(default_factory=Counter)
     token_in_query: int = 0
     total: int = 0
+    # Arrival times within the last second, and the most ever seen within any one second
+    # (a sliding window: calendar seconds miss a burst that straddles two of them).
+    recent: deque[float] = field(default_factory=deque)
+    max_in_any_second: int = 0
+
+    def arrived(self, now: float) -> None:
+        self.recent.append(now)
+        while self.recent and self.recent[0] <= now - 1.0:
+            self.recent.popleft()
+        self.max_in_any_second = max(self.max_in_any_second, len(self.recent))
 
     def snapshot(self) -> dict[str, object]:
         by_route: dict[str, dict[str, int]] = {}
@@ -108,6 +118,7 @@ class Stats:
             "total": self.total,
             "by_route": by_route,
             "max_per_second": max(self.per_second.values(), default=0),
+            "max_in_any_second": self.max_in_any_second,
             "token_in_query": self.token_in_query,
             "seconds": len(self.per_second),
             "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
@@ -150,6 +161,11 @@ class Control:
             self.stats.per_second[int(time.time())] += 1
             if token_in_query:
                 self.stats.token_in_query += 1
+
+    def arrived(self) -> None:
+        """A request arrived (counted in the sliding window at arrival, before handling)."""
+        with self.lock:
+            self.stats.arrived(time.time())
 
     def reset_stats(self) -> None:
         with self.lock:

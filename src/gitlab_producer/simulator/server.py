@@ -126,6 +126,7 @@ async def _fault(request: web.Request, kind: str, sim: Simulator) -> web.StreamR
 
 async def api_handler(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
+    sim.control.arrived()
     raw_path = request.rel_url.raw_path[len(API_PREFIX):].rstrip("/")
     ok, in_query = sim.authenticated(request)
     route_name = (objects_api.route(raw_path) or api.route(raw_path) or ("unknown",))[0]

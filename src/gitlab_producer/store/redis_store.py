@@ -87,18 +87,21 @@ class RedisStore:
     def from_address(cls, address: str, password: str = "", db: int = 0,
                      prefix: str = "gitlab-producer:",
                      max_connections: int = MAX_CONNECTIONS) -> RedisStore:
-        host, _, port = address.removeprefix("redis://").rpartition(":")
-        # A burst (webhooks, many readers) waits for a free connection rather than failing
-        # with "Too many connections", which the default pool raises at its limit.
-        # A pooled connection that a Redis restart closed fails its next command: that one is
-        # retried on a new connection (every command here is idempotent), so a restart costs
-        # no failed mark, which would have had an acknowledged event sent again.
-        pool = aioredis.BlockingConnectionPool(
-            host=host, port=int(port), password=password or None, db=db, socket_timeout=10,
-            socket_connect_timeout=5, max_connections=max_connections, timeout=10,
-            driver_info=DRIVER_INFO, connection_class=HiredisPackingConnection,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3, (RedisConnectionError,)))
-        return cls(aioredis.Redis.from_pool(pool), prefix)
+        return cls(connect(address, password, db, max_connections), prefix)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client (the claims across instances share it)."""
+        return self._redis
+
+    def event_keys(self, event_ids: Sequence[int]) -> list[bytes]:
+        """The sent-mark keys of events."""
+        key = self._event_key
+        return [key % i for i in event_ids]
+
+    def namespaced_keys(self, namespace: str, keys: Sequence[str]) -> list[str]:
+        """The sent-mark keys of string keys in ``namespace``."""
+        return [f"{self.prefix}{namespace}:{k}" for k in keys]
 
     async def _lookup(self, keys: list[str | bytes]) -> list[bool]:
         try:
@@ -121,20 +124,18 @@ class RedisStore:
         return [None] * len(keys)
 
     async def unseen(self, event_ids: Sequence[int]) -> list[int]:
-        key = self._event_key
-        fresh = await self._unseen([key % i for i in event_ids])
+        fresh = await self._unseen(self.event_keys(event_ids))
         return [i for i, new in zip(event_ids, fresh, strict=True) if new]
 
     async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
-        key = self._event_key
-        await self._set_marks([key % i for i in event_ids], ttl_s)
+        await self._set_marks(self.event_keys(event_ids), ttl_s)
 
     async def unseen_keys(self, namespace: str, keys: Sequence[str]) -> list[str]:
-        fresh = await self._unseen([f"{self.prefix}{namespace}:{k}" for k in keys])
+        fresh = await self._unseen(self.namespaced_keys(namespace, keys))
         return [k for k, new in zip(keys, fresh, strict=True) if new]
 
     async def mark_keys(self, namespace: str, keys: Sequence[str], ttl_s: int) -> None:
-        await self._set_marks([f"{self.prefix}{namespace}:{k}" for k in keys], ttl_s)
+        await self._set_marks(self.namespaced_keys(namespace, keys), ttl_s)
 
     async def claim_key(self, namespace: str, key: str, hold_s: float) -> ClaimState:
         keys = [f"{self.prefix}{namespace}:{key}", f"{self.prefix}{namespace}{PENDING}:{key}"]
@@ -218,3 +219,21 @@ class RedisStore:
             await self._redis.hdel(f"{self.prefix}retry:{kind}", *[str(i) for i in entity_ids])
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
+
+
+def connect(address: str, password: str = "", db: int = 0,
+            max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
+    """A client for ``host:port`` with its own pool, connecting at its first command (the
+    store, the claims and the request budget each have one)."""
+    host, _, port = address.removeprefix("redis://").rpartition(":")
+    # A burst (webhooks, many readers) waits for a free connection rather than failing
+    # with "Too many connections", which the default pool raises at its limit.
+    # A pooled connection that a Redis restart closed fails its next command: that one is
+    # retried on a new connection (the store's commands are idempotent), so a restart costs
+    # no failed mark, which would have had an acknowledged event sent again.
+    pool = aioredis.BlockingConnectionPool(
+        host=host, port=int(port), password=password or None, db=db, socket_timeout=10,
+        socket_connect_timeout=5, max_connections=max_connections, timeout=10,
+        driver_info=DRIVER_INFO, connection_class=HiredisPackingConnection,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3, (RedisConnectionError,)))
+    return aioredis.Redis.from_pool(pool)

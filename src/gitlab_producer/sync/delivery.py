@@ -3,10 +3,14 @@
 An event id is marked as sent only after the sink acknowledged it. Project and user event
 lists overlap, and both may hold the same new event at the same moment: the first task to see
 it claims it, and any other task waits for that claim's outcome instead of producing it again.
+With a Redis store (more than one instance may run) the claim is also taken in Redis
+(:mod:`gitlab_producer.store.redis_claims`): an event another instance holds is waited for
+until it is marked, or taken over when that instance gave it up or died.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -15,6 +19,7 @@ from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message, Sink
 from gitlab_producer.store.base import Store
 from gitlab_producer.store.claims import Claims
+from gitlab_producer.store.redis_claims import HELD, MINE, RedisClaims, poll_delays
 
 
 def to_message(event: Event, instance: bytes) -> Message:
@@ -35,9 +40,11 @@ class Deliverer:
     """Sends the unsent events of a page and marks them once acknowledged."""
 
     def __init__(self, store: Store, sink: Sink, ttl_s: int, metrics: Metrics,
-                 instance: str, now: Callable[[], float] = time.time) -> None:
+                 instance: str, now: Callable[[], float] = time.time,
+                 shared: RedisClaims | None = None) -> None:
         self.store = store
         self._now = now  # GitLab's clock: events' ages are measured against their created_at
+        self.shared = shared
         self.sink = sink
         self.ttl_s = ttl_s
         self.metrics = metrics
@@ -50,23 +57,54 @@ class Deliverer:
         if not events:
             return 0
         by_id = {e.id: e for e in events}
+        produced, held = await self._deliver_claimed(by_id)
+        delays = poll_delays()
+        while held:  # another instance is delivering these: wait for its outcome
+            await asyncio.sleep(next(delays))
+            more, held = await self._deliver_claimed({i: by_id[i] for i in held})
+            if more:
+                self.metrics.claims_taken_over.inc(more)
+            produced += more
+        return produced
+
+    async def _deliver_claimed(self, by_id: dict[int, Event]) -> tuple[int, list[int]]:
+        """Deliver the events this task could claim: (how many it produced, ids another
+        instance holds)."""
         claim = self._claims.take(by_id)
+        fresh: list[int] = []
+        held: list[int] = []
         try:
-            fresh = await self.store.unseen(claim.mine) if claim.mine else []
-            self.metrics.events_duplicate.inc(len(claim.mine) - len(fresh))
+            if claim.mine and self.shared is None:
+                fresh = await self.store.unseen(claim.mine)
+            elif claim.mine and self.shared is not None:
+                outcomes = await self.shared.claim(self.store_keys(claim.mine))
+                fresh = [i for i, o in zip(claim.mine, outcomes, strict=True) if o == MINE]
+                held = [i for i, o in zip(claim.mine, outcomes, strict=True) if o == HELD]
+                self.metrics.claims_held_elsewhere.inc(len(held))
+            self.metrics.events_duplicate.inc(len(claim.mine) - len(fresh) - len(held))
             if fresh:
                 await self._send([by_id[i] for i in fresh])
         except BaseException as exc:
+            if self.shared is not None:
+                self.shared.release_soon(self.store_keys(fresh))
             claim.release(exc)
             raise
         claim.release()
         await claim.wait_for_others()
-        return len(fresh)
+        return len(fresh), held
+
+    def store_keys(self, event_ids: list[int]) -> list[bytes]:
+        assert self.shared is not None
+        return self.shared.store.event_keys(event_ids)
 
     async def _send(self, events: list[Event]) -> None:
         messages = [to_message(e, self._instance) for e in events]
         try:
-            await self.sink.send(messages)
+            if self.shared is None:
+                await self.sink.send(messages)
+            else:
+                async with self.shared.renewed(self.store_keys([e.id for e in events])):
+                    await self.sink.send(messages)
         except DeliveryError:
             self.metrics.delivery_failures.inc(len(messages))
             raise
