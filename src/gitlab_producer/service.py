@@ -22,9 +22,9 @@ from aiohttp import web
 
 from gitlab_producer.capture import ArtifactStore, Capturer, capture_endpoint
 from gitlab_producer.config import ConfigError, Settings
-from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
+from gitlab_producer.gitlab.client import GitLabClient
+from gitlab_producer.gitlab.connect import client_from_settings
 from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError
-from gitlab_producer.gitlab.shared_budget import open_budget
 from gitlab_producer.http.artifacts import ArtifactUploads
 from gitlab_producer.http.ops import OpsState, RoundWatch, listen, start_ops
 from gitlab_producer.http.webhooks import (
@@ -77,13 +77,9 @@ class Service:
     def gitlab_client(self) -> GitLabClient:
         """A GitLab client with the settings' token, budget and retry policy."""
         s = self.settings
-        return GitLabClient(
-            s.gitlab_base_url, s.gitlab_private_token.get_secret_value(),
-            open_budget(s, self.metrics), self.metrics, s.gitlab_timeout,
-            RetryPolicy(max_retries=s.gitlab_max_retries,
-                        rate_limit_retries=s.gitlab_rate_limit_retries),
-            max_connections=max(4, s.gitlab_concurrency * 2 + 2), max_body=s.gitlab_max_body,
-            max_pages=s.gitlab_max_pages)
+        return client_from_settings(s, self.metrics,
+                                    max_connections=max(4, s.gitlab_concurrency * 2 + 2),
+                                    rate_limit_retries=s.gitlab_rate_limit_retries)
 
     async def _since(self, store: Store, client: GitLabClient) -> float:
         """The first round's start, fixed in the store so restarts do not move it."""

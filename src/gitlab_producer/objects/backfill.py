@@ -21,9 +21,9 @@ import orjson
 
 from gitlab_producer.artifact_store import ArtifactStore
 from gitlab_producer.config import ConfigError, Settings, split_list
-from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
+from gitlab_producer.gitlab.client import GitLabClient
+from gitlab_producer.gitlab.connect import client_from_settings
 from gitlab_producer.gitlab.errors import GitLabError
-from gitlab_producer.gitlab.shared_budget import open_budget
 from gitlab_producer.http.ops import OpsState, start_ops
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
@@ -55,15 +55,12 @@ class Backfill:
             CONTROL.add_secret(secret)
 
     def _client(self) -> GitLabClient:
-        s = self.settings
         # One budget with the event rounds (shared in Redis by every instance).
         # rate_limit_retries=0: a 429 surfaces at once, and the job is rescheduled to GitLab's
         # reset time instead of holding a worker slot while it sleeps.
-        return GitLabClient(
-            s.gitlab_base_url, s.gitlab_private_token.get_secret_value(),
-            open_budget(s, self.metrics), self.metrics, s.gitlab_timeout,
-            RetryPolicy(max_retries=s.gitlab_max_retries, rate_limit_retries=0),
-            max_connections=max(4, s.backfill_concurrency + 2), max_body=s.gitlab_max_body)
+        return client_from_settings(self.settings, self.metrics,
+                                    max_connections=max(4, self.settings.backfill_concurrency + 2),
+                                    rate_limit_retries=0)
 
     def _saq(self) -> SaqDispatcher:
         s = self.settings
