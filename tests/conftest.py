@@ -58,11 +58,13 @@ def redis_address() -> Iterator[str]:
 @dataclass
 class OwnRedis:
     """A redis-server of one test's own, on a fixed free port, that the test may kill and
-    start again on the same port (never the machine's Redis). ``persistent``: AOF on."""
+    start again on the same port (never the machine's Redis). ``persistent``: AOF on;
+    ``password``: the server requires it."""
 
     port: int
     folder: Path
     persistent: bool = False
+    password: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,7 +79,8 @@ class OwnRedis:
                        if self.persistent else ["--appendonly", "no", "--save", ""])
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             *persistence], stdout=subprocess.DEVNULL)
+             *persistence, *(["--requirepass", self.password] if self.password else [])],
+            stdout=subprocess.DEVNULL)
         wait_for_port(self.port)
 
     def kill(self) -> None:

@@ -7,6 +7,8 @@ for rounds forever); during start-up they are honoured at once.
 
 A store that cannot be reached (at start-up or at the start of a round) is retried with capped
 exponential backoff while ``/readyz`` says so; the service recovers by itself when it answers.
+A store that refuses the credentials at start (Redis ``WRONGPASS``/``NOAUTH``) is bad config:
+exit 2 naming ``REDIS_PASSWORD``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, StoreError, open_store
+from gitlab_producer.store.base import StoreAuthError
 from gitlab_producer.store.redis_claims import shared_claims
 from gitlab_producer.sync.delivery import Deliverer
 from gitlab_producer.sync.entities import SyncContext
@@ -85,6 +88,8 @@ class Service:
         """The first round's start, fixed in the store so restarts do not move it."""
         try:
             stored = await store.get_meta(SINCE_KEY)
+        except StoreAuthError:  # the first command at start: a wrong password, not an outage
+            raise ConfigError(self._refused_password()) from None
         except StoreError as exc:
             if "DB index is out of range" in str(exc):  # retrying cannot help
                 raise ConfigError(f"REDIS_DB: the Redis server refuses database "
@@ -96,6 +101,11 @@ class Service:
         since = self.settings.since(client.clock.now())
         await store.set_meta(SINCE_KEY, repr(since))
         return since
+
+    def _refused_password(self) -> str:
+        if self.settings.redis_endpoint[2]:
+            return "REDIS_PASSWORD: the Redis server refuses it (WRONGPASS)"
+        return "REDIS_PASSWORD: the Redis server requires a password and none is set (NOAUTH)"
 
     def _ready_checks(self, client: GitLabClient, store: Store, sink: Sink) -> OpsState:
         async def gitlab() -> str | None:

@@ -24,7 +24,7 @@ import redis
 from gitlab_producer.simulator.repository import FILE_PATHS
 from gitlab_producer.simulator.server import SimulatorThread, free_port, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
-from tests.conftest import Broker, ServiceRun, consume, wait_for_port
+from tests.conftest import Broker, OwnRedis, ServiceRun, consume, wait_for_port
 
 pytestmark = pytest.mark.integration
 SECRET = "hook-secret-456"
@@ -387,3 +387,24 @@ def test_a_database_the_redis_server_refuses_is_a_clear_error(service_env: Servi
                            REDIS_DB=str(databases))  # one past the last
     assert_clear_config_error(done, "REDIS_DB: the Redis server refuses database",
                               at_start=True)
+
+
+def test_a_password_the_redis_server_refuses_is_a_clear_error(service_env: ServiceRun,
+                                                              own_redis: OwnRedis) -> None:
+    """WRONGPASS and NOAUTH exit 2 naming REDIS_PASSWORD (no secret); an unreachable Redis is
+    an outage, retried."""
+    own_redis.password = "right-redis-pass"
+    fast = {**GOOD, "REDIS_ADDRESS": own_redis.address, "GITLAB_MAX_RETRIES": "0"}
+    waiting = service_env.start("run", "--once", **fast, REDIS_PASSWORD="right-redis-pass")
+    try:
+        wait_for(lambda: '"store_unreachable"' in service_env.all_logs(), 30)
+        assert waiting.poll() is None  # still retrying
+    finally:
+        waiting.kill()
+        waiting.wait(10)
+    own_redis.start()
+    for password, named in (("wrong-redis-pass", "REDIS_PASSWORD: the Redis server refuses"),
+                            ("", "REDIS_PASSWORD: the Redis server requires a password")):
+        done = service_env.run("run", "--once", timeout_s=30, **fast, REDIS_PASSWORD=password)
+        assert_clear_config_error(done, named, at_start=True)
+        assert "wrong-redis-pass" not in done.stderr + done.stdout

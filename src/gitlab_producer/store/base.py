@@ -47,6 +47,11 @@ class StoreError(Exception):
     """The store could not be reached or answered wrongly."""
 
 
+class StoreAuthError(StoreError):
+    """The store refused our credentials (Redis ``WRONGPASS``, ``NOAUTH``): unlike an outage,
+    waiting cannot fix it."""
+
+
 class Store(Protocol):
     """Dedup marks, per-entity cursors and a little service metadata."""
 

@@ -28,16 +28,22 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.connection import HiredisRespSerializer
 from redis.driver_info import DriverInfo
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
-from gitlab_producer.store.base import PENDING, ClaimState, Cursor, StoreError
+from gitlab_producer.store.base import PENDING, ClaimState, Cursor, StoreAuthError, StoreError
 from gitlab_producer.store.coalesce import Coalescer
 
 MAX_CONNECTIONS = 64
 # Built once: without it redis-py looks its own version up in the installed packages' metadata
 # for every new connection, a few milliseconds of blocked event loop each.
 DRIVER_INFO = DriverInfo().add_upstream_driver("gitlab-producer", version("gitlab-producer"))
+
+
+def store_error(exc: BaseException) -> StoreError:
+    """Redis's error as the store's: refused credentials apart from everything else."""
+    kind = StoreAuthError if isinstance(exc, AuthenticationError) else StoreError
+    return kind(f"redis: {exc}")
 
 
 class HiredisPackingConnection(aioredis.Connection):
@@ -107,7 +113,7 @@ class RedisStore:
         try:
             found = await self._redis.mget(keys)
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
         return [value is None for value in found]
 
     async def _set_marks(self, keys: Sequence[str | bytes], ttl_s: int) -> None:
@@ -120,7 +126,7 @@ class RedisStore:
         try:
             await self._mark(keys=keys, args=[ttl_s])
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
         return [None] * len(keys)
 
     async def unseen(self, event_ids: Sequence[int]) -> list[int]:
@@ -142,7 +148,7 @@ class RedisStore:
         try:
             state = await self._claim(keys=keys, args=[max(1, int(hold_s * 1000))])
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
         text = state.decode() if isinstance(state, bytes) else str(state)
         if text not in ("claimed", "done", "pending"):
             raise StoreError(f"redis: unexpected claim answer {text!r}")
@@ -152,7 +158,7 @@ class RedisStore:
         try:
             await self._redis.delete(f"{self.prefix}{namespace}{PENDING}:{key}")
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
 
     async def cursors(self, kind: str, entity_ids: Sequence[int]) -> dict[int, Cursor]:
         if not entity_ids:
@@ -161,7 +167,7 @@ class RedisStore:
             raw = await self._redis.hmget(f"{self.prefix}cursor:{kind}",
                                           [str(i) for i in entity_ids])
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
         return {i: Cursor.loads(v) for i, v in zip(entity_ids, raw, strict=True) if v}
 
     async def save_cursors(self, kind: str, cursors: Mapping[int, Cursor]) -> None:
@@ -171,26 +177,26 @@ class RedisStore:
             await self._redis.hset(f"{self.prefix}cursor:{kind}",
                                    mapping={str(k): c.dumps() for k, c in cursors.items()})
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
 
     async def get_meta(self, key: str) -> str | None:
         try:
             value = await self._redis.hget(f"{self.prefix}meta", key)
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
         return value.decode() if isinstance(value, bytes) else value
 
     async def set_meta(self, key: str, value: str) -> None:
         try:
             await self._redis.hset(f"{self.prefix}meta", key, value)
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
 
     async def ping(self) -> None:
         try:
             await self._redis.ping()
         except (RedisError, OSError) as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -200,7 +206,7 @@ class RedisStore:
         try:
             found = await self._redis.hgetall(f"{self.prefix}retry:{kind}")
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
         return {int(k): v.decode() if isinstance(v, bytes) else str(v) for k, v in found.items()}
 
     async def save_retries(self, kind: str, entries: Mapping[int, str]) -> None:
@@ -210,7 +216,7 @@ class RedisStore:
             await self._redis.hset(f"{self.prefix}retry:{kind}",
                                    mapping={str(k): v for k, v in entries.items()})
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
 
     async def drop_retries(self, kind: str, entity_ids: Sequence[int]) -> None:
         if not entity_ids:
@@ -218,7 +224,7 @@ class RedisStore:
         try:
             await self._redis.hdel(f"{self.prefix}retry:{kind}", *[str(i) for i in entity_ids])
         except RedisError as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            raise store_error(exc) from exc
 
 
 def connect(address: str, password: str = "", db: int = 0,
