@@ -26,7 +26,7 @@ from gitlab_producer.capture import ArtifactStore, Capturer, capture_endpoint
 from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.connect import client_from_settings
-from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError
+from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError, RetriesExhaustedError
 from gitlab_producer.http.artifacts import ArtifactUploads
 from gitlab_producer.http.ops import OpsState, RoundWatch, listen, start_ops
 from gitlab_producer.http.webhooks import (
@@ -98,9 +98,27 @@ class Service:
             raise
         if stored:
             return float(stored)
-        since = self.settings.since(client.clock.now())
+        since = self.settings.since(await self._gitlab_now(client))
         await store.set_meta(SINCE_KEY, repr(since))
         return since
+
+    async def _gitlab_now(self, client: GitLabClient) -> float:
+        """GitLab's time for the default SYNC_SINCE (its day, not the host's): until GitLab has
+        answered once (its ``Date`` header), ``GET /user`` is asked again with backoff."""
+        failures = 0
+        while self.settings.sync_since is None and client.clock.skew_s is None:
+            try:
+                await client.get("user", endpoint="user")
+                break  # answered, without a Date header: the host's clock is all there is
+            except RetriesExhaustedError as exc:  # no answer (or one without a Date)
+                failures += 1
+                delay = retry_delay(failures)
+                log.warning("gitlab_clock_unknown", error=str(exc), retry_in_s=delay,
+                            detail="SYNC_SINCE's default waits for GitLab's clock")
+                await asyncio.sleep(delay)
+            except GitLabError:
+                break
+        return client.clock.now()
 
     def _refused_password(self) -> str:
         if self.settings.redis_endpoint[2]:
