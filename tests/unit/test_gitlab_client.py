@@ -6,6 +6,8 @@ the real aiohttp transport is exercised against the simulator at the end.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlparse
 
@@ -171,14 +173,24 @@ async def test_a_huge_pause_asked_by_a_429_is_capped(header: str) -> None:
     assert len(paused) == 1 and cap <= paused[0] <= cap + 0.25
 
 
-async def test_429_without_headers_backs_off_on_its_own() -> None:
-    policy = RetryPolicy(base_s=0, cap_s=0, throttle_base_s=2, throttle_cap_s=60)
-    client, _ = make_client(scripted(answer(429, text="Retry later"),
-                                     answer(429, text="Retry later"), OK), policy)
+async def test_429_without_headers_pauses_that_endpoint_alone() -> None:
+    """A per-endpoint limit's 429 (no header): that endpoint backs off on its own, growing,
+    and gives up after ``endpoint_wait_s``; the budget is not paused, other endpoints go on."""
+    policy = RetryPolicy(base_s=0, cap_s=0, throttle_base_s=0.2, throttle_cap_s=1,
+                         endpoint_wait_s=0.5)
+    bare = answer(429, {"message": {"error": "This endpoint has been requested too many times."}})
+    client, transport = make_client(lambda url: bare if "/projects/1/" in url else OK, policy)
     paused: list[float] = []
     client.limiter.pause = paused.append  # type: ignore[method-assign]
-    await client.get("projects")
-    assert 1 <= paused[0] <= 2 and 2 <= paused[1] <= 4  # grows without a header to follow
+    stuck = asyncio.create_task(client.get("projects/1/events"))
+    await asyncio.sleep(0.02)
+    started = time.monotonic()
+    assert (await client.get("projects/2/events")).body == [{"id": 1}]
+    assert time.monotonic() - started < 0.05 and not stuck.done()
+    with pytest.raises(RetriesExhaustedError, match="429 without headers") as gave_up:
+        await stuck
+    assert gave_up.value.status == 429 and paused == []
+    assert 2 <= sum("/projects/1/" in url for url in transport.urls) <= 4  # 0.1-0.2, 0.2-0.4 s
 
 
 async def test_token_never_in_the_url() -> None:

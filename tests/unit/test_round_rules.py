@@ -10,7 +10,8 @@ Each test pins one rule and fails when that rule alone is broken:
 3. user lists skip project events that the project's cursor covers;
 4. a failed Kafka delivery fails the entity (with the real broker: test_failed_kafka_...);
 5. the activity lag rule (re-read within the lag; not once settled);
-6. warm projects are covered by their authors when cheaper, and read themselves later.
+6. warm projects are covered by their authors when cheaper, and read themselves later;
+7. a project throttled without headers holds up neither the others nor the round.
 """
 
 from __future__ import annotations
@@ -143,11 +144,12 @@ def simulator(world_spec: WorldSpec) -> Iterator[SimulatorThread]:
 
 
 async def harness_for(sim: SimulatorThread, tmp_path: Path, sink: Sink, rules: WindowRules,
-                      ttl_s: int = 3600) -> AsyncIterator[Harness]:
+                      ttl_s: int = 3600, policy: RetryPolicy | None = None
+                      ) -> AsyncIterator[Harness]:
     store = SQLiteStore(tmp_path / f"state-{uuid.uuid4().hex[:6]}.sqlite3")
     metrics = Metrics()
     client = GitLabClient(f"{sim.url}/api/v4", "sim-token", RateLimiter(1000), metrics, 10.0,
-                          RetryPolicy(max_retries=2, base_s=0.01))
+                          policy or RetryPolicy(max_retries=2, base_s=0.01))
     ctx = SyncContext(client, store, Deliverer(store, sink, ttl_s, metrics, "gitlab.test"),
                       metrics, rules, PER_PAGE, sim.sim.world.start_ms / 1000, asyncio.Event())
     try:
@@ -436,3 +438,28 @@ async def test_few_warm_projects_are_read_rather_than_covered(harness: Harness,
     assert harness.requests("project_events") == len(warm)
     assert harness.requests("users_list") == 0
     assert set(new) <= set(sink.delivered())
+
+
+# -- 7. a project throttled without headers holds up neither the others nor the round --------
+async def test_a_project_throttled_without_headers_is_left_for_a_later_round(
+        simulator: SimulatorThread, tmp_path: Path, sink: SwitchableSink,
+        rules: WindowRules) -> None:
+    """Its endpoint's 429s carry no header (a per-endpoint limit): it waits alone, then goes to
+    the retry set; every other project is delivered in the round, and it in the next one."""
+    policy = RetryPolicy(max_retries=2, base_s=0.01, throttle_base_s=0.5, throttle_cap_s=2,
+                         endpoint_wait_s=1.5)  # a global pause would take 30 x 1-2 s
+    async for harness in harness_for(simulator, tmp_path, sink, rules, policy=policy):
+        truth = harness.truth()
+        stuck = smallest_project(truth)
+        settings = f"{harness.url}/_simulator/settings"
+        httpx.post(settings, json={"throttled_projects": [stuck]}, timeout=10)
+        first = await asyncio.wait_for(harness.round(sync_users=False), 15)
+        assert first.ok and first.skipped["project"] == 1, first
+        assert set(await harness.store.retries("project")) == {stuck}
+        others = {e.id for e in truth if e.project not in (None, stuck)}
+        assert set(sink.delivered()) == others
+
+        httpx.post(settings, json={"throttled_projects": []}, timeout=10)
+        second = await harness.round(sync_users=False)
+        assert second.ok and not await harness.store.retries("project")
+        assert set(sink.delivered()) == in_projects(truth)

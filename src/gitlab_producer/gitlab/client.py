@@ -1,7 +1,10 @@
 """The one place where the service meets GitLab's API.
 
 Rate limiting, ``Retry-After``, backoff with jitter and error translation all live here; code
-that lists projects or events never sleeps and never retries by itself. The token travels only
+that lists projects or events never sleeps and never retries by itself. A 429 with GitLab's
+headers pauses the whole budget; one without (a per-endpoint limit) pauses that endpoint
+alone, and after ``endpoint_wait_s`` of such waits in one call the call gives up (429), so a
+stuck entity is retried in a later round instead of holding up this one. The token travels only
 in the ``PRIVATE-TOKEN`` header and never appears in a URL or a log line.
 """
 
@@ -33,7 +36,7 @@ from gitlab_producer.gitlab.pagination import (
     OffsetPaginator,
     Paginator,
 )
-from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.gitlab.ratelimit import EndpointPauses, RateLimiter
 from gitlab_producer.gitlab.transport import (
     DEFAULT_MAX_BODY,
     AiohttpTransport,
@@ -83,6 +86,12 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parsed.scheme.lower(), (parsed.hostname or "").lower(), port
 
 
+def _endpoint_key(url: str) -> str:
+    """What a 429 without headers holds back: the URL without its query (one entity's list,
+    whatever the page)."""
+    return url.split("?", 1)[0]
+
+
 class _Retry(Exception):
     """Internal: this attempt failed in a way worth another try."""
 
@@ -116,6 +125,8 @@ class RetryPolicy:
     # longer Retry-After or RateLimit-Reset is a broken or hostile answer, not a reason to
     # stop every request for hours.
     max_pause_s: float = 900.0
+    # Seconds one call waits, in all, for its endpoint's own pauses (429s without headers).
+    endpoint_wait_s: float = 60.0
 
     def backoff_s(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0, min(self.cap_s, self.base_s * 2.0**attempt))
@@ -148,7 +159,7 @@ class GitLabClient:
         self.metrics = metrics or Metrics()
         self.policy = policy or RetryPolicy()
         self._rng = rng or random.Random()
-        self._throttle_streak = 0
+        self.endpoint_pauses = EndpointPauses()
         self.max_pages = max_pages
         self.reachable: bool | None = None  # None until the first answer
         self.answered_at: float | None = None  # monotonic time of the last useful answer
@@ -175,7 +186,8 @@ class GitLabClient:
         decode is retried like a 5xx, since GitLab's proxies send truncated or HTML pages."""
         endpoint = endpoint or path
         url = self._url(path, params)
-        return await self._retrying(endpoint, lambda: self._attempt(url, endpoint, decode))
+        return await self._retrying(endpoint, url,
+                                    lambda: self._attempt(url, endpoint, decode))
 
     async def download(self, path: str, params: Mapping[str, Any] | None, endpoint: str,
                        open_writer: Callable[[], Awaitable[W]]) -> W:
@@ -193,13 +205,26 @@ class GitLabClient:
                 raise
             return writer
 
-        return await self._retrying(endpoint, attempt)
+        return await self._retrying(endpoint, url, attempt)
 
-    async def _retrying(self, endpoint: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, endpoint: str, url: str,
+                        attempt: Callable[[], Awaitable[T]]) -> T:
         failures = throttles = 0
+        key, waited = _endpoint_key(url), 0.0
         while True:
+            pause = self.endpoint_pauses.remaining(key)
+            if pause > 0:
+                # A pause left by an earlier call is waited out before one try of this call.
+                if throttles and waited + pause > self.policy.endpoint_wait_s:
+                    raise RetriesExhaustedError(
+                        f"{endpoint}: still rate limited (429 without headers) after "
+                        f"{waited:.0f} s", 429, retry_in_s=pause)
+                waited += pause
+                self.metrics.rate_limit_wait.inc(pause)
+                await asyncio.sleep(pause)
             try:
                 answer = await attempt()
+                self.endpoint_pauses.clear(key)
                 self.answered_at = time.monotonic()
                 return answer
             except _Retry as retry:
@@ -209,7 +234,7 @@ class GitLabClient:
                         raise RetriesExhaustedError(
                             f"{endpoint}: still rate limited after {throttles} tries", 429,
                             retry_in_s=retry.pause_s) from None
-                    continue  # the pause is already set on the shared limiter
+                    continue  # the pause is set, on the shared limiter or on this endpoint
                 failures += 1
                 self.metrics.retries.labels(retry.reason).inc()
                 if failures > self.policy.max_retries:
@@ -266,7 +291,7 @@ class GitLabClient:
         self.reachable = status < 500
         self.metrics.gitlab_requests.labels(endpoint, str(status)).inc()
         if status == 429:
-            raise _Retry("429", 429, self._on_throttle(response, endpoint))
+            raise _Retry("429", 429, self._on_throttle(response, endpoint, _endpoint_key(url)))
         if status >= 500:
             raise _Retry(f"status {status}", status)
         if 300 <= status < 400:
@@ -295,7 +320,7 @@ class GitLabClient:
         except ValueError:
             raise _Retry("bad json", status) from None
 
-    def _on_throttle(self, response: RawResponse, endpoint: str) -> float:
+    def _on_throttle(self, response: RawResponse, endpoint: str, key: str) -> float:
         self.metrics.throttled.inc()
         pause = None
         retry_after = response.headers.get("retry-after", "")
@@ -305,16 +330,17 @@ class GitLabClient:
         elif reset.isdigit():
             pause = max(0.0, float(reset) - self.clock.now())  # an instant in GitLab's time
         if pause is None:
-            # gitlab.com's projects and users APIs send no headers with their 429s.
-            self._throttle_streak += 1
-            pause = self.policy.throttle_s(self._throttle_streak - 1, self._rng)
-        else:
-            self._throttle_streak = 0
-            if pause > self.policy.max_pause_s:
-                log.warning("gitlab_pause_capped", endpoint=endpoint, asked_s=round(pause),
-                            pause_s=self.policy.max_pause_s)
-                pause = self.policy.max_pause_s
-            pause += self._rng.uniform(0, 0.25)
+            # gitlab.com's per-endpoint limits (projects, groups, users APIs) send no headers:
+            # that endpoint waits, with a backoff of its own; every other request goes on.
+            pause = self.policy.throttle_s(self.endpoint_pauses.streak(key), self._rng)
+            self.endpoint_pauses.pause(key, pause)
+            log.warning("gitlab_endpoint_throttled", endpoint=endpoint, pause_s=round(pause, 3))
+            return pause
+        if pause > self.policy.max_pause_s:
+            log.warning("gitlab_pause_capped", endpoint=endpoint, asked_s=round(pause),
+                        pause_s=self.policy.max_pause_s)
+            pause = self.policy.max_pause_s
+        pause += self._rng.uniform(0, 0.25)
         self.limiter.pause(pause)
         self.metrics.rate_limit_wait.inc(pause)
         log.warning("gitlab_throttled", endpoint=endpoint, pause_s=round(pause, 3))

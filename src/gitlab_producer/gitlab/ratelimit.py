@@ -3,8 +3,10 @@
 Requests are given start slots ``1 / rate`` seconds apart, and never more than ``rate``
 starts fall within one second (a sliding window with a small guard, so float rounding or a
 little network jitter cannot squeeze an extra request into a second). A busy service uses all
-of it. A 429 pauses every caller until GitLab's reset time (or our own backoff when GitLab
-sends no header).
+of it. A 429 with GitLab's ``Retry-After`` or ``RateLimit-*`` headers (the token's whole
+limit) pauses every caller until GitLab's reset time. A 429 without them comes from one
+endpoint's own limit (the projects, groups and users APIs): :class:`EndpointPauses` holds
+back that endpoint only, so the others go on.
 """
 
 from __future__ import annotations
@@ -58,3 +60,39 @@ class RateLimiter:
 
     async def aclose(self) -> None:
         """Release what the limiter holds (nothing here; a shared budget's connections)."""
+
+
+class EndpointPauses:
+    """Pauses of single endpoints (a URL path, so one entity's list), each with the number of
+    429s in a row that set it, from which the next backoff grows. Cleared by a success."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 10_000) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        self._state: dict[str, tuple[float, int]] = {}  # key -> (paused until, streak)
+
+    def remaining(self, key: str) -> float:
+        """Seconds until ``key`` may be asked again."""
+        state = self._state.get(key)
+        return 0.0 if state is None else max(0.0, state[0] - self._clock())
+
+    def streak(self, key: str) -> int:
+        """429s in a row on ``key``."""
+        state = self._state.get(key)
+        return 0 if state is None else state[1]
+
+    def pause(self, key: str, seconds: float) -> None:
+        """``key`` answered 429 again: hold it back ``seconds``."""
+        now = self._clock()
+        if key not in self._state and len(self._state) >= self._max_keys:
+            # Forget the pauses that ended (their streak too); then the oldest.
+            self._state = {k: v for k, v in self._state.items() if v[0] > now}
+            if len(self._state) >= self._max_keys:
+                del self._state[next(iter(self._state))]
+        until, streak = self._state.get(key, (0.0, 0))
+        self._state[key] = (max(until, now + seconds), streak + 1)
+
+    def clear(self, key: str) -> None:
+        """``key`` answered: its backoff starts again from the bottom."""
+        self._state.pop(key, None)

@@ -16,7 +16,7 @@ from multidict import MultiMapping
 
 from gitlab_producer.simulator import repository as repo
 from gitlab_producer.simulator.catalog import project_json, user_json
-from gitlab_producer.simulator.control import EntityFaults
+from gitlab_producer.simulator.control import BARE_429_BODY, EntityFaults
 from gitlab_producer.simulator.paging import (
     PagingError,
     keyset_headers,
@@ -137,6 +137,8 @@ def project_events(req: ApiRequest) -> web.Response:
         return not_found("404 Project Not Found")
     if pid in req.faults.forbidden_projects:
         return json_response({"message": "403 Forbidden"}, 403)
+    if pid in req.faults.throttled_projects:
+        return web.Response(status=429, body=BARE_429_BODY, content_type=JSON)
     return _events(req, req.world.project_events[pid - 1], f"/projects/{req.parts[0]}/events",
                    pid if pid in req.faults.malformed_events else None)
 

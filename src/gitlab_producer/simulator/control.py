@@ -66,12 +66,15 @@ class EntityFaults:
       ``created_at`` between the good ones
     - ``endless``: routes (``projects_list``, ``project_events``) whose last page still offers
       a next (new, never repeated) page
+    - ``throttled_projects``: their events answer 429 without any header, as GitLab's
+      per-endpoint limits do, for as long as the switch is on
     """
 
     forbidden_projects: frozenset[int] = frozenset()
     malformed_listings: bool = False
     malformed_events: frozenset[int] = frozenset()
     endless: frozenset[str] = frozenset()
+    throttled_projects: frozenset[int] = frozenset()
 
     def updated(self, body: dict[str, object]) -> EntityFaults:
         def ints(key: str, old: frozenset[int]) -> frozenset[int]:
@@ -82,13 +85,15 @@ class EntityFaults:
             bool(body.get("malformed_listings", self.malformed_listings)),
             ints("malformed_events", self.malformed_events),
             frozenset(str(r) for r in body["endless"]) if "endless" in body  # type: ignore[attr-defined]
-            else self.endless)
+            else self.endless,
+            ints("throttled_projects", self.throttled_projects))
 
     def snapshot(self) -> dict[str, object]:
         return {"forbidden_projects": sorted(self.forbidden_projects),
                 "malformed_listings": self.malformed_listings,
                 "malformed_events": sorted(self.malformed_events),
-                "endless": sorted(self.endless)}
+                "endless": sorted(self.endless),
+                "throttled_projects": sorted(self.throttled_projects)}
 
 
 @dataclass

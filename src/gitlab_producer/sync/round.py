@@ -4,7 +4,8 @@ discover projects -> queue -> N project readers
 discover users    -> queue -> N user readers
 
 A round succeeds only when every queued entity was read and delivered, or skipped (a 403 or
-404 on its events: that entity's problem) and kept in the store for retry; only then does the
+404 on its events, or a 429 that outlasted its endpoint's backoff: that entity's problem) and
+kept in the store for retry; only then does the
 start of the round become the base of the next round's windows. Entities kept for retry are
 queued by every later round whatever the windows say, and read from their own cursors
 (:mod:`gitlab_producer.sync.retries`), so advancing the base loses none of their events.
@@ -26,6 +27,7 @@ from gitlab_producer.gitlab.errors import (
     ForbiddenError,
     GitLabError,
     NotFoundError,
+    RetriesExhaustedError,
 )
 from gitlab_producer.logs import get_logger
 from gitlab_producer.sinks.base import DeliveryError
@@ -252,10 +254,13 @@ class SyncRound:
                 log.debug("entity_synced", kind=work.kind, id=work.entity_id)
             except Interrupted:
                 log.info("entity_interrupted", kind=work.kind, id=work.entity_id)
-            except (ForbiddenError, NotFoundError) as exc:
+            except (ForbiddenError, NotFoundError, RetriesExhaustedError) as exc:
                 # That entity's problem: skip it, keep it for the next rounds (stored before
                 # the round can count as complete), keep everything else flowing.
-                reason = "forbidden" if isinstance(exc, ForbiddenError) else "not_found"
+                reason = _skip_reason(exc)
+                if reason is None:  # 5xx or timeouts to the end: the round fails
+                    await self._failed_kept(work, exc, result)
+                    continue
                 try:
                     kept = await self.retries.keep(work, reason)
                 except StoreError as store_exc:  # not kept: the round must not count it done
@@ -269,12 +274,26 @@ class SyncRound:
             except FatalGitLabError:
                 raise
             except Exception as exc:  # one entity's failure must not stop the others
-                self._failed(work, exc, result)
-                with contextlib.suppress(StoreError):  # the round fails: retried in any case
-                    await self.retries.keep(work, "failed")
+                await self._failed_kept(work, exc, result)
+
+    async def _failed_kept(self, work: Work, exc: Exception, result: RoundResult) -> None:
+        self._failed(work, exc, result)
+        with contextlib.suppress(StoreError):  # the round fails: retried in any case
+            await self.retries.keep(work, "failed")
 
     def _failed(self, work: Work, exc: Exception, result: RoundResult) -> None:
         result.failed[work.kind] += 1
         self.ctx.metrics.entity_failures.labels(work.kind).inc()
         log.warning("entity_failed", kind=work.kind, id=work.entity_id,
                     error=f"{type(exc).__name__}: {exc}", exc_info=not isinstance(exc, RECOVERABLE))
+
+
+def _skip_reason(exc: GitLabError) -> str | None:
+    """Why an entity is skipped (kept for retry) rather than failed, or None."""
+    if isinstance(exc, ForbiddenError):
+        return "forbidden"
+    if isinstance(exc, NotFoundError):
+        return "not_found"
+    # Its endpoint kept answering 429 (a per-endpoint limit): waiting longer here would hold up
+    # the round; a later round reads it from its own cursor.
+    return "throttled" if exc.status == 429 else None
