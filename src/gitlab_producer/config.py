@@ -149,6 +149,10 @@ class Settings(BaseSettings):
                                     description="seconds a signature stays valid")
     webhook_body_timeout: float = Field(3.0, ge=0.1, le=600,
                                         description="seconds a body may take: 408")
+    webhook_header_timeout: float = Field(10.0, ge=0.1, le=600,
+                                          description="seconds a request's headers may take")
+    webhook_max_connections: int = Field(1024, ge=1, le=100_000,
+                                         description="connections to WEBHOOK_PORT at once")
     webhook_max_inflight_bytes: int = Field(
         64 * MIB, ge=1024, le=64 * 1024 * MIB,
         description="bytes of hook bodies held at once, all requests")

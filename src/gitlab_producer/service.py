@@ -235,7 +235,8 @@ class Service:
                                 uploads.register if upload_token else None)
         await receiver.warm_up()
         # Uploads still running at SIGTERM get the grace period, then are cut (and cleaned up).
-        runner = WebhookRunner(app, access_log=None, handle_signals=False,
+        runner = WebhookRunner(app, s.webhook_header_timeout, s.webhook_max_connections,
+                               access_log=None, handle_signals=False,
                                shutdown_timeout=s.shutdown_grace)
         await runner.setup()
         try:

@@ -12,6 +12,10 @@ An answer of 200 means Kafka acknowledged the payload; anything else makes GitLa
   arrive within ``WEBHOOK_BODY_TIMEOUT`` 408, malformed JSON 400; nothing is produced for them.
   Every answer, also to a request aiohttp's parser refuses, is JSON with a reason that never
   echoes the request.
+- A request's headers must arrive within ``WEBHOOK_HEADER_TIMEOUT`` of the connection's
+  opening (or of the next request's first byte): else 408 and the connection is closed, so a
+  client sending them byte by byte (slowloris) holds nothing for long. Connections beyond
+  ``WEBHOOK_MAX_CONNECTIONS`` get 503 with ``Retry-After`` and are closed at once.
 - Bodies being handled hold their size in a shared budget (``WEBHOOK_MAX_INFLIGHT_BYTES``); a
   request waits for room until its body deadline, then gets 503 with ``Retry-After``.
 - Retries carry the same ``Idempotency-Key`` (GitLab 17.4+; ``X-Gitlab-Webhook-UUID`` is new on
@@ -366,10 +370,69 @@ def _describe(payload: dict[str, Any]) -> str:
     return f"{project}@{commit}"
 
 
+def _raw_answer(status: int, reason: str, detail: str, *extra: str) -> bytes:
+    """A whole JSON answer, for a connection with no request to answer through aiohttp."""
+    body = orjson.dumps({"status": detail})
+    head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", "Connection: close", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
 class JsonErrorHandler(web.RequestHandler):
     """aiohttp's connection handler, answering requests its parser refuses (bad header bytes,
     oversized lines) with a JSON 400 that does not echo the request: aiohttp's own text answer
-    and log line quote the offending header, which may be ``X-Gitlab-Token``."""
+    and log line quote the offending header, which may be ``X-Gitlab-Token``.
+
+    It also bounds what aiohttp leaves open: the time a request's headers may take (aiohttp
+    has no such timeout; its keep-alive timer does not run before the first request) and the
+    number of connections (its server has no limit)."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self._manager
+        assert isinstance(server, JsonErrorServer)
+        if len(server.connections) > server.max_connections:
+            log.warning("webhook_connection_refused", reason="too many connections",
+                        limit=server.max_connections)
+            self._answer_and_close(_raw_answer(503, "Service Unavailable", "too many connections",
+                                               "Retry-After: 1"))
+            return
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        idle = self._waiter is not None and not self._waiter.done() and not self._messages
+        if idle and self._header_timer is None:  # the first byte of the next request
+            self._arm_header_timer()
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before and self._header_timer is not None:
+            self._header_timer.cancel()  # the headers are complete
+            self._header_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        server = self._manager
+        assert isinstance(server, JsonErrorServer)
+        self._header_timer = self._loop.call_later(server.header_timeout_s,
+                                                   self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        log.warning("webhook_request_refused", status=408, error="headers not received in time")
+        self._answer_and_close(_raw_answer(408, "Request Timeout",
+                                           "headers not received in time"))
+
+    def _answer_and_close(self, answer: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(answer)
+        self.force_close()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None
@@ -390,6 +453,9 @@ class JsonErrorHandler(web.RequestHandler):
 class JsonErrorServer(web.Server):
     """An aiohttp server whose connections use :class:`JsonErrorHandler`."""
 
+    header_timeout_s = 10.0
+    max_connections = 1024
+
     def __call__(self) -> web.RequestHandler:
         return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
 
@@ -397,14 +463,21 @@ class JsonErrorServer(web.Server):
 class WebhookRunner(web.AppRunner):
     """``AppRunner`` for the webhook app: JSON answers to malformed requests too, and a
     connection whose body was not read (an early 401, 408, 413) is closed after the answer
-    instead of aiohttp's 10 s of reading and discarding the rest."""
+    instead of aiohttp's 10 s of reading and discarding the rest. Headers get
+    ``header_timeout_s``; at most ``max_connections`` connections are served at once."""
 
-    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, header_timeout_s: float = 10.0,
+                 max_connections: int = 1024, **kwargs: Any) -> None:
         super().__init__(app, **{"lingering_time": 0, **kwargs})
+        self._header_timeout_s = header_timeout_s
+        self._max_connections = max_connections
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = JsonErrorServer  # same state, its connections get JSON errors
+        assert isinstance(server, JsonErrorServer)
+        server.header_timeout_s = self._header_timeout_s
+        server.max_connections = self._max_connections
         return server
 
 
