@@ -286,7 +286,8 @@ class GitLabClient:
             raise _Retry(f"connection: {exc}") from None
         finally:
             self.metrics.gitlab_latency.labels(endpoint).observe(time.perf_counter() - started)
-        self.clock.observe(response.headers.get("date"), sent, time.time())
+        if not response.foreign:  # object storage's clock is not GitLab's
+            self.clock.observe(response.headers.get("date"), sent, time.time())
         status, content = response.status, response.body
         self.reachable = status < 500
         self.metrics.gitlab_requests.labels(endpoint, str(status)).inc()
@@ -298,8 +299,10 @@ class GitLabClient:
             # Never followed: the token would go along (possibly to another host, or to a
             # link-local metadata address). Not retried: the answer will not change.
             to = host_port(response.headers.get("location", "")) or "nowhere"
+            why = ("a download follows a few http(s) redirects, none to link-local addresses"
+                   if write is not None else "is GITLAB_BASE_URL the final URL?")
             raise BadRequestError(f"{endpoint}: GitLab answered {status}, a redirect to {to}: "
-                                  "not followed (is GITLAB_BASE_URL the final URL?)", status)
+                                  f"not followed ({why})", status)
         if status == 401:
             raise FatalGitLabError(f"{endpoint}: GitLab answered 401: the token is wrong, "
                                    "expired or revoked", status)

@@ -8,6 +8,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from gitlab_producer.simulator.object_storage import ObjectStorage
+
 FAULT_KINDS = ("html502", "error500", "truncated", "slow", "drop")
 
 # On gitlab.com the per-endpoint limits of the projects, groups and users APIs
@@ -153,6 +155,7 @@ class Control:
         self.link_base = ""
         self.redirect_to = ""
         self.pad_bytes = 0
+        self.object_storage = ObjectStorage()  # off until its base_url is set
         self.stats = Stats()
         self.entity_faults = EntityFaults()  # replaced whole, so readers need no lock
         self._rng = random.Random(seed ^ 0x5EED)

@@ -164,6 +164,9 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
                                 content_type="application/json", headers={
                                     k: v for k, v in response.headers.items()
                                     if k.lower() not in ("content-type", "content-length")})
+    if (sim.control.object_storage.base_url and name == "artifacts"
+            and response.status == 200 and isinstance(response, web.Response)):
+        response = sim.control.object_storage.redirect(response)  # direct download
     sim.control.record(name, response.status, in_query)
     return response
 
@@ -194,7 +197,9 @@ async def stats(request: web.Request) -> web.Response:
         snapshot = sim.control.stats.snapshot()
     snapshot.update({"events": len(sim.world.ev_time), "projects": sim.world.project_count,
                      "users": sim.world.user_count, "start_ms": sim.world.start_ms,
-                     "utc_offset_s": sim.world.spec.utc_offset_s})
+                     "utc_offset_s": sim.world.spec.utc_offset_s,
+                     "object_storage": {"served": sim.control.object_storage.served,
+                                        "token_seen": sim.control.object_storage.token_seen}})
     return web.Response(body=orjson.dumps(snapshot), content_type="application/json")
 
 
@@ -225,6 +230,8 @@ async def settings(request: web.Request) -> web.Response:
             control.redirect_to = str(body["redirect_to"])
         if "pad_bytes" in body:
             control.pad_bytes = int(body["pad_bytes"])
+        if "object_storage" in body:  # "http://host:port": artifact downloads redirect there
+            control.object_storage.base_url = str(body["object_storage"]).rstrip("/")
         control.entity_faults = control.entity_faults.updated(body)
         if "change_rate" in body:
             sim.change_rate = float(body["change_rate"])
@@ -290,6 +297,7 @@ def build_app(sim: Simulator) -> web.Application:
     app.router.add_post("/_simulator/webhooks", send_webhooks)
     app.router.add_post("/_simulator/changes", changes)
     app.router.add_get("/_simulator/objects", objects)
+    app.router.add_get("/_object_storage/artifacts/{name}", sim.control.object_storage.handle)
     app.router.add_route("*", API_PREFIX + "{tail:.*}", api_handler)
 
     async def live(app: web.Application) -> Any:
