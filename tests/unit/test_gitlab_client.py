@@ -186,7 +186,7 @@ async def test_429_without_headers_pauses_that_endpoint_alone() -> None:
     await asyncio.sleep(0.02)
     started = time.monotonic()
     assert (await client.get("projects/2/events")).body == [{"id": 1}]
-    assert time.monotonic() - started < 0.05 and not stuck.done()
+    assert time.monotonic() - started < 0.09 and not stuck.done()  # a pause is >= 0.1 s
     with pytest.raises(RetriesExhaustedError, match="429 without headers") as gave_up:
         await stuck
     assert gave_up.value.status == 429 and paused == []

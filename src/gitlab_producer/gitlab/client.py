@@ -296,8 +296,9 @@ class GitLabClient:
         if status >= 500:
             raise _Retry(f"status {status}", status)
         if 300 <= status < 400:
-            # Never followed: the token would go along (possibly to another host, or to a
-            # link-local metadata address). Not retried: the answer will not change.
+            # An API answer's redirect is never followed: the token would go along (possibly
+            # to another host, or to a link-local metadata address); a download's transport
+            # followed what it safely could. Not retried: the answer will not change.
             to = host_port(response.headers.get("location", "")) or "nowhere"
             why = ("a download follows a few http(s) redirects, none to link-local addresses"
                    if write is not None else "is GITLAB_BASE_URL the final URL?")
