@@ -52,6 +52,7 @@ log = get_logger(__name__)
 SINCE_KEY = "since"
 RETRY_FIRST_S = 1.0  # after a round or start-up step that failed as a whole, doubling ...
 RETRY_CAP_S = 60.0  # ... up to this
+BURST_CLOCK_TRIES = 3  # a burst run (--once) gives GitLab this many tries to answer at start
 T = TypeVar("T")
 
 
@@ -84,8 +85,9 @@ class Service:
                                     max_connections=max(4, s.gitlab_concurrency * 2 + 2),
                                     rate_limit_retries=s.gitlab_rate_limit_retries)
 
-    async def _since(self, store: Store, client: GitLabClient) -> float:
-        """The first round's start, fixed in the store so restarts do not move it."""
+    async def _since(self, store: Store, client: GitLabClient, once: bool) -> float | None:
+        """The first round's start, fixed in the store so restarts do not move it; None when
+        it is still to be fixed and GitLab did not answer a burst run (``once``)."""
         try:
             stored = await store.get_meta(SINCE_KEY)
         except StoreAuthError:  # the first command at start: a wrong password, not an outage
@@ -98,13 +100,17 @@ class Service:
             raise
         if stored:
             return float(stored)
-        since = self.settings.since(await self._gitlab_now(client))
+        now = await self._gitlab_now(client, BURST_CLOCK_TRIES if once else None)
+        if now is None:
+            return None
+        since = self.settings.since(now)
         await store.set_meta(SINCE_KEY, repr(since))
         return since
 
-    async def _gitlab_now(self, client: GitLabClient) -> float:
+    async def _gitlab_now(self, client: GitLabClient, tries: int | None) -> float | None:
         """GitLab's time for the default SYNC_SINCE (its day, not the host's): until GitLab has
-        answered once (its ``Date`` header), ``GET /user`` is asked again with backoff."""
+        answered once (its ``Date`` header), ``GET /user`` is asked again with backoff, at
+        most ``tries`` times (None: until it answers); None when it never did."""
         failures = 0
         while self.settings.sync_since is None and client.clock.skew_s is None:
             try:
@@ -112,6 +118,10 @@ class Service:
                 break  # answered, without a Date header: the host's clock is all there is
             except RetriesExhaustedError as exc:  # no answer (or one without a Date)
                 failures += 1
+                if tries is not None and failures >= tries:
+                    log.error("gitlab_unreachable", error=str(exc), tries=failures,
+                              detail="SYNC_SINCE's default needs GitLab's clock")
+                    return None
                 delay = retry_delay(failures)
                 log.warning("gitlab_clock_unknown", error=str(exc), retry_in_s=delay,
                             detail="SYNC_SINCE's default waits for GitLab's clock")
@@ -249,14 +259,18 @@ class Service:
         return [runner], [hook_sink, capturer.sink]
 
     async def _start_up(self, client: GitLabClient, store: Store, sink: Sink,
-                        runners: list[web.AppRunner], sinks: list[Sink]) -> SyncContext:
+                        runners: list[web.AppRunner], sinks: list[Sink], once: bool
+                        ) -> SyncContext | None:
         """Webhooks (when configured) and the sync's fixed state, retrying an unreachable
-        store; appends what it starts to ``runners`` and ``sinks`` (closed on the way out)."""
+        store; appends what it starts to ``runners`` and ``sinks`` (closed on the way out).
+        None: a burst run (``once``) whose GitLab did not answer (see :meth:`_since`)."""
         s = self.settings
         hook_runners, extra_sinks = await self._start_webhooks(client, store)
         runners += hook_runners
         sinks += extra_sinks
-        since = await self._retrying("since", lambda: self._since(store, client))
+        since = await self._retrying("since", lambda: self._since(store, client, once))
+        if since is None:
+            return None
         return SyncContext(
             client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance,
                                      client.clock.now, shared_claims(store, s.instance)),
@@ -285,7 +299,7 @@ class Service:
                 return 1
             if accepted:
                 ctx = await self._unless_stopped(
-                    self._start_up(client, store, sink, runners, sinks))
+                    self._start_up(client, store, sink, runners, sinks, once))
             if ctx is not None:
                 log.info("service_started", since=iso(ctx.since), once=once,
                          sink="kafka" if s.kafka_bootstrap_servers else "file",

@@ -39,3 +39,20 @@ async def test_default_since_waits_for_gitlabs_clock(tmp_path: Path) -> None:
         await store.close()
     assert since == utc_day_start(time.time() + DAY_S)  # GitLab's day, a day ahead
     assert code == 0  # and the round, once GitLab answered, completed
+
+
+async def test_a_burst_run_whose_gitlab_never_answers_exits_1(tmp_path: Path) -> None:
+    """``--once`` does not wait for GitLab's clock for ever: a few tries, then exit 1, and
+    no SYNC_SINCE is fixed from the host's clock."""
+    settings = load_settings(
+        None, gitlab_base_url=f"http://127.0.0.1:{free_port()}/api/v4",
+        gitlab_private_token="sim-token", state_path=tmp_path / "state.sqlite3",
+        output_file=str(tmp_path / "out.jsonl"), metrics_port=free_port(),
+        log_port=free_port(), gitlab_max_retries=0)
+    run = Service(settings, ops_host="127.0.0.1").run(once=True)
+    assert await asyncio.wait_for(run, 30) == 1
+    store = SQLiteStore(settings.state_path)
+    try:
+        assert await store.get_meta(SINCE_KEY) is None
+    finally:
+        await store.close()
