@@ -12,8 +12,10 @@ margin is slack per second whatever the rate (3%: 30 ms, 97% of the budget used)
 measured enough on a quiet machine; on the loaded 2-core test machine it let 21 requests into
 one sliding second in one run of three, 3% in none of four.
 
-A 429 pauses every instance: the pause-until time is a key of its own that the same script
-honours (the next slot is never before it) and raises. Slots handed out before a pause began
+A 429 with GitLab's ``Retry-After`` / ``RateLimit-*`` headers (the token's limit) pauses every
+instance; one without them is a per-endpoint limit, which the client holds back on that
+endpoint alone and which never reaches the budget. The pause-until time is a key of its own
+that the same script honours (the next slot is never before it) and raises. Slots handed out before a pause began
 are checked again after their wait, against the newest pause this instance learned of (every
 reservation's answer carries it).
 
