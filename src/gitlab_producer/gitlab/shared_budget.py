@@ -15,9 +15,9 @@ one sliding second in one run of three, 3% in none of four.
 A 429 with GitLab's ``Retry-After`` / ``RateLimit-*`` headers (the token's limit) pauses every
 instance; one without them is a per-endpoint limit, which the client holds back on that
 endpoint alone and which never reaches the budget. The pause-until time is a key of its own
-that the same script honours (the next slot is never before it) and raises. Slots handed out before a pause began
-are checked again after their wait, against the newest pause this instance learned of (every
-reservation's answer carries it).
+that the same script honours (the next slot is never before it) and raises. Slots handed out
+before a pause began are checked again after their wait, against the newest pause this
+instance learned of (every reservation's answer carries it).
 
 When Redis cannot be reached the budget falls back to this process's own limiter (at the
 full rate: the store is down too, so rounds fail and few requests go out) and says so once.
