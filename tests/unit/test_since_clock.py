@@ -29,7 +29,7 @@ async def test_default_since_waits_for_gitlabs_clock(tmp_path: Path) -> None:
             metrics_port=free_port(), log_port=free_port(), gitlab_max_retries=0,
             sync_users=False)
         run = asyncio.create_task(Service(settings, ops_host="127.0.0.1").run(once=True))
-        await asyncio.sleep(1.5)  # the token check and the first clock reads went unanswered
+        await asyncio.sleep(0.5)  # the token check and the first clock read went unanswered
         httpx.post(f"{sim.url}/_simulator/settings", json={"fault_rate": 0.0}, timeout=10)
         code = await asyncio.wait_for(run, 60)
     store = SQLiteStore(settings.state_path)
