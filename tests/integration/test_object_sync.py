@@ -19,13 +19,17 @@ import pytest
 from gitlab_producer.objects.streams import KINDS
 from gitlab_producer.simulator.server import running_simulator
 from gitlab_producer.simulator.world import WorldSpec
-from tests.conftest import ServiceRun
+from tests.conftest import Broker, ServiceRun, consume
 from tests.integration.backfill_truth import (
+    Found,
     assert_matches,
     envelope_validator,
     from_file,
     ground_truth,
 )
+from tests.integration.test_backfill import engine_env, saq_keys
+
+__all__ = ["saq_keys"]  # a fixture of the engine test
 
 pytestmark = pytest.mark.integration
 
@@ -109,8 +113,13 @@ def latest(found: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def check_after_changes(path: Path, url: str, done: dict[str, Any], since: int) -> None:
-    found = messages(path)
+def versions(found: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(m["key"], m["headers"].get("updated_at") or m["headers"]["content_hash"])
+            for m in found}
+
+
+def check_after_changes(found: list[dict[str, Any]], url: str, done: dict[str, Any],
+                        before: set[tuple[str, str]]) -> None:
     truth = ground_truth(url)
     last = latest(found)
     # every latest version: issues, merge requests and notes at GitLab's updated_at now
@@ -141,17 +150,22 @@ def check_after_changes(path: Path, url: str, done: dict[str, Any], since: int) 
     gone_notes = [m for k, m in last.items() if k.startswith(prefix)]
     assert gone_notes and all(m["value"] is None for m in gone_notes)
     # live keys equal the ground truth (tombstoned keys are not live)
-    live = from_file(path)
+    live = Found()
+    for m in found:
+        live.add(m["topic"].removeprefix(PREFIX + "."), m["key"], m["headers"])
     live.keys = {k: {key for key in v if last[key]["value"] is not None}
                  for k, v in live.keys.items() if k in KINDS}
     assert_matches(live, truth)
     # nothing twice: no (key, version) produced twice, tombstones included
     assert [r for r in live.repeats() if r[0] in KINDS] == []
     validator = envelope_validator()
-    for m in found[since:]:
+    new = [m for m in found if (m["key"], m["headers"].get("updated_at")
+                                or m["headers"]["content_hash"]) not in before]
+    assert new
+    for m in found:
         validator.validate({"kind": m["topic"].removeprefix(PREFIX + "."), "key": m["key"],
                             "headers": m["headers"], "value": m["value"]})
-        assert m["headers"]["op"] in ("update", "delete")
+    assert {m["headers"]["op"] for m in new} == {"update", "delete"}
 
 
 def start_sync(service_env: ServiceRun, url: str, **extra: str) -> subprocess.Popen[bytes]:
@@ -180,13 +194,13 @@ def test_a_sweep_brings_every_change_deletion_and_label_only_edit(
         try:
             wait_for(lambda: len(object_rounds(log)) >= 1, 120, "the first object round")
             assert_matches(from_file(out), ground_truth(sim.url))  # the backfill
-            since = len(messages(out))
+            before = versions(messages(out))
             done = apply_changes(sim.url)
             seen = len(object_rounds(log))
             wait_for(lambda: len(object_rounds(log)) >= seen + 2, 60, "a whole object round")
             rounds = object_rounds(log)
             assert all(r["ok"] and r["sweep"] for r in rounds), rounds
-            check_after_changes(out, sim.url, done, since)
+            check_after_changes(messages(out), sim.url, done, before)
         finally:
             stop(proc)
 
@@ -223,3 +237,37 @@ def test_events_refresh_at_once_and_an_idle_round_reads_only_the_listing(
         finally:
             stop(proc)
 
+
+
+def from_broker(bootstrap: str, prefix: str) -> list[dict[str, Any]]:
+    """Every object record on the checked topics, in each topic's order, as the file sink's
+    lines (topic, key, headers, value)."""
+    found = []
+    for kind in ("issues", "merge_requests", "notes", "pipelines", "jobs", "deployments",
+                 "releases"):
+        for m in consume(bootstrap, f"{prefix}.{kind}", 0, timeout_s=30, settle_s=1.0):
+            value = m.value()
+            found.append({"topic": f"{PREFIX}.{kind}", "key": m.key().decode(),
+                          "headers": {k: (v or b"").decode() for k, v in (m.headers() or [])},
+                          "value": None if value is None else json.loads(value)})
+    return found
+
+
+def test_on_redis_and_kafka_one_sweep_brings_every_change(
+        service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str,
+        saq_keys: object) -> None:
+    """The same on the engine: SAQ on Redis for the backfill, the Redis store, Kafka."""
+    with running_simulator(SPEC) as sim:
+        topics = engine_env(service_env, sim.url, broker, redis_address, redis_prefix)
+        proc = start_sync(service_env, sim.url, OBJECT_SWEEP_INTERVAL="0")
+        log = service_env.logs[-1]
+        try:
+            wait_for(lambda: len(object_rounds(log)) >= 1, 120, "the first object round")
+            before = versions(from_broker(broker.bootstrap, topics))
+            done = apply_changes(sim.url)
+            seen = len(object_rounds(log))
+            wait_for(lambda: len(object_rounds(log)) >= seen + 2, 60, "a whole object round")
+            assert all(r["ok"] for r in object_rounds(log))
+        finally:
+            stop(proc)
+        check_after_changes(from_broker(broker.bootstrap, topics), sim.url, done, before)
