@@ -34,7 +34,6 @@ import orjson
 from gitlab_producer.config import Settings
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.errors import (
-    FatalGitLabError,
     ForbiddenError,
     GitLabError,
     NotFoundError,
@@ -69,6 +68,7 @@ class SyncOptions:
     sweep_interval_s: float
     concurrency: int
     user_ttl_s: int
+    only_planned: bool = False  # BACKFILL_PROJECTS set: only the projects it names
 
 
 @dataclass
@@ -194,9 +194,7 @@ class ObjectSync:
         requests_before = self._requests()
         try:
             await self._round(outcome)
-        except FatalGitLabError:
-            raise
-        except (GitLabError, StoreError, DeliveryError) as exc:
+        except (GitLabError, StoreError, DeliveryError) as exc:  # the listing, round state
             outcome.ok = False
             log.warning("object_round_failed", error=f"{type(exc).__name__}: {exc}")
         log.info("object_round_finished", ok=outcome.ok, sweep=outcome.sweep,
@@ -222,8 +220,10 @@ class ObjectSync:
         base = last_round if last_round is not None else plan.started
         active = await self._active(base, set(plan.projects) if outcome.sweep else None)
         marked, self.marked = self.marked, {}
-        todo = sorted(set(plan.projects) if outcome.sweep else
-                      {*active, *marked} & (set(plan.projects) | set(active)))
+        # Projects the backfill did not import: new ones (read whole from their start), unless
+        # BACKFILL_PROJECTS chose the projects.
+        known = set(plan.projects) | (set() if self.options.only_planned else set(active))
+        todo = sorted(known if outcome.sweep else {*active, *marked} & known)
         outcome.projects = len(todo)
         slots = asyncio.Semaphore(self.options.concurrency)
 
@@ -235,20 +235,19 @@ class ObjectSync:
                 try:
                     produced, deleted = await self._project(
                         pid, round_start, outcome.sweep, marked.get(pid, set()))
-                except (GitLabError, StoreError, DeliveryError, ValueError) as exc:
-                    if isinstance(exc, FatalGitLabError):
-                        raise
+                    if pid in active:
+                        await self.store.set_meta(f"os:act:{pid}", active[pid])
+                except Exception as exc:  # one project's failure never stops the others
                     outcome.ok = False
                     outcome.failed.append(pid)
                     # Marks of a failed project are kept for the next round.
                     self.marked.setdefault(pid, set()).update(marked.get(pid, set()))
+                    expected = isinstance(exc, GitLabError | StoreError | DeliveryError)
                     log.warning("object_project_failed", project_id=pid,
-                                error=f"{type(exc).__name__}: {exc}")
+                                error=f"{type(exc).__name__}: {exc}", exc_info=not expected)
                     return
                 outcome.produced += produced
                 outcome.deleted += deleted
-                if pid in active:
-                    await self.store.set_meta(f"os:act:{pid}", active[pid])
 
         async with asyncio.TaskGroup() as group:
             for pid in todo:
@@ -291,6 +290,8 @@ class ObjectSync:
                  *(rules.SWEEP_ONLY if sweep else ())]
         deleted = 0
         try:
+            if "projects" in self.options.kinds:  # the project itself (one request)
+                await executor.read_one(stream("project"), Scope(pid), progress)
             for name in names:
                 spec = stream(name)
                 if self._wanted(spec):
@@ -446,7 +447,8 @@ def object_sync_for(settings: Settings, client: GitLabClient, store: Store,
     deliverer = ObjectDeliverer(store, sink, s.kafka_object_topic_prefix, s.instance,
                                 s.object_version_ttl, op="update")
     options = SyncOptions(s.object_kinds, s.sync_overlap, s.project_activity_lag,
-                          s.object_sweep_interval, s.gitlab_concurrency, s.user_cache_ttl)
+                          s.object_sweep_interval, s.gitlab_concurrency, s.user_cache_ttl,
+                          bool(s.backfill_projects.strip()))
     return ObjectSync(client, store, deliverer, options, stop), sink
 
 
