@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from tests.integration.backfill_truth import (
     from_file,
     ground_truth,
 )
-from tests.integration.test_backfill import engine_env, saq_keys
+from tests.integration.test_backfill import engine_env, saq_keys, wait_for
 
 __all__ = ["saq_keys"]  # a fixture of the engine test
 
@@ -37,15 +35,6 @@ pytestmark = pytest.mark.integration
 SPEC = WorldSpec(projects=4, users=10, events=120, history_days=1.0, seed=21, quiet_s=7200.0,
                  objects_per_project=30, feature_off_share=0.0)
 PREFIX = "data-bus.gitlab"
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def object_rounds(log: Path) -> list[dict[str, Any]]:

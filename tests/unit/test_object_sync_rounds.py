@@ -25,28 +25,23 @@ from gitlab_producer.simulator.server import SimulatorThread, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
 from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store.sqlite_store import SQLiteStore
+from tests.unit.test_objects_delivery import ListSink
 
 SPEC = WorldSpec(projects=1, users=6, events=60, history_days=1.0, seed=31, quiet_s=7200.0,
                  objects_per_project=24, feature_off_share=0.0)
 
 
-class Sink:
+class Sink(ListSink):
     """Collects messages; refuses those of ``refuse`` (a kind) while it is set."""
 
     def __init__(self) -> None:
-        self.sent: list[Message] = []
+        super().__init__()
         self.refuse = ""
 
     async def send(self, messages: Sequence[Message]) -> None:
         if any(m.topic == f"p.{self.refuse}" for m in messages):
             raise DeliveryError("refused")
-        self.sent.extend(messages)
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
+        await super().send(messages)
 
 
 @pytest.fixture
