@@ -27,19 +27,20 @@ from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store.sqlite_store import SQLiteStore
 from tests.unit.test_objects_delivery import ListSink
 
-SPEC = WorldSpec(projects=1, users=6, events=60, history_days=1.0, seed=31, quiet_s=7200.0,
+SPEC = WorldSpec(projects=2, users=6, events=60, history_days=1.0, seed=31, quiet_s=7200.0,
                  objects_per_project=24, feature_off_share=0.0)
 
 
 class Sink(ListSink):
-    """Collects messages; refuses those of ``refuse`` (a kind) while it is set."""
+    """Collects messages; refuses those of kind ``refuse`` in project 1 while it is set."""
 
     def __init__(self) -> None:
         super().__init__()
         self.refuse = ""
 
     async def send(self, messages: Sequence[Message]) -> None:
-        if any(m.topic == f"p.{self.refuse}" for m in messages):
+        if any(m.topic == f"p.{self.refuse}" and m.key.startswith(b"projects/1/")
+               for m in messages):
             raise DeliveryError("refused")
         await super().send(messages)
 
@@ -55,9 +56,11 @@ def requests(metrics: Metrics, endpoint: str) -> int:
                    if s.name.endswith("_total") and s.labels["endpoint"] == endpoint))
 
 
-async def make(sim: SimulatorThread, tmp_path: Path) -> tuple[ObjectSync, Sink, Metrics]:
+async def make(sim: SimulatorThread, tmp_path: Path, projects: tuple[int, ...] = (1,)
+               ) -> tuple[ObjectSync, Sink, Metrics]:
     store = SQLiteStore(tmp_path / "s.db")
-    await StateStore(store).save_plan(Plan([1], sorted(KINDS), time.time() - 86_400 * 3))
+    await StateStore(store).save_plan(Plan(list(projects), sorted(KINDS),
+                                           time.time() - 86_400 * 3))
     metrics = Metrics()
     client = GitLabClient(f"{sim.url}/api/v4", "sim-token", RateLimiter(1000),
                           metrics=metrics)
@@ -74,25 +77,31 @@ async def close(sync: ObjectSync) -> None:
 
 async def test_a_watermark_stays_until_every_record_of_its_window_was_delivered(
         sim: SimulatorThread, tmp_path: Path) -> None:
-    sync, sink, _metrics = await make(sim, tmp_path)
+    sync, sink, metrics = await make(sim, tmp_path, (1, 2))
     try:
         sink.refuse = "notes"  # merge requests' threads carry notes: their window fails
         failed = await sync.round()
-        assert not failed.ok and failed.failed == [1]
+        assert not failed.ok and failed.failed == [1] and failed.sweep
         store = sync.store
         assert await store.get_meta("os:wm:1:milestones") is not None  # read before, whole
         assert await store.get_meta("os:wm:1:merge_requests") is None
         assert await store.get_meta("os:wm:1:issues") is None  # not reached
-        assert await store.get_meta("os:last_round") is None
+        assert await store.get_meta("os:wm:2:issues") is not None  # project 2 went on
+        assert await store.get_meta("os:retry") == '{"1":true}'
         sink.refuse = ""
+        listed_before = requests(metrics, "merge_requests")
         done = await sync.round()
-        assert done.ok and done.sweep  # the first complete round is the first sweep
+        # Only project 1 is read again, as the sweep it failed; not every project.
+        assert done.ok and not done.sweep and done.projects == 1
+        assert requests(metrics, "merge_requests") == listed_before + 1
+        assert await store.get_meta("os:retry") == "{}"
         marks = {float(str(await store.get_meta(f"os:wm:1:{s}")))
                  for s in ("merge_requests", "issues")}
         assert len(marks) == 1 and abs(marks.pop() - time.time()) < 60
-        notes = [m for m in sink.sent if m.topic == "p.notes"]
+        notes = {m.key for m in sink.sent if m.topic == "p.notes"
+                 and m.key.startswith(b"projects/1/")}
         truth = httpx.get(f"{sim.url}/_simulator/objects", timeout=10).json()
-        assert len({m.key for m in notes}) == len(truth["projects"]["1"]["notes"]) > 0
+        assert len(notes) == len(truth["projects"]["1"]["notes"]) > 0
     finally:
         await close(sync)
 

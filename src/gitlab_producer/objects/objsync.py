@@ -45,7 +45,7 @@ from gitlab_producer.objects.delivery import Delivered, ObjectDeliverer
 from gitlab_producer.objects.executor import Executor, Progress
 from gitlab_producer.objects.keyindex import CHILD_KINDS, TOP_KINDS, KeyIndex
 from gitlab_producer.objects.records import ObjectRecord, content_hash
-from gitlab_producer.objects.state import StateStore
+from gitlab_producer.objects.state import GONE, StateStore
 from gitlab_producer.objects.streams import Paging, Scope, Stream, stream
 from gitlab_producer.objects.users import UserCache
 from gitlab_producer.sinks.base import DeliveryError, Sink
@@ -54,6 +54,7 @@ from gitlab_producer.store.base import Store, StoreError
 log = get_logger(__name__)
 LAST_ROUND = "os:last_round"
 LAST_SWEEP = "os:last_sweep"
+RETRY = "os:retry"
 # A tombstone's version: the content hash of its empty value (its mark ``<key>@<that>``).
 TOMBSTONE = content_hash(b"")
 PARENT_TYPES = {"Issue": "issues", "MergeRequest": "merge_requests"}
@@ -220,42 +221,63 @@ class ObjectSync:
         base = last_round if last_round is not None else plan.started
         active = await self._active(base, set(plan.projects) if outcome.sweep else None)
         marked, self.marked = self.marked, {}
+        retry = await self._retries()
         # Projects the backfill did not import: new ones (read whole from their start), unless
         # BACKFILL_PROJECTS chose the projects.
         known = set(plan.projects) | (set() if self.options.only_planned else set(active))
-        todo = sorted(known if outcome.sweep else {*active, *marked} & known)
+        todo = sorted((known if outcome.sweep else {*active, *marked} & known) | set(retry))
         outcome.projects = len(todo)
         slots = asyncio.Semaphore(self.options.concurrency)
+        failed: dict[int, bool] = {}
+        succeeded: set[int] = set()
 
         async def one(pid: int) -> None:
+            sweep = outcome.sweep or retry.get(pid, False)
             async with slots:
                 if self.stop.is_set():
                     outcome.ok = False
                     return
                 try:
-                    produced, deleted = await self._project(
-                        pid, round_start, outcome.sweep, marked.get(pid, set()))
+                    produced, deleted = await self._project(pid, round_start, sweep,
+                                                            marked.get(pid, set()))
                     if pid in active:
                         await self.store.set_meta(f"os:act:{pid}", active[pid])
                 except Exception as exc:  # one project's failure never stops the others
                     outcome.ok = False
                     outcome.failed.append(pid)
-                    # Marks of a failed project are kept for the next round.
+                    failed[pid] = sweep  # read again next round, as far as it was to be read
                     self.marked.setdefault(pid, set()).update(marked.get(pid, set()))
                     expected = isinstance(exc, GitLabError | StoreError | DeliveryError)
                     log.warning("object_project_failed", project_id=pid,
                                 error=f"{type(exc).__name__}: {exc}", exc_info=not expected)
                     return
+                succeeded.add(pid)
                 outcome.produced += produced
                 outcome.deleted += deleted
 
         async with asyncio.TaskGroup() as group:
             for pid in todo:
                 group.create_task(one(pid))
-        if outcome.ok:
+        # Failed projects are kept for the next rounds (a sweep's as a sweep of that project),
+        # so that one bad project neither holds the round's base back nor repeats the sweep
+        # of every other project.
+        left = {p: f for p, f in retry.items() if p not in succeeded} | failed
+        if left or retry:
+            await self.store.set_meta(RETRY, orjson.dumps(
+                {str(p): f for p, f in sorted(left.items())}).decode())
+        if not self.stop.is_set():
             await self.store.set_meta(LAST_ROUND, repr(round_start))
             if outcome.sweep:
                 await self.store.set_meta(LAST_SWEEP, repr(round_start))
+
+    async def _retries(self) -> dict[int, bool]:
+        """Projects a failed round left for the next ones: project id -> as a sweep."""
+        raw = await self.store.get_meta(RETRY)
+        try:
+            found = orjson.loads(raw) if raw else {}
+            return {int(p): bool(f) for p, f in found.items()}
+        except (orjson.JSONDecodeError, AttributeError, ValueError):
+            return {}
 
     async def _float(self, key: str) -> float | None:
         raw = await self.store.get_meta(key)
@@ -285,6 +307,8 @@ class ObjectSync:
         progress = Progress()
         executor = Executor(self.client, self.deliverer, self.options.kinds)
         project = await self.state.project(pid)
+        if project is not None and project.status == GONE:
+            return 0, 0  # deleted during the backfill
         first = self.client.clock.to_gitlab(project.started) if project else 0.0
         names = [*rules.WINDOWED, "commits", *rules.WHOLE,
                  *(rules.SWEEP_ONLY if sweep else ())]
