@@ -3,11 +3,20 @@ a sweep is due and what it deletes, and what events and webhooks name."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import httpx
 import orjson
 
+from gitlab_producer.gitlab.client import GitLabClient
+from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects import incremental as rules
-from gitlab_producer.objects.objsync import hook_marks, marks_of
+from gitlab_producer.objects.delivery import ObjectDeliverer
+from gitlab_producer.objects.objsync import ObjectSync, SyncOptions, hook_marks, marks_of
 from gitlab_producer.objects.streams import KINDS, stream
+from gitlab_producer.store.sqlite_store import SQLiteStore
+from tests.unit.test_objects_delivery import ListSink
 
 T = 1_780_000_000.0
 ALL = frozenset({*KINDS, "merge_request_commits"})
@@ -102,3 +111,25 @@ def test_webhooks_name_their_object() -> None:
         7, "merge_requests", 3)
     assert hook_marks({"object_kind": "push", "project": project}) == (7, "", 0)
     assert hook_marks({"object_kind": "issue"}) is None
+
+
+async def test_a_produced_webhook_marks_its_object_for_the_object_sync(tmp_path: Path) -> None:
+    from tests.unit.test_webhook_receiver import serving
+
+    store = SQLiteStore(tmp_path / "sync.db")
+    client = GitLabClient("http://127.0.0.1:9/api/v4", "t", RateLimiter(10))  # never asked
+    sync = ObjectSync(client, store, ObjectDeliverer(store, ListSink(), "p", "s", 3600),
+                      SyncOptions(frozenset(KINDS), 300, 3600, 86_400, 1, 3600))
+    body = orjson.dumps({"object_kind": "note", "project": {"id": 12},
+                         "issue": {"iid": 5}, "object_attributes": {"id": 9}})
+    headers = {"X-Gitlab-Token": "s3cret", "X-Gitlab-Event": "Note Hook"}
+    async with serving(tmp_path, Metrics()) as (url, receiver), httpx.AsyncClient() as http:
+        receiver.observers.append(sync.note_hook)
+        first = await http.post(url, content=body, headers=headers)
+        assert first.status_code == 200
+        assert sync.marked == {12: {("issues", 5)}}
+        sync.marked.clear()
+        again = await http.post(url, content=body, headers=headers)  # a duplicate
+        assert again.json() == {"status": "duplicate"} and sync.marked == {}
+    await sync.client.aclose()
+    await store.close()
