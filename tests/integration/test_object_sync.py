@@ -127,6 +127,9 @@ def check_after_changes(found: list[dict[str, Any]], url: str, done: dict[str, A
     labelled = last[f"projects/4/issues/{done['label']['object']['iid']}"]
     assert done["label"]["label"] in labelled["value"]["labels"]
     assert labelled["headers"]["op"] == "update"
+    label_events = f"projects/4/issues/{done['label']['object']['iid']}/resource_label_events/"
+    assert any(key.startswith(label_events) and (key, m["headers"]["content_hash"]) not in before
+               for key, m in last.items())  # its new resource label event too
     # a tombstone per deleted object: the note, the issue and the issue's notes
     dn = done["delete_note"]
     kind = "issues" if dn["object"]["type"] == "Issue" else "merge_requests"
@@ -233,7 +236,7 @@ def from_broker(bootstrap: str, prefix: str) -> list[dict[str, Any]]:
     lines (topic, key, headers, value)."""
     found = []
     for kind in ("issues", "merge_requests", "notes", "pipelines", "jobs", "deployments",
-                 "releases"):
+                 "releases", "resource_label_events"):
         for m in consume(bootstrap, f"{prefix}.{kind}", 0, timeout_s=30, settle_s=1.0):
             value = m.value()
             found.append({"topic": f"{PREFIX}.{kind}", "key": m.key().decode(),
