@@ -17,7 +17,7 @@ import pytest
 from gitlab_producer.objects.streams import KINDS
 from gitlab_producer.simulator.server import running_simulator
 from gitlab_producer.simulator.world import WorldSpec
-from tests.conftest import Broker, ServiceRun, consume
+from tests.conftest import Broker, ServiceRun, consume, simulator_process
 from tests.integration.backfill_truth import (
     Found,
     assert_matches,
@@ -263,3 +263,33 @@ def test_on_redis_and_kafka_one_sweep_brings_every_change(
         finally:
             stop(proc)
         check_after_changes(from_broker(broker.bootstrap, topics), sim.url, done, before)
+
+
+def test_windows_end_at_the_round_start_on_gitlabs_clock(service_env: ServiceRun,
+                                                         tmp_path: Path) -> None:
+    """GitLab's clock 15 minutes behind the service's: an edit (no event) in a project made
+    active by a close arrives by the next incremental round. A window ending at the host's
+    "now" would have moved the watermark 15 minutes past GitLab's, and the edit would fall
+    before the next window."""
+    args = ("--projects", "3", "--users", "6", "--events", "60", "--history-days", "1",
+            "--quiet-minutes", "120", "--seed", "27")
+    with simulator_process(tmp_path / "sim.log", *args, clock_shift_s=-900) as sim:
+        proc = start_sync(service_env, sim.url, SYNC_USERS="false")
+        log = service_env.logs[-1]
+        out = service_env.cwd / "events.jsonl"
+        try:
+            wait_for(lambda: len(object_rounds(log)) >= 2, 120, "the first object rounds")
+            closed = change_somewhere(sim.url, 1, kind="close_issue")
+            pid = closed["project_id"]
+            rows = ground_truth(sim.url, [pid])["projects"][str(pid)]["issues"]
+            other = next(row[1] for row in rows if row[1] != closed["object"]["iid"])
+            edited = change(sim.url, kind="edit_issue", project_id=pid, iid=other)
+            seen = len(object_rounds(log))
+            wait_for(lambda: len(object_rounds(log)) >= seen + 2, 60, "a whole object round")
+            assert not any(r["sweep"] for r in object_rounds(log)[1:])
+            last = latest(messages(out))
+            record = last[f"projects/{pid}/issues/{other}"]
+            assert record["headers"]["updated_at"] == edited["updated_at"]
+            assert record["value"]["title"].endswith("(edited)")
+        finally:
+            stop(proc)
