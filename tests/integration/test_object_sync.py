@@ -65,7 +65,7 @@ def change_somewhere(url: str, first: int, **body: Any) -> dict[str, Any]:
 
 def apply_changes(url: str) -> dict[str, Any]:
     """One of each: an edit (no event), a close and a merge (events), a new note (event), a
-    label-only edit (no event, last_activity_at unmoved), a deleted note and a deleted issue."""
+    label-only edit (no event, last_activity_at unmoved), a deleted note, issue and pipeline."""
     done = {
         "edit": change(url, kind="edit_issue", project_id=1),
         "close": change_somewhere(url, 2, kind="close_issue"),
@@ -82,6 +82,9 @@ def apply_changes(url: str) -> dict[str, Any]:
                        if (int(p), row[1]) not in touched and any(
                            n[1] == "Issue" and n[2] == row[1] for n in d["notes"]))
     done["delete_issue"] = change(url, kind="delete_issue", project_id=pid, iid=victim)
+    pipelines = next((int(p), d["pipelines"]) for p, d in truth.items() if d["pipelines"])
+    done["delete_pipeline"] = change(url, kind="delete_pipeline", project_id=pipelines[0],
+                                     pipeline_id=pipelines[1][0][0])
     return done
 
 
@@ -141,6 +144,9 @@ def check_after_changes(found: list[dict[str, Any]], url: str, done: dict[str, A
     prefix = f"projects/{di['project_id']}/issues/{di['object']['iid']}/notes/"
     gone_notes = [m for k, m in last.items() if k.startswith(prefix)]
     assert gone_notes and all(m["value"] is None for m in gone_notes)
+    dp = done["delete_pipeline"]
+    gone_pipeline = last[f"projects/{dp['project_id']}/pipelines/{dp['object']['id']}"]
+    assert gone_pipeline["value"] is None and gone_pipeline["headers"]["op"] == "delete"
     # live keys equal the ground truth (tombstoned keys are not live)
     live = Found()
     for m in found:
