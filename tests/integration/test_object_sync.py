@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -285,11 +286,16 @@ def test_windows_end_at_the_round_start_on_gitlabs_clock(service_env: ServiceRun
         out = service_env.cwd / "events.jsonl"
         try:
             wait_for(lambda: len(object_rounds(log)) >= 2, 120, "the first object rounds")
-            closed = change_somewhere(sim.url, 1, kind="close_issue")
-            pid = closed["project_id"]
-            rows = ground_truth(sim.url, [pid])["projects"][str(pid)]["issues"]
-            other = next(row[1] for row in rows if row[1] != closed["object"]["iid"])
+            # The edit first: GitLab's clock is read to the second, so an edit in the very
+            # second before a round's start may lie after that window; in a project with no
+            # later activity it then waits for the sweep, as every edit without an event.
+            opened = next((int(p), [r[1] for r in d["issues"] if r[3] == "opened"])
+                          for p, d in ground_truth(sim.url)["projects"].items()
+                          if sum(r[3] == "opened" for r in d["issues"]) >= 2)
+            pid, (other, to_close) = opened[0], opened[1][:2]
             edited = change(sim.url, kind="edit_issue", project_id=pid, iid=other)
+            time.sleep(2.5)
+            change(sim.url, kind="close_issue", project_id=pid, iid=to_close)  # activity
             seen = len(object_rounds(log))
             wait_for(lambda: len(object_rounds(log)) >= seen + 2, 60, "a whole object round")
             assert not any(r["sweep"] for r in object_rounds(log)[1:])

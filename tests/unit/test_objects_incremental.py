@@ -13,7 +13,8 @@ from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects import incremental as rules
 from gitlab_producer.objects.delivery import ObjectDeliverer
-from gitlab_producer.objects.objsync import ObjectSync, SyncOptions, hook_marks, marks_of
+from gitlab_producer.objects.marks import hook_marks, marks_of
+from gitlab_producer.objects.objsync import ObjectSync, SyncOptions
 from gitlab_producer.objects.streams import KINDS, stream
 from gitlab_producer.store.sqlite_store import SQLiteStore
 from tests.unit.test_objects_delivery import ListSink
