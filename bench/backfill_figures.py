@@ -108,3 +108,60 @@ def backfill_requests() -> list[dict[str, Any]]:
          "limit": "<= 300", "ratio": round(peak / 300, 2),
          "detail": f"peak RSS of the backfill process over {records} records"},
     ]
+
+
+def _object_rounds(log: Path) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text(errors="replace").splitlines()
+            if '"object_round_finished"' in line]
+
+
+def object_sync_idle() -> list[dict[str, Any]]:
+    """``run`` with ``SYNC_OBJECTS=true`` on a quiet instance: the backfill, the first object
+    round (a sweep, as nothing recorded one yet), then rounds with nothing changed. Requests
+    of an object round come from the service's own log line (GitLab requests it made) and
+    are checked against the simulator's count over the same idle seconds."""
+    projects = int(os.environ.get("BENCH_SYNC_PROJECTS", "200"))
+    with (simulator(projects, 100, 2000, quiet_minutes=180) as sim,
+          tempfile.TemporaryDirectory() as tmp):
+        log = Path(tmp) / "service.log"
+        env = {**{k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields},
+               "GITLAB_BASE_URL": f"{sim.url}/api/v4", "GITLAB_PRIVATE_TOKEN": "sim-token",
+               "OUTPUT_FILE": str(Path(tmp) / "out.jsonl"),
+               "STATE_PATH": str(Path(tmp) / "state.sqlite3"), "OPERATIONS_PER_SECOND": "5000",
+               "BACKFILL_WAITER_INTERVAL": "0.2", "BACKFILL_CONCURRENCY": "16",
+               "SYNC_OBJECTS": "true", "SCHEDULING_POLL_INTERVAL": "2", "LOG_LEVEL": "info",
+               "METRICS_PORT": "0", "LOG_PORT": "0"}
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "gitlab_producer", "run"], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while len(_object_rounds(log)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            sim.reset_stats()
+            counted_from = len(_object_rounds(log))
+            while len(_object_rounds(log)) < counted_from + 5 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            idle_stats = sim.stats()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        rounds = _object_rounds(log)
+    sweep, idle = rounds[0], rounds[counted_from:counted_from + 5]
+    per_round = [r["requests"] for r in idle]
+    median = sorted(per_round)[len(per_round) // 2]
+    return [
+        {"figure": "object sync: idle round", "value": median, "unit": "requests",
+         "limit": "listing pages only", "ratio": None,
+         "detail": f"{projects} projects, nothing changed; object rounds' own requests "
+                   f"{per_round} (projects read: {[r['projects'] for r in idle]}); the "
+                   f"simulator counted {idle_stats['total']} requests of every kind over those "
+                   f"rounds and the event rounds beside them: {idle_stats}"},
+        {"figure": "object sync: first sweep after the backfill", "value": sweep["requests"],
+         "unit": "requests", "limit": "reported", "ratio": None,
+         "detail": f"{projects} projects: every list read whole again, only the children of "
+                   f"changed parents and open merge requests' commits; produced "
+                   f"{sweep['produced']}, deleted {sweep['deleted']}, {sweep['duration_s']} s"},
+    ]

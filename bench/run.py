@@ -2,9 +2,9 @@
 
 Figures: catch_up, quiet_costs, rate_cap, memory, tail_latency, simulator_throughput,
 simulator_size, webhook_latency, sqlite_marks, redis_restart, simulator_objects,
-artifact_upload, webhook_memory, scaleout_overhead (default: all). Everything runs on loopback:
-the simulator and the service as separate processes, a tansu broker, and the machine's Redis
-(``BENCH_REDIS``, default 127.0.0.1:6379).
+artifact_upload, webhook_memory, scaleout_overhead, object_sync_idle (default: all).
+Everything runs on loopback: the simulator and the service as separate processes, a tansu
+broker, and the machine's Redis (``BENCH_REDIS``, default 127.0.0.1:6379).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from bench.harness import RESULTS, clean_redis, save_json
 ALL = ("catch_up", "quiet_costs", "rate_cap", "memory", "tail_latency", "tail_latency_uncapped",
        "simulator_throughput",
        "simulator_size", "webhook_latency", "sqlite_marks", "redis_restart", "simulator_objects",
-       "artifact_upload", "webhook_memory", "backfill_requests", "scaleout_overhead")
+       "artifact_upload", "webhook_memory", "backfill_requests", "scaleout_overhead",
+       "object_sync_idle")
 
 
 def machine() -> str:

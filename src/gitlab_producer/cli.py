@@ -49,8 +49,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # keeps the default collector (a precaution: bench/RESULTS.md, the measurements were not
     # conclusive either way).
     try:
-        return run_async(Service(settings).run(once=args.once),
-                         tune_gc=not settings.webhook_port)
+        main = Service(settings).run(once=args.once)
+        if settings.sync_objects:
+            from gitlab_producer.objects.objsync import backfill_then
+
+            main = backfill_then(settings, main)
+        return run_async(main, tune_gc=not settings.webhook_port)
     except ConfigError as exc:  # found at start: a port in use, a database Redis refuses
         config_exit(exc)
 

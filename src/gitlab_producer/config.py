@@ -188,6 +188,9 @@ class Settings(BaseSettings):
                                     description="seconds a produced version stays marked")
     user_cache_ttl: int = Field(DAY_S, ge=60, le=30 * DAY_S,
                                 description="seconds a user lookup stays cached")
+    sync_objects: bool = Field(False, description="run: backfill, then keep objects current")
+    object_sweep_interval: int = Field(DAY_S, ge=0, le=366 * DAY_S,
+                                       description="seconds between full reconciliations")
 
     @field_validator("gitlab_base_url")
     @classmethod
@@ -338,6 +341,13 @@ class Settings(BaseSettings):
         if self.cache_ttl * 60 <= self.sync_overlap:
             raise ValueError("CACHE_TTL: must be longer than SYNC_OVERLAP, or re-read events "
                              "would be sent twice")
+        return self
+
+    @model_validator(mode="after")
+    def _marks_cover_the_sweep(self) -> Settings:
+        if self.object_version_ttl < self.object_sweep_interval:
+            raise ValueError("OBJECT_VERSION_TTL: must be at least OBJECT_SWEEP_INTERVAL, or a "
+                             "sweep would produce unchanged objects again")
         return self
 
     @model_validator(mode="after")

@@ -39,6 +39,7 @@ from gitlab_producer.http.webhooks import (
 from gitlab_producer.instances import heartbeat, registry_for
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
+from gitlab_producer.objects.objsync import ObjectSync, object_sync_for
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, StoreError, open_store
 from gitlab_producer.store.base import StoreAuthError
@@ -75,6 +76,7 @@ class Service:
         self.watch: RoundWatch | None = None
         self.stopping_at: float | None = None  # monotonic time of the stop signal
         self.receiver: WebhookReceiver | None = None
+        self.object_sync: ObjectSync | None = None  # SYNC_OBJECTS: objects beside the events
         for secret in settings.secrets():
             CONTROL.add_secret(secret)
 
@@ -300,6 +302,12 @@ class Service:
             if accepted:
                 ctx = await self._unless_stopped(
                     self._start_up(client, store, sink, runners, sinks, once))
+            if ctx is not None and s.sync_objects:
+                self.object_sync, object_sink = object_sync_for(s, client, store, self.stop)
+                sinks.append(object_sink)
+                ctx.deliverer.observers.append(self.object_sync.note_events)
+                if self.receiver is not None:
+                    self.receiver.observers.append(self.object_sync.note_hook)
             if ctx is not None:
                 log.info("service_started", since=iso(ctx.since), once=once,
                          sink="kafka" if s.kafka_bootstrap_servers else "file",
@@ -335,6 +343,8 @@ class Service:
         rounds = failures = 0
         while not self.stop.is_set():
             result = await self._one_round(self._checked_round(sync_round, store, ctx.since))
+            if self.object_sync is not None and not self.stop.is_set():
+                await self._unless_stopped(self.object_sync.round())
             rounds += 1
             if on_round is not None:
                 await on_round(result)

@@ -242,3 +242,16 @@ def test_lists_read_before_a_change_show_it_after(sim: SimulatorThread,
     jobs = api.get("/projects/11/jobs").json()
     change(sim, kind="run_pipeline", project_id=11)
     assert len(api.get("/projects/11/jobs", params={"per_page": 100}).json()) > len(jobs)
+
+
+def test_milestones_filter_by_updated_after_and_before(api: httpx.Client) -> None:
+    """GitLab's documented milestone filters, bounds included."""
+    pid, every = next((p, found) for p in range(1, SPEC.projects + 1)
+                      if len(found := api.get(f"/projects/{p}/milestones",
+                                              params={"per_page": 100}).json()) >= 2)
+    times = sorted(m["updated_at"] for m in every)
+    middle = times[len(times) // 2]
+    after = api.get(f"/projects/{pid}/milestones", params={"updated_after": middle}).json()
+    before = api.get(f"/projects/{pid}/milestones", params={"updated_before": middle}).json()
+    assert {m["id"] for m in after} == {m["id"] for m in every if m["updated_at"] >= middle}
+    assert {m["id"] for m in before} == {m["id"] for m in every if m["updated_at"] <= middle}

@@ -64,6 +64,10 @@ def test_every_seed_variable_overrides_the_file(tmp_path: Path,
     ("log_level", "loud", "LOG_LEVEL"),
     ("cache_ttl", 1, "CACHE_TTL"),  # one minute is shorter than the 300 s overlap
     ("redis_address", "redis", "REDIS_ADDRESS"),
+    ("object_sweep_interval", -1, "OBJECT_SWEEP_INTERVAL"),
+    # Version marks must outlive the sweep interval, or a sweep produces unchanged objects.
+    ("object_sweep_interval", 91 * 86_400, "OBJECT_VERSION_TTL"),
+    ("sync_objects", "maybe", "SYNC_OBJECTS"),
 ])
 def test_bad_values_name_their_variable(field: str, value: object, named: str) -> None:
     with pytest.raises(ConfigError, match=named) as caught:
@@ -80,6 +84,13 @@ def test_broken_yaml_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot be read") as caught:
         load_settings(write(tmp_path, "a: [unclosed\n"))
     assert "\n" not in str(caught.value)
+
+
+def test_object_sync_is_off_by_default_and_sweeps_daily() -> None:
+    s = load_settings(None, **REQUIRED)
+    assert (s.sync_objects, s.object_sweep_interval) == (False, 86_400)
+    every_round = load_settings(None, **REQUIRED, sync_objects="true", object_sweep_interval=0)
+    assert (every_round.sync_objects, every_round.object_sweep_interval) == (True, 0)
 
 
 def test_sync_since_accepts_dates_and_times() -> None:

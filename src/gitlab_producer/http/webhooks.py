@@ -142,6 +142,8 @@ class WebhookReceiver:
         self.store = store
         self.sink = sink
         self.on_hook = on_hook
+        # Told of every hook produced (the object sync marks what it names).
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
         self.metrics = metrics
         self._claims: Claims[str] = Claims()
         self._budget = ByteBudget(config.max_inflight_bytes)
@@ -246,6 +248,9 @@ class WebhookReceiver:
             log.warning("webhook_not_delivered", kind=kind,
                         error=str(exc) or "no answer within WEBHOOK_DELIVERY_TIMEOUT")
             return self._answer(kind, 503, "not delivered, retry")
+        if produced:
+            for observer in self.observers:
+                observer(payload)
         if produced and self.on_hook is not None:
             self._capture(payload)
         return self._answer(kind, 200, "delivered" if produced else "duplicate")

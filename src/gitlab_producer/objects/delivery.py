@@ -28,10 +28,12 @@ class Delivered:
 
     imported: int
     produced: Counter[str] = field(default_factory=Counter)  # by kind
+    fresh: frozenset[str] = frozenset()  # keys of the versions this call produced
 
 
 class ObjectDeliverer:
-    """Produces object versions not produced before, to ``<prefix>.<kind>``."""
+    """Produces object versions not produced before, to ``<prefix>.<kind>``; ``op`` is the
+    header of what it produces (a tombstone, a record without a value, is always ``delete``)."""
 
     def __init__(self, store: Store, sink: Sink, topic_prefix: str, source: str,
                  ttl_s: int, op: str = "snapshot") -> None:
@@ -56,7 +58,8 @@ class ObjectDeliverer:
             fresh = await self.store.unseen_keys(MARKS, claim.mine) if claim.mine else []
             if fresh:
                 messages = [to_message(by_mark[m], self.topic(by_mark[m].kind), self.source,
-                                       self.op) for m in fresh]
+                                       self.op if by_mark[m].raw is not None else "delete")
+                            for m in fresh]
                 await self.sink.send(messages)
                 await self.store.mark_keys(MARKS, fresh, self.ttl_s)
         except BaseException as exc:
@@ -65,4 +68,5 @@ class ObjectDeliverer:
         claim.release()
         await claim.wait_for_others()  # raises DeliveryError when the other task failed
         self.imported += len(by_mark)
-        return Delivered(len(by_mark), Counter(by_mark[m].kind for m in fresh))
+        return Delivered(len(by_mark), Counter(by_mark[m].kind for m in fresh),
+                         frozenset(by_mark[m].key for m in fresh))

@@ -17,7 +17,7 @@ import orjson
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.pagination import KeysetPaginator, OffsetPaginator, Paginator
 from gitlab_producer.logs import get_logger
-from gitlab_producer.objects.delivery import ObjectDeliverer
+from gitlab_producer.objects.delivery import Delivered, ObjectDeliverer
 from gitlab_producer.objects.records import ObjectRecord, content_hash
 from gitlab_producer.objects.streams import NOTES_KEY, Paging, Scope, Stream, Version, fill
 
@@ -88,6 +88,8 @@ class Positions(Protocol):
 
 
 PageHook = Callable[[list[dict[str, Any]]], Awaitable[None]]
+# Told after each delivered page: the stream, its scope, the records and what was produced.
+DeliveredHook = Callable[[Stream, Scope, list[ObjectRecord], Delivered], Awaitable[None]]
 
 
 class Executor:
@@ -96,8 +98,10 @@ class Executor:
     def __init__(self, client: GitLabClient, deliverer: ObjectDeliverer,
                  wanted: frozenset[str],
                  on_page_read: Callable[[], Awaitable[None]] | None = None,
-                 find_uploads: bool = False) -> None:
+                 find_uploads: bool = False,
+                 on_delivered: DeliveredHook | None = None) -> None:
         self.client = client
+        self.on_delivered = on_delivered  # the key index (objects/keyindex.py), a collector
         self.deliverer = deliverer
         self.wanted = wanted  # kinds to produce (BACKFILL_KINDS); others are read, not sent
         self.find_uploads = find_uploads  # BACKFILL_ATTACHMENTS: note the uploads linked
@@ -117,14 +121,16 @@ class Executor:
 
     async def read(self, stream: Stream, scope: Scope, progress: Progress,
                    positions: Positions, stream_id: str,
-                   on_page: PageHook | None = None) -> None:
-        """Every page of ``stream`` in ``scope`` from its saved position to the end."""
+                   on_page: PageHook | None = None,
+                   extra: Mapping[str, str] | None = None) -> None:
+        """Every page of ``stream`` in ``scope`` from its saved position to the end;
+        ``extra`` adds query parameters (an incremental read's time window)."""
         saved = positions.position(stream_id)
         if saved is not None and saved.get("done"):
             return
         paginator: Paginator = (KeysetPaginator() if stream.paging is Paging.KEYSET
                                 else OffsetPaginator())
-        params = dict(stream.params)
+        params = {**dict(stream.params), **(extra or {})}
         target, query = stream.url(scope), dict(params)
         if saved is not None and saved.get("url"):
             target, query = str(saved["url"]), {}
@@ -185,6 +191,8 @@ class Executor:
         # A page is delivered whole or raises: every record of it is in Kafka now.
         progress.imported.update(kinds)
         progress.produced.update(delivered.produced)
+        if self.on_delivered is not None:
+            await self.on_delivered(stream, scope, records, delivered)
         metrics = self.client.metrics
         for kind, count in kinds.items():
             metrics.objects_fetched.labels(kind).inc(count)

@@ -38,6 +38,7 @@ from gitlab_producer.logs import get_logger
 from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.engine import Call, Dispatcher, Handler, backoff_s
 from gitlab_producer.objects.executor import Executor, Progress
+from gitlab_producer.objects.keyindex import KeyIndex
 from gitlab_producer.objects.planner import (
     ATTACHMENTS,
     BY_NUMBER,
@@ -280,7 +281,8 @@ class Importer:
         """Run the job's task; returns its outcome (raises for the engine to retry)."""
         progress = Progress()
         executor = Executor(self.client, self.deliverer, self.options.kinds, call.heartbeat,
-                            find_uploads=self.options.attachments)
+                            find_uploads=self.options.attachments,
+                            on_delivered=KeyIndex(self.state.store).record)
         users = UserCache(self.state.store, executor, self.options.user_ttl_s)
         positions = JobPositions(job, self.state, users, progress)
         try:

@@ -106,8 +106,11 @@ def milestones(req: ObjRequest) -> web.Response:
     q = req.q()
     iids = {int(i) for i in req.query.getall("iids[]", []) if i.isdigit()}
     state = q.get("state")
+    # updated_after / updated_before (GitLab 15.10+; a milestone's updated_at is its creation
+    # here: milestones do not change).
+    after, before = time_param(q, "updated_after"), time_param(q, "updated_before")
     rows = [m[1] for m in po.milestones if (not iids or m[1] in iids)
-            and state in (None, "active")]
+            and state in (None, "active") and in_range(m[3], after, before)]
     rows.reverse()
     return page(req, rows, lambda iid: dump(js.milestone_json(req.world, po, iid)))
 

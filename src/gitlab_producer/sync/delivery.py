@@ -50,6 +50,8 @@ class Deliverer:
         self.metrics = metrics
         self._instance = instance.encode()
         self._claims: Claims[int] = Claims()
+        # Told of every page of events produced (the object sync marks what they name).
+        self.observers: list[Callable[[Sequence[Event]], None]] = []
 
     async def deliver(self, events: Sequence[Event]) -> int:
         """Deliver what was not sent yet; returns how many this call produced. An event
@@ -109,6 +111,8 @@ class Deliverer:
             self.metrics.delivery_failures.inc(len(messages))
             raise
         await self.store.mark_sent([e.id for e in events], self.ttl_s)
+        for observer in self.observers:
+            observer(events)
         in_projects = sum(1 for e in events if e.project_id is not None)
         if in_projects:
             self.metrics.events_produced.labels("project").inc(in_projects)
