@@ -1,0 +1,114 @@
+"""The next run after failed jobs: a failed listing is retried, and so is every later fan-out
+that had only its incomplete output (issue 14: a failed merge request listing left stage 6
+without the merge requests' iids, so their discussions and notes were never read, not even by
+the retry). The import runs in-process against the simulator over loopback HTTP; GitLab
+answers 500 to one list, always, during the first run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
+from gitlab_producer.gitlab.ratelimit import RateLimiter
+from gitlab_producer.gitlab.transport import AiohttpTransport, ChunkWrite, RawResponse
+from gitlab_producer.objects.delivery import ObjectDeliverer
+from gitlab_producer.objects.engine import LocalDispatcher
+from gitlab_producer.objects.stages import Importer, ImportOptions
+from gitlab_producer.objects.state import TERMINAL_PROJECT, ProjectRecord, StateStore
+from gitlab_producer.objects.streams import KINDS
+from gitlab_producer.simulator.server import running_simulator
+from gitlab_producer.simulator.world import WorldSpec
+from gitlab_producer.store.sqlite_store import SQLiteStore
+from tests.integration.backfill_truth import expected_keys, ground_truth
+from tests.unit.test_objects_delivery import ListSink
+
+PROJECT = 1
+
+
+class FailingList:
+    """The real transport, except that one list answers 500 while ``failing``."""
+
+    def __init__(self, inner: AiohttpTransport, path: str) -> None:
+        self.inner = inner
+        self.path = path
+        self.failing = True
+        self.refused = 0
+
+    async def get(self, url: str) -> RawResponse:
+        if self.failing and url.split("?")[0].endswith(self.path):
+            self.refused += 1
+            return RawResponse(500, {"content-type": "application/json"},
+                               b'{"message":"500 Internal Server Error"}')
+        return await self.inner.get(url)
+
+    async def download(self, url: str, write: ChunkWrite) -> RawResponse:
+        return await self.inner.download(url, write)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def version(headers: dict[str, bytes]) -> bytes:
+    return headers.get("updated_at") or headers["content_hash"]
+
+
+async def import_once(state: StateStore, client: GitLabClient,
+                      deliverer: ObjectDeliverer) -> ProjectRecord:
+    """One backfill run of the project (one attempt per job, as BACKFILL_JOB_ATTEMPTS=1)."""
+    dispatcher = LocalDispatcher(concurrency=4, max_attempts=1)
+    importer = Importer(state, client, deliverer, dispatcher,
+                        ImportOptions(frozenset(KINDS), 0.05, 60))
+    dispatcher.handlers.update(importer.handlers)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(dispatcher.run(stop))
+    try:
+        await importer.start_project(PROJECT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            project = await state.project(PROJECT)
+            if project is not None and project.status in TERMINAL_PROJECT:
+                return project
+            await asyncio.sleep(0.05)
+        raise AssertionError("the import did not finish within 30 s")
+    finally:
+        stop.set()
+        await serving
+
+
+async def test_a_failed_listing_is_retried_with_the_fan_outs_that_derive_from_it(
+        tmp_path: Path) -> None:
+    spec = WorldSpec(projects=1, users=6, events=60, seed=17, objects_per_project=40,
+                     feature_off_share=0.0)
+    with running_simulator(spec) as sim:
+        transport = FailingList(
+            AiohttpTransport({"PRIVATE-TOKEN": "sim-token"}, 5.0, 8),
+            f"/projects/{PROJECT}/merge_requests")
+        client = GitLabClient(f"{sim.url}/api/v4", "sim-token", RateLimiter(1000),
+                              policy=RetryPolicy(max_retries=0), transport=transport)
+        store = SQLiteStore(tmp_path / "state.db")
+        state = StateStore(store)
+        sink = ListSink()
+        deliverer = ObjectDeliverer(store, sink, "p", "s", 3600)
+        try:
+            first = await import_once(state, client, deliverer)
+            assert first.failed == [f"{PROJECT}:s4:main"]  # the listing, and only it
+            assert transport.refused == 1
+            transport.failing = False
+            second = await import_once(state, client, deliverer)
+            assert second.failed == []
+        finally:
+            await client.aclose()
+            await store.close()
+        truth = expected_keys(ground_truth(sim.url))
+    produced = [(m.topic, m.key.decode(), version(dict(m.headers))) for m in sink.sent]
+    assert len(produced) == len(set(produced))  # no version twice
+    keys = {key for topic, key, _headers in produced}
+    mr_notes = {k for k in truth["notes"] if "/merge_requests/" in k}
+    assert mr_notes, "the world has merge request notes"
+    assert mr_notes - keys == set()  # the merge requests' notes, read after the retried listing
+    assert truth["notes"] <= keys and truth["merge_requests"] <= keys
+    for kind in ("discussions", "resource_label_events"):
+        assert any(k.startswith(f"projects/{PROJECT}/merge_requests/") for topic, k, _h
+                   in produced if topic == f"p.{kind}"), kind
