@@ -7,6 +7,7 @@ answers 500 to one list, always, during the first run."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -32,16 +33,17 @@ CHILD_KINDS = ("discussions", "notes", "resource_state_events", "resource_label_
 
 
 class FailingList:
-    """The real transport, except that one list answers 500 while ``failing``."""
+    """The real transport, except that the paths ``pattern`` finds answer 500 while
+    ``failing``."""
 
-    def __init__(self, inner: AiohttpTransport, path: str) -> None:
+    def __init__(self, inner: AiohttpTransport, pattern: str) -> None:
         self.inner = inner
-        self.path = path
+        self.pattern = re.compile(pattern)
         self.failing = True
         self.refused = 0
 
     async def get(self, url: str) -> RawResponse:
-        if self.failing and url.split("?")[0].endswith(self.path):
+        if self.failing and self.pattern.search(url.split("?")[0]):
             self.refused += 1
             return RawResponse(500, {"content-type": "application/json"},
                                b'{"message":"500 Internal Server Error"}')
@@ -58,12 +60,11 @@ def version(headers: dict[str, bytes]) -> bytes:
     return headers.get("updated_at") or headers["content_hash"]
 
 
-async def import_once(state: StateStore, client: GitLabClient,
-                      deliverer: ObjectDeliverer) -> ProjectRecord:
+async def import_once(state: StateStore, client: GitLabClient, deliverer: ObjectDeliverer,
+                      kinds: frozenset[str] = frozenset(KINDS)) -> ProjectRecord:
     """One backfill run of the project (one attempt per job, as BACKFILL_JOB_ATTEMPTS=1)."""
     dispatcher = LocalDispatcher(concurrency=4, max_attempts=1)
-    importer = Importer(state, client, deliverer, dispatcher,
-                        ImportOptions(frozenset(KINDS), 0.05, 60))
+    importer = Importer(state, client, deliverer, dispatcher, ImportOptions(kinds, 0.05, 60))
     dispatcher.handlers.update(importer.handlers)
     stop = asyncio.Event()
     serving = asyncio.create_task(dispatcher.run(stop))
@@ -81,14 +82,15 @@ async def import_once(state: StateStore, client: GitLabClient,
         await serving
 
 
-async def clean_import(sim_url: str, path: Path) -> set[tuple[str, str]]:
+async def clean_import(sim_url: str, path: Path, kinds: frozenset[str] = frozenset(KINDS)
+                       ) -> set[tuple[str, str]]:
     """What one import without a fault produces: (topic, key) of every message."""
     client = GitLabClient(f"{sim_url}/api/v4", "sim-token", RateLimiter(1000))
     store = SQLiteStore(path)
     sink = ListSink()
     try:
         project = await import_once(StateStore(store), client,
-                                    ObjectDeliverer(store, sink, "p", "s", 3600))
+                                    ObjectDeliverer(store, sink, "p", "s", 3600), kinds)
         assert project.failed == []
     finally:
         await client.aclose()
@@ -107,7 +109,7 @@ async def test_a_failed_listing_is_retried_with_the_fan_outs_that_derive_from_it
     with running_simulator(spec) as sim:
         transport = FailingList(
             AiohttpTransport({"PRIVATE-TOKEN": "sim-token"}, 5.0, 8),
-            f"/projects/{PROJECT}/{listing}")
+            f"/projects/{PROJECT}/{listing}$")
         client = GitLabClient(f"{sim.url}/api/v4", "sim-token", RateLimiter(1000),
                               policy=RetryPolicy(max_retries=0), transport=transport)
         store = SQLiteStore(tmp_path / "state.db")
@@ -137,3 +139,39 @@ async def test_a_failed_listing_is_retried_with_the_fan_outs_that_derive_from_it
     assert children - keys == set()
     assert keys == everything  # the two runs together produced what one clean import does
     assert {k for _topic, k in keys} >= truth["notes"] | truth[listing]
+
+
+async def test_users_a_job_referenced_are_produced_by_the_next_run_when_their_lookup_failed(
+        tmp_path: Path) -> None:
+    """Users are produced when a job's positions and counts are saved: a job whose user
+    lookups failed is not done (its positions stay before the pages that referenced them).
+    Only the issue listing references users here, so nothing else produces them."""
+    kinds = frozenset({"issues", "users"})
+    spec = WorldSpec(projects=1, users=6, events=60, seed=17, objects_per_project=40,
+                     feature_off_share=0.0)
+    with running_simulator(spec) as sim:
+        transport = FailingList(AiohttpTransport({"PRIVATE-TOKEN": "sim-token"}, 5.0, 8),
+                                r"/users/[0-9]+$")
+        client = GitLabClient(f"{sim.url}/api/v4", "sim-token", RateLimiter(1000),
+                              policy=RetryPolicy(max_retries=0), transport=transport)
+        store = SQLiteStore(tmp_path / "state.db")
+        state = StateStore(store)
+        sink = ListSink()
+        deliverer = ObjectDeliverer(store, sink, "p", "s", 3600)
+        try:
+            first = await import_once(state, client, deliverer, kinds)
+            assert transport.refused > 0
+            assert first.failed == [f"{PROJECT}:s6:main"]  # its users could not be read
+            transport.failing = False
+            second = await import_once(state, client, deliverer, kinds)
+            assert second.failed == []
+        finally:
+            await client.aclose()
+            await store.close()
+        everything = await clean_import(sim.url, tmp_path / "clean.db", kinds)
+    produced = [(m.topic, m.key.decode(), version(dict(m.headers))) for m in sink.sent]
+    assert len(produced) == len(set(produced))  # no version twice
+    keys = {(topic, key) for topic, key, _version in produced}
+    users = {k for k in everything if k[0] == "p.users"}
+    assert users and users - keys == set()
+    assert keys == everything

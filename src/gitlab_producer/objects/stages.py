@@ -309,10 +309,14 @@ class Importer:
         try:
             try:
                 await self._tasks[job.task](job, positions)
-            finally:
-                # What was delivered before a failure is kept (positions with their counts).
+            except BaseException:
+                # What was delivered before a failure is kept (positions with their counts);
+                # the failure itself is what the job reports.
                 with contextlib.suppress(StoreError, GitLabError, DeliveryError):
                     await positions.flush()
+                raise
+            # The users the last pages referenced: a job is done only once they are in.
+            await positions.flush()
         except ProjectGone:
             await self._project_gone(job)
             return "done"
