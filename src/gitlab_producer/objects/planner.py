@@ -11,6 +11,7 @@ from typing import Literal
 from gitlab_producer.objects.state import TERMINAL_JOB, TERMINAL_PROJECT, JobRecord, ProjectRecord
 
 FINISH = 11
+OLD_RETRY = 0  # the single retry stage of earlier versions (a saved project may be at it)
 
 
 @dataclass(frozen=True)

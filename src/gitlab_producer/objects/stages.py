@@ -42,6 +42,7 @@ from gitlab_producer.objects.planner import (
     ATTACHMENTS,
     BY_NUMBER,
     FINISH,
+    OLD_RETRY,
     RETRY_LABEL,
     STAGE_NAMES,
     WaiterDecision,
@@ -127,6 +128,10 @@ class Importer:
                                                 {"streams": ["project"]})]
             await self.state.save_project(project)
         elif project.status == COMPLETE and project.failed:
+            project = await self._retry_failed(project)
+        elif project.status == "running" and project.stage == OLD_RETRY:
+            # Left by an earlier version amid its retry stage: a retry pass of those jobs.
+            project.failed = list(dict.fromkeys([*project.failed, *project.jobs]))
             project = await self._retry_failed(project)
         elif project.status != "running":
             return
