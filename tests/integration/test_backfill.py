@@ -266,10 +266,6 @@ def test_attachments_linked_in_markdown_are_stored_and_announced(
     assert announced == {f"uploads/{secret}/{name}" for _pid, secret, name in linked}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, issue 14: about 1 run in 3, the rerun after failed jobs leaves the first notes "
-    "of merge request 1 (the >100-note one) unproduced; the resume of a failed discussions job "
-    "is not yet found"))
 def test_failed_jobs_are_counted_shown_and_retried_by_the_next_run(
         service_env: ServiceRun) -> None:
     spec = WorldSpec(projects=4, users=10, events=100, seed=17, objects_per_project=60,

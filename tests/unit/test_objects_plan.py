@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from gitlab_producer.objects.planner import FINISH, RETRY, decide, next_stage, stages_for
+from gitlab_producer.objects.planner import (
+    FINISH,
+    decide,
+    next_retry_stage,
+    next_stage,
+    retry_stages,
+    stages_for,
+)
 from gitlab_producer.objects.state import JobRecord, ProjectRecord
 from gitlab_producer.objects.streams import KINDS, STREAMS, Scope, stream
 
@@ -32,7 +39,19 @@ def test_stages_follow_the_kinds_asked_for() -> None:
     assert stages_for({"issues"}) == [1, 6, FINISH]
     assert stages_for({"notes"}) == [1, 4, 6, FINISH]  # merge request threads need stage 4's iids
     assert next_stage(6, {"issues"}) == FINISH
-    assert next_stage(RETRY, KINDS) == FINISH
+
+
+def test_a_retry_pass_runs_the_failed_stages_and_what_derives_from_them_in_order() -> None:
+    # A failed merge request listing (stage 4): the fan-outs of stages 6 (their discussions)
+    # and 7 (their events) ran without its iids, and run again after it.
+    assert retry_stages({4}, KINDS) == [4, 6, 7, FINISH]
+    assert retry_stages({6}, KINDS) == [6, 7, FINISH]
+    assert retry_stages({2, 8}, KINDS) == [2, 8, FINISH]
+    assert retry_stages({4}, {*KINDS, "attachments"}) == [4, 6, 7, 9, FINISH]
+    assert retry_stages({4}, {"merge_requests"}) == [4, FINISH]  # no later stage derives
+    assert retry_stages({FINISH}, KINDS) == [FINISH]
+    assert next_retry_stage(4, {4}, KINDS) == 6
+    assert next_retry_stage(7, {4}, KINDS) == FINISH
 
 
 def job(job_id: str, status: str, gen: int = 0) -> JobRecord:

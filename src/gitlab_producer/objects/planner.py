@@ -10,8 +10,8 @@ from typing import Literal
 
 from gitlab_producer.objects.state import TERMINAL_JOB, TERMINAL_PROJECT, JobRecord, ProjectRecord
 
-RETRY = 0  # the stage that re-runs the failed jobs of a finished project (the next run)
 FINISH = 11
+OLD_RETRY = 0  # the single retry stage of earlier versions (a saved project may be at it)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,21 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec(FINISH, "finish", "finish"),
 )
 BY_NUMBER = {s.number: s for s in STAGES}
-STAGE_NAMES = {s.number: s.name for s in STAGES} | {RETRY: "retry_failed"}
+STAGE_NAMES = {s.number: s.name for s in STAGES}
+RETRY_LABEL = "retry_failed"  # the stage-duration label of a retry pass
+# Stages whose work derives from what earlier stages stored: stage 6 fans out the discussions
+# of the merge requests stage 4 listed, stage 7 the events of the merge requests and issues
+# stages 4 and 6 listed, stage 9 the uploads linked in anything read before it, and the finish
+# sums up everything. When a job of a stage they derive from failed, their first run saw that
+# stage's output incomplete (a failed listing: no iid pages to fan out over): the retry pass
+# runs them again after it. Running one again redoes nothing done (its child jobs and stored
+# uploads are kept), it only adds what was missing.
+DERIVES_FROM: dict[int, frozenset[int]] = {
+    6: frozenset({4}),
+    7: frozenset({4, 6}),
+    9: frozenset(range(1, 9)),
+    FINISH: frozenset(range(1, FINISH)),
+}
 
 
 def stages_for(kinds: Collection[str]) -> list[int]:
@@ -61,10 +75,28 @@ def stages_for(kinds: Collection[str]) -> list[int]:
 
 
 def next_stage(current: int, kinds: Collection[str]) -> int:
-    """The stage after ``current`` (the retry stage is followed by the finish)."""
-    if current == RETRY:
-        return FINISH
+    """The stage after ``current``."""
     later = [n for n in stages_for(kinds) if n > current]
+    return later[0] if later else FINISH
+
+
+def rederived(stage: int, failed: Collection[int]) -> bool:
+    """Whether a retry pass of jobs failed in the stages ``failed`` runs ``stage``'s own job
+    again (it derives its work from one of them; the finish always)."""
+    return stage == FINISH or not DERIVES_FROM.get(stage, frozenset()).isdisjoint(failed)
+
+
+def retry_stages(failed: Collection[int], kinds: Collection[str]) -> list[int]:
+    """The stages of a retry pass (the next run after jobs failed in the stages ``failed``), in
+    the import's order: every stage with failed jobs, every stage of the import deriving its
+    work from one of them, and the finish last."""
+    return sorted({*failed, FINISH,
+                   *(s for s in stages_for(kinds) if rederived(s, failed))})
+
+
+def next_retry_stage(current: int, failed: Collection[int], kinds: Collection[str]) -> int:
+    """The stage of a retry pass after ``current``."""
+    later = [n for n in retry_stages(failed, kinds) if n > current]
     return later[0] if later else FINISH
 
 

@@ -1,7 +1,13 @@
 """A job's page positions and counts, saved together in its record after delivered pages
 (at most once per ``SAVE_EVERY_S``, and when the job ends or fails): a resumed job re-reads at
 most the pages of its last second, and counts them once. (Saving after every page rewrote a
-child job's whole record once per list: 400 times for a page of 100 issues.)"""
+child job's whole record once per list: 400 times for a page of 100 issues.)
+
+A position reaches the record only with the users its pages referenced: those are produced
+first, and when that fails the positions stay where they were, so the job (retried, or the next
+run) reads those pages again and finds their users again. The job itself reads the positions
+it has reached in this run.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class JobPositions:
         self.state = state
         self.users = users
         self.progress = progress
+        self._reached: dict[str, dict[str, Any]] = {}  # delivered, not yet in the record
         self._saved_at = time.monotonic()
 
     @property
@@ -32,10 +39,10 @@ class JobPositions:
         return self.users.executor
 
     def position(self, stream_id: str) -> Mapping[str, Any] | None:
-        return self.job.positions.get(stream_id)
+        return self._reached.get(stream_id) or self.job.positions.get(stream_id)
 
     async def save_position(self, stream_id: str, position: Mapping[str, Any]) -> None:
-        self.job.positions[stream_id] = dict(position)
+        self._reached[stream_id] = dict(position)
         if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
             await self.flush()
 
@@ -46,6 +53,8 @@ class JobPositions:
             await self.users.import_users(progress.users, progress)
             progress.users = set()  # only once imported: a failed lookup is tried again
         job = self.job
+        job.positions.update(self._reached)
+        self._reached = {}
         if progress.uploads:
             job.uploads = sorted(set(job.uploads) | progress.uploads)
             progress.uploads = set()

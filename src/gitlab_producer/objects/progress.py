@@ -30,7 +30,7 @@ class Snapshot:
 
     def past(self, stage: int) -> int:
         """Projects that finished ``stage`` (or the whole import)."""
-        return self.done + sum(n for s, n in self.at_stage.items() if s > stage or s == 0)
+        return self.done + sum(n for s, n in self.at_stage.items() if s > stage)
 
 
 class ProgressView(Protocol):

@@ -43,11 +43,15 @@ from gitlab_producer.objects.planner import (
     ATTACHMENTS,
     BY_NUMBER,
     FINISH,
-    RETRY,
+    OLD_RETRY,
+    RETRY_LABEL,
     STAGE_NAMES,
     WaiterDecision,
     decide,
+    next_retry_stage,
     next_stage,
+    rederived,
+    retry_stages,
 )
 from gitlab_producer.objects.positions import JobPositions
 from gitlab_producer.objects.state import (
@@ -126,6 +130,10 @@ class Importer:
             await self.state.save_project(project)
         elif project.status == COMPLETE and project.failed:
             project = await self._retry_failed(project)
+        elif project.status == "running" and project.stage == OLD_RETRY:
+            # Left by an earlier version amid its retry stage: a retry pass of those jobs.
+            project.failed = list(dict.fromkeys([*project.failed, *project.jobs]))
+            project = await self._retry_failed(project)
         elif project.status != "running":
             return
         for job_id in project.jobs:
@@ -155,18 +163,38 @@ class Importer:
             await self._dispatch_waiter(project)
 
     async def _retry_failed(self, project: ProjectRecord) -> ProjectRecord:
-        """A finished project with failed jobs: run those again (stage ``RETRY``), then the
-        finish again."""
+        """A finished project with failed jobs: a retry pass runs those again, each in its
+        stage and in the stages' order, and after them the stages that derive their work from
+        theirs (see ``planner.DERIVES_FROM``: a failed listing left the later fan-outs without
+        its iid pages), then the finish again."""
+        retrying = {}
         for job_id in project.failed:
             job = await self.state.job(job_id)
             if job is not None:
-                job.status, job.attempts, job.error = QUEUED, 0, ""
-                job.gen += 1
-                await self.state.save_job(job)
-        project.status, project.stage, project.jobs = "running", RETRY, list(project.failed)
-        project.failed, project.stage_started = [], time.time()
+                retrying[job_id] = job.stage
+        project.status, project.retrying, project.failed = "running", retrying, []
+        first = retry_stages(set(retrying.values()), self.options.stage_kinds)[0]
+        await self._enter(project, first)
         await self.state.save_project(project)
         return project
+
+    async def _enter(self, project: ProjectRecord, stage: int) -> None:
+        """Make ``stage`` the project's current one with its jobs queued (the caller saves
+        the project and dispatches them). A job of a stage entered again runs again."""
+        project.stage, project.stage_started, project.waiter_gen = stage, time.time(), 0
+        failed_stages = set(project.retrying.values())
+        jobs = [j for j, s in project.retrying.items() if s == stage]
+        if not project.retrying or rederived(stage, failed_stages):
+            spec = BY_NUMBER[stage]
+            main = await self._new_job(project.project_id, stage, spec.task,
+                                       {"streams": list(spec.streams)})
+            jobs += [] if main in jobs else [main]
+        project.jobs = jobs
+        for job_id in jobs:
+            job = await self.state.job(job_id)
+            if job is not None and job.status in TERMINAL_JOB:
+                job.status, job.attempts, job.error, job.gen = QUEUED, 0, "", job.gen + 1
+                await self.state.save_job(job)
 
     async def _new_job(self, project_id: int, stage: int, task: str, args: dict[str, Any],
                        suffix: str = "main") -> str:
@@ -236,24 +264,24 @@ class Importer:
         project = latest
         now = time.time()
         took = now - project.stage_started
-        project.stage_durations[STAGE_NAMES[project.stage]] = round(took, 3)
-        self.metrics.backfill_stage_duration.labels(STAGE_NAMES[project.stage]).observe(took)
+        if project.retrying:  # a retry pass: its stages' time together
+            took += project.stage_durations.get(RETRY_LABEL, 0.0)
+        name = RETRY_LABEL if project.retrying else STAGE_NAMES[project.stage]
+        project.stage_durations[name] = round(took, 3)
+        self.metrics.backfill_stage_duration.labels(name).observe(now - project.stage_started)
         project.all_jobs += [j for j in project.jobs if j not in project.all_jobs]
         project.failed += [j for j in failed if j not in project.failed]
-        nxt = next_stage(project.stage, self.options.stage_kinds)
-        spec = BY_NUMBER[nxt]
-        project.stage, project.stage_started, project.waiter_gen = nxt, now, 0
-        project.jobs = [await self._new_job(project.project_id, nxt, spec.task,
-                                            {"streams": list(spec.streams)})]
-        job = await self.state.job(project.jobs[0])
-        if job is not None and job.status in TERMINAL_JOB:
-            # A stage entered again (the finish after the next run retried failed jobs).
-            job.status, job.attempts, job.error, job.gen = QUEUED, 0, "", job.gen + 1
-            await self.state.save_job(job)
+        kinds = self.options.stage_kinds
+        nxt = (next_retry_stage(project.stage, set(project.retrying.values()), kinds)
+               if project.retrying else next_stage(project.stage, kinds))
+        await self._enter(project, nxt)
         await self.state.save_project(project)
-        log.info("stage_started", project_id=project.project_id, stage=spec.name)
-        if job is not None:
-            await self._dispatch(job)
+        log.info("stage_started", project_id=project.project_id, stage=STAGE_NAMES[nxt],
+                 retry=bool(project.retrying))
+        for job_id in project.jobs:
+            job = await self.state.job(job_id)
+            if job is not None and job.status not in TERMINAL_JOB:
+                await self._dispatch(job)
         if nxt != FINISH:
             await self._dispatch_waiter(project)
 
@@ -288,10 +316,14 @@ class Importer:
         try:
             try:
                 await self._tasks[job.task](job, positions)
-            finally:
-                # What was delivered before a failure is kept (positions with their counts).
+            except BaseException:
+                # What was delivered before a failure is kept (positions with their counts);
+                # the failure itself is what the job reports.
                 with contextlib.suppress(StoreError, GitLabError, DeliveryError):
                     await positions.flush()
+                raise
+            # The users the last pages referenced: a job is done only once they are in.
+            await positions.flush()
         except ProjectGone:
             await self._project_gone(job)
             return "done"
@@ -501,7 +533,7 @@ class Importer:
             return
         summary = await project_summary(self.state, project)
         now = time.time()
-        project.status, project.finished = COMPLETE, now
+        project.status, project.finished, project.retrying = COMPLETE, now, {}
         project.all_jobs.append(job.id)
         await self.state.save_project(project)
         log.info("project_import_finished", message="GitLab project import finished",

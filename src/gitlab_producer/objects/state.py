@@ -76,6 +76,9 @@ class ProjectRecord(msgspec.Struct):
     stage_durations: dict[str, float] = {}
     all_jobs: list[str] = []  # every top-level job of the finished stages
     failed: list[str] = []  # jobs that failed after their retries (retried by the next run)
+    # A retry pass (the next run after failed jobs): the jobs it runs again, by their stage.
+    # Empty in the first pass.
+    retrying: dict[str, int] = {}
     error: str = ""
 
 
