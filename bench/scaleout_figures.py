@@ -59,7 +59,7 @@ def _sources(folder: Path, refs: dict[str, str]) -> dict[str, str]:
 
 
 def scaleout_overhead(projects: int = 1000, users: int = 250, events: int = 100_000,
-                      runs: int = 3) -> list[Figure]:
+                      runs: int = 5) -> list[Figure]:
     """CPU per event of one instance on Redis with the scale-out parts (the shared request
     budget, claims across instances, the instance heartbeat) against the same first round on
     the code before them (:data:`BASELINE_REF`: the in-process limiter and claims).
