@@ -62,5 +62,9 @@ def test_three_processes_hold_the_limit_and_use_it(
     # simulator 44-47 ms after its slot, after it left the budget, so that a sliding second
     # held 21 or 22 requests in about 1 run of 3 while every calendar second held <= 20.
     assert sum(steady) / len(steady) >= 0.95 * RATE, steady
+    # ... and leaves slack for jitter: exactly the limit in every second (no margin) lets a
+    # request late by a millisecond the 21st of a second (measured without the margin: a
+    # calendar second of 21 in 1 run of 3; 200 requests in these 10 s in every run).
+    assert sum(steady) <= 0.99 * RATE * len(steady), steady
     reserved = [orjson.loads(r)["requests_reserved"] for r in reports.values()]
     assert len(reserved) == 3 and min(reserved) > 0, reserved  # all three took part
