@@ -550,57 +550,6 @@ def _wait_successes(port: int, count: int, timeout_s: float, after_rounds: float
     raise TimeoutError(f"{count} successful rounds not within {timeout_s} s")
 
 
-def scaleout_overhead(projects: int = 1000, users: int = 250, events: int = 100_000,
-                      runs: int = 3, baseline_ref: str = "main") -> list[Figure]:
-    """CPU per event of one instance on Redis with the scale-out parts (the shared request
-    budget: a Redis round trip per request; claims across instances: the claim script instead
-    of the plain lookup, renewed while a send is pending) against the same first round on
-    ``baseline_ref``'s code (the in-process limiter and claims). Runs alternate between the two
-    codes on fresh simulators and brokers; medians of ``runs`` each. The budget at the
-    harness's 10,000/s (its highest setting, above what the round reaches), so that it is pure
-    overhead: its worst case."""
-    import subprocess
-    import sys
-    import tarfile
-    import tempfile
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    cpus: dict[str, list[float]] = {"baseline": [], "scale-out": []}
-    walls: dict[str, list[float]] = {"baseline": [], "scale-out": []}
-    with tempfile.TemporaryDirectory() as folder:
-        archive = subprocess.run(["git", "-C", str(root), "archive", baseline_ref, "src"],
-                                 capture_output=True, check=True).stdout
-        tar = Path(folder) / "baseline.tar"
-        tar.write_bytes(archive)
-        with tarfile.open(tar) as bundle:
-            bundle.extractall(folder, filter="data")
-        sources = {"baseline": str(Path(folder) / "src"), "scale-out": str(root / "src")}
-        for _ in range(runs):
-            for code, src in sources.items():
-                with simulator(projects, users, events, history_days=3) as sim, \
-                        broker() as kafka:
-                    topic = f"bench-{uuid.uuid4().hex[:6]}"
-                    env = service_env(sim, kafka, topic, _since(3.1), PYTHONPATH=src)
-                    done = run_service(env, "--once")
-                    assert done.code == 0, done.log[-2000:]
-                    truth = sim.get("/_simulator/truth")["count"]
-                    ids, _ = consume_ids(kafka.bootstrap, topic, truth)
-                    assert len(ids) == truth and sum(ids.values()) == truth, (code, len(ids))
-                    cpus[code].append(done.cpu_s / truth * 10_000)
-                    walls[code].append(truth / done.wall_s)
-                clean_redis()
-    base, scaled = (statistics.median(cpus[c]) for c in ("baseline", "scale-out"))
-    ratio = scaled / base
-    detail = "; ".join(f"{c}: CPU s per 10,000 events {', '.join(f'{v:.3f}' for v in cpus[c])}"
-                       f", events/s {', '.join(str(round(v)) for v in walls[c])}"
-                       for c in cpus)
-    return [{"figure": "scale-out parts: CPU per event vs in-process", "value": round(ratio, 3),
-             "unit": "x", "limit": "<= 1.10", "ratio": round(ratio / 1.10, 3),
-             "detail": f"{projects}/{users}/{events}, one instance, Redis store, 10,000 ops/s; "
-                       f"baseline = {baseline_ref} ({sys.version.split()[0]}); {detail}"}]
-
-
 def simulator_objects(projects: int = 10_000, events: int = 400_000, per_project: int = 64,
                       seconds: float = 10.0, windows: int = 3,
                       concurrency: int = 32) -> list[Figure]:

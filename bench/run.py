@@ -20,7 +20,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import backfill_figures, figures
+from bench import backfill_figures, figures, scaleout_figures
 from bench.harness import RESULTS, clean_redis, save_json
 
 ALL = ("catch_up", "quiet_costs", "rate_cap", "memory", "tail_latency", "tail_latency_uncapped",
@@ -46,7 +46,8 @@ def main(names: list[str]) -> None:
         started = time.perf_counter()
         print(f"== {name}", flush=True)
         try:
-            found = getattr(figures, name, None) or getattr(backfill_figures, name)
+            found = (getattr(figures, name, None) or getattr(scaleout_figures, name, None)
+                     or getattr(backfill_figures, name))
             found = found()
         finally:
             print(f"   (removed {clean_redis()} benchmark keys from Redis)", flush=True)

@@ -5,6 +5,7 @@ by one instance pauses all of them; Redis down: each process limits itself."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -141,3 +142,27 @@ async def test_use_is_counted_per_second_across_instances(redis_address: str,
         for b in budgets:
             await b.aclose()
         await client.aclose()
+
+
+async def test_requests_waiting_at_once_get_consecutive_evenly_spaced_slots(
+        redis_address: str, redis_prefix: str) -> None:
+    """One instance's requests that wait together reserve in one call, each its own slot."""
+    budget = SharedBudget(connect(redis_address, db=TEST_REDIS_DB), 50, redis_prefix, Metrics(),
+                          margin=0.0)
+    calls = 0
+    script = budget._script
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return await script(*args, **kwargs)  # type: ignore[arg-type]
+
+    budget._script = counted  # type: ignore[assignment]
+    try:
+        waits = sorted(await asyncio.gather(*(budget.acquire() for _ in range(20))))
+        assert calls < 5  # not one round trip each
+        gaps = [b - a for a, b in itertools.pairwise(waits)]
+        assert all(abs(g - 0.02) < 0.002 for g in gaps), gaps
+        assert waits[-1] >= 19 * 0.02 - 0.01
+    finally:
+        await budget.aclose()

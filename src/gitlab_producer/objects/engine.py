@@ -35,6 +35,11 @@ from gitlab_producer.logs import get_logger
 log = get_logger(__name__)
 
 MAX_SWEEP_S = 30  # a SAQ worker looks for jobs whose worker died at least this often
+# How long a sweep waits for the worker of a stuck job to confirm its abort before retrying
+# it. SAQ waits 5 s, one stuck job after the other: a dead worker never confirms, so a worker
+# killed with four jobs running had them taken over after 26 s instead of a heartbeat plus a
+# sweep. Its heartbeat is already overdue, so the wait only spares a live but stalled worker.
+SWEEP_ABORT_WAIT_S = 0.25
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
 
@@ -175,11 +180,18 @@ class SaqDispatcher:
         from redis import asyncio as aioredis
         from saq.queue.redis import RedisQueue
 
+        class SweepingQueue(RedisQueue):
+            """SAQ's queue whose sweep waits :data:`SWEEP_ABORT_WAIT_S` per stuck job."""
+
+            async def sweep(self, lock: int = 60, abort: float = SWEEP_ABORT_WAIT_S
+                            ) -> list[str]:
+                return await super().sweep(lock, min(abort, SWEEP_ABORT_WAIT_S))
+
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.heartbeat_s = heartbeat_s
-        self.queue = RedisQueue(aioredis.from_url(redis_url, password=password or None),
+        self.queue = SweepingQueue(aioredis.from_url(redis_url, password=password or None),
                                 name=queue_name)
 
     async def connect(self) -> None:

@@ -100,10 +100,15 @@ class EntityFaults:
 
 @dataclass
 class Stats:
-    """Counts per route and status, the busiest one-second window, token-in-query count."""
+    """Counts per route and status, the busiest one-second window, token-in-query count.
+
+    ``per_second`` counts requests by the second their answer was ready, ``arrivals`` by the
+    second they arrived: the one GitLab's throttle counts them in (a slow answer moves a
+    request into the next second of ``per_second``)."""
 
     by_route_status: Counter[tuple[str, int]] = field(default_factory=Counter)
     per_second: Counter[int] = field(default_factory=Counter)
+    arrivals: Counter[int] = field(default_factory=Counter)
     token_in_query: int = 0
     total: int = 0
     # Arrival times within the last second, and the most ever seen within any one second
@@ -112,6 +117,7 @@ class Stats:
     max_in_any_second: int = 0
 
     def arrived(self, now: float) -> None:
+        self.arrivals[int(now)] += 1
         self.recent.append(now)
         while self.recent and self.recent[0] <= now - 1.0:
             self.recent.popleft()
@@ -129,6 +135,8 @@ class Stats:
             "token_in_query": self.token_in_query,
             "seconds": len(self.per_second),
             "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
+            "max_arrivals_per_second": max(self.arrivals.values(), default=0),
+            "arrivals_per_second": {str(k): v for k, v in sorted(self.arrivals.items())},
         }
 
 

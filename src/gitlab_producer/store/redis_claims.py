@@ -77,6 +77,8 @@ class RedisClaims:
         self._own: AsyncScript = client.register_script(OWN_SCRIPT)
         self._claims: Coalescer[str | bytes, int] = Coalescer(self._claim_all)
         self._background: set[asyncio.Task[None]] = set()
+        self._renewing: dict[object, Sequence[str | bytes]] = {}  # the pending sends' keys
+        self._renewer: asyncio.Task[None] | None = None
 
     async def claim(self, keys: Sequence[str | bytes]) -> list[int]:
         """:data:`MINE`, :data:`SENT` or :data:`HELD` for each key, in order."""
@@ -110,19 +112,27 @@ class RedisClaims:
 
     @contextlib.asynccontextmanager
     async def renewed(self, keys: Sequence[str | bytes]) -> AsyncIterator[None]:
-        """Keep the claims alive while the body runs (a slow sink): renewed every third of
-        their TTL, so only a dead owner's claims expire."""
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(self.ttl_ms / 3000)
-                with contextlib.suppress(StoreError):
-                    await self._own_call(keys, self.ttl_ms)
-
-        task = asyncio.get_running_loop().create_task(renew())
+        """Keep the claims alive while the body runs (a slow sink), so only a dead owner's
+        claims expire. One task of the instance renews the keys of every pending send every
+        third of their TTL in one call (a task per send cost more than the claim itself)."""
+        token = object()
+        self._renewing[token] = keys
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew())
         try:
             yield
         finally:
-            task.cancel()
+            del self._renewing[token]
+
+    async def _renew(self) -> None:
+        """Renew the pending sends' claims until none is pending. A send that began just
+        before a renewal is renewed early: harmless."""
+        while self._renewing:
+            await asyncio.sleep(self.ttl_ms / 3000)
+            keys = [k for pending in list(self._renewing.values()) for k in pending]
+            if keys:
+                with contextlib.suppress(StoreError):
+                    await self._own_call(keys, self.ttl_ms)
 
 
 def poll_delays() -> Iterator[float]:

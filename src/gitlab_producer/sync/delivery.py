@@ -74,21 +74,27 @@ class Deliverer:
         instance holds)."""
         claim = self._claims.take(by_id)
         fresh: list[int] = []
+        fresh_keys: list[bytes] = []  # their claims in Redis (shared claims only)
         held: list[int] = []
         try:
             if claim.mine and self.shared is None:
                 fresh = await self.store.unseen(claim.mine)
             elif claim.mine and self.shared is not None:
-                outcomes = await self.shared.claim(self.store_keys(claim.mine))
-                fresh = [i for i, o in zip(claim.mine, outcomes, strict=True) if o == MINE]
-                held = [i for i, o in zip(claim.mine, outcomes, strict=True) if o == HELD]
+                keys = self.store_keys(claim.mine)
+                outcomes = await self.shared.claim(keys)
+                for event_id, key, outcome in zip(claim.mine, keys, outcomes, strict=True):
+                    if outcome == MINE:
+                        fresh.append(event_id)
+                        fresh_keys.append(key)
+                    elif outcome == HELD:
+                        held.append(event_id)
                 self.metrics.claims_held_elsewhere.inc(len(held))
             self.metrics.events_duplicate.inc(len(claim.mine) - len(fresh) - len(held))
             if fresh:
-                await self._send([by_id[i] for i in fresh])
+                await self._send([by_id[i] for i in fresh], fresh_keys)
         except BaseException as exc:
             if self.shared is not None:
-                self.shared.release_soon(self.store_keys(fresh))
+                self.shared.release_soon(fresh_keys)
             claim.release(exc)
             raise
         claim.release()
@@ -99,13 +105,14 @@ class Deliverer:
         assert self.shared is not None
         return self.shared.store.event_keys(event_ids)
 
-    async def _send(self, events: list[Event]) -> None:
+    async def _send(self, events: list[Event], claimed: list[bytes]) -> None:
+        """Produce ``events`` (``claimed``: their claims in Redis, kept alive meanwhile)."""
         messages = [to_message(e, self._instance) for e in events]
         try:
             if self.shared is None:
                 await self.sink.send(messages)
             else:
-                async with self.shared.renewed(self.store_keys([e.id for e in events])):
+                async with self.shared.renewed(claimed):
                     await self.sink.send(messages)
         except DeliveryError:
             self.metrics.delivery_failures.inc(len(messages))
