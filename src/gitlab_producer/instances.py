@@ -98,6 +98,10 @@ class InstanceRegistry:
                 "events_produced": int(_total(m.events_produced)),
                 "events_taken_over": int(_total(m.claims_taken_over)),
                 "events_held_elsewhere": int(_total(m.claims_held_elsewhere)),
+                "round_jobs": {kind: int(_total(m.round_jobs, kind=kind))
+                               for kind in ("discover", "project", "user")},
+                "round_jobs_taken_over": int(_total(m.round_jobs_taken_over)),
+                "round_jobs_requeued": int(_total(m.round_jobs_requeued)),
                 "rounds": {outcome: int(_total(m.rounds, outcome=outcome))
                            for outcome in ("success", "failure")}}
 

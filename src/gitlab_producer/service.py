@@ -43,6 +43,7 @@ from gitlab_producer.store.redis_claims import shared_claims
 from gitlab_producer.sync.delivery import Deliverer
 from gitlab_producer.sync.entities import SyncContext
 from gitlab_producer.sync.round import LAST_ROUND_KEY, RoundResult, SyncRound
+from gitlab_producer.sync.shared_rounds import SharedRounds, round_runner
 from gitlab_producer.sync.windows import WindowRules, iso
 
 log = get_logger(__name__)
@@ -287,7 +288,14 @@ class Service:
                       ) -> RoundResult | None:
         """Rounds until stopped; the last one's result. A round that failed as a whole (store,
         broker or GitLab unreachable) is retried with capped exponential backoff."""
-        sync_round = SyncRound(ctx, self.settings.gitlab_concurrency, self.settings.sync_users)
+        async with round_runner(ctx, self.settings) as sync_round:
+            return await self._rounds_of(sync_round, store, once, max_rounds, on_round)
+
+    async def _rounds_of(self, sync_round: SyncRound | SharedRounds, store: Store, once: bool,
+                         max_rounds: int | None,
+                         on_round: Callable[[RoundResult], Awaitable[None]] | None
+                         ) -> RoundResult | None:
+        ctx = sync_round.ctx
         result: RoundResult | None = None
         rounds = failures = 0
         while not self.stop.is_set():
@@ -306,7 +314,8 @@ class Service:
                 await asyncio.wait_for(self.stop.wait(), delay)
         return result
 
-    async def _checked_round(self, sync_round: SyncRound, store: Store, since: float
+    async def _checked_round(self, sync_round: SyncRound | SharedRounds, store: Store,
+                             since: float
                              ) -> RoundResult:
         try:
             await self._check_state(store, since, sync_round.ctx.client)
