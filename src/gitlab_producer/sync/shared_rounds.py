@@ -162,6 +162,7 @@ class SharedRounds:
     async def start(self) -> None:
         await self.dispatcher.connect()
         self._worker = self.dispatcher.worker(self.handlers, self.concurrency)
+        self._worker.SIGNALS = []  # SAQ would take SIGTERM from the service (its own stop)
         self._serving = asyncio.create_task(self._worker.start())
         log.info("shared_rounds_serving", queue=f"{self.settings.redis_key_prefix}rounds",
                  concurrency=self.concurrency)
