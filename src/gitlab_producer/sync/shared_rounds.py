@@ -152,16 +152,22 @@ class SharedRounds:
         self.dispatcher = SaqDispatcher(f"redis://{host}:{port}/{s.redis_db}",
                                         f"{s.redis_key_prefix}rounds", s.redis_key_prefix,
                                         JOB_TIMEOUT_S, JOB_ATTEMPTS, JOB_HEARTBEAT_S, password)
-        self.handlers: dict[str, Handler] = {DISCOVER: self.discover, ENTITY: self.read_entity}
+        self.handlers: dict[str, Handler] = {DISCOVER: self._counted(self.discover),
+                                             ENTITY: self._counted(self.read_entity)}
         self.concurrency = s.gitlab_concurrency * (2 if s.sync_users else 1) + 1
         self._worker: Any = None
         self._serving: asyncio.Task[Any] | None = None
         self._suspects: set[str] = set()  # open, not pending at the last look
+        self.running = 0  # jobs running here
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._produced = SyncRound(ctx, 1)._produced
 
     async def start(self) -> None:
         await self.dispatcher.connect()
-        self._worker = self.dispatcher.worker(self.handlers, self.concurrency)
+        # No grace of SAQ's own: it would wait it out for idle tasks too (close() waits for
+        # the running jobs instead).
+        self._worker = self.dispatcher.worker(self.handlers, self.concurrency, 0)
         self._worker.SIGNALS = []  # SAQ would take SIGTERM from the service (its own stop)
         self._serving = asyncio.create_task(self._worker.start())
         log.info("shared_rounds_serving", queue=f"{self.settings.redis_key_prefix}rounds",
@@ -170,6 +176,8 @@ class SharedRounds:
     async def close(self) -> None:
         """Stop taking jobs; running ones get SAQ's grace, then go back to the queue (the stop
         also interrupts their reads: another instance takes them)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.settings.shutdown_grace)
         if self._worker is not None:
             await self._worker.stop()
         if self._serving is not None:
@@ -177,6 +185,18 @@ class SharedRounds:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._serving
         await self.dispatcher.close()
+
+    def _counted(self, handler: Handler) -> Handler:
+        async def run(call: Call, kwargs: dict[str, Any]) -> None:
+            self.running += 1
+            self._idle.clear()
+            try:
+                await handler(call, kwargs)
+            finally:
+                self.running -= 1
+                if not self.running:
+                    self._idle.set()
+        return run
 
     # -- rounds --------------------------------------------------------------------------
     async def run(self) -> RoundResult:
