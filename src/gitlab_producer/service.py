@@ -39,15 +39,13 @@ from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, StoreError, open_store
-from gitlab_producer.store.redis_claims import shared_claims
-from gitlab_producer.sync.delivery import Deliverer
+from gitlab_producer.sync.context import SINCE_KEY, sync_context
 from gitlab_producer.sync.entities import SyncContext
 from gitlab_producer.sync.round import LAST_ROUND_KEY, RoundResult, SyncRound
 from gitlab_producer.sync.shared_rounds import SharedRounds, round_runner
-from gitlab_producer.sync.windows import WindowRules, iso
+from gitlab_producer.sync.windows import iso
 
 log = get_logger(__name__)
-SINCE_KEY = "since"
 RETRY_FIRST_S = 1.0  # after a round or start-up step that failed as a whole, doubling ...
 RETRY_CAP_S = 60.0  # ... up to this
 T = TypeVar("T")
@@ -229,12 +227,7 @@ class Service:
         runners += hook_runners
         sinks += extra_sinks
         since = await self._retrying("since", lambda: self._since(store, client))
-        return SyncContext(
-            client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance,
-                                     client.clock.now, shared_claims(store, s.instance)),
-            self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,
-                                      s.user_resync_interval),
-            s.gitlab_per_page_pagination, since, self.stop)
+        return sync_context(s, client, store, sink, self.metrics, since, self.stop)
 
     async def run(self, once: bool = False, max_rounds: int | None = None,
                   on_round: Callable[[RoundResult], Awaitable[None]] | None = None) -> int:

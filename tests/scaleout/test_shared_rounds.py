@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from gitlab_producer.simulator.server import running_simulator
+from gitlab_producer.simulator.server import free_port, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
 from tests.conftest import TEST_REDIS_DB, Broker, ServiceRun, consume
 from tests.integration.test_delivery import configure, event_ids, stats, truth_ids
@@ -63,7 +63,7 @@ def jobs(report: dict[str, Any], kind: str) -> int:
     return int(report["round_jobs"][kind])
 
 
-def test_three_instances_share_each_round_and_deliver_every_event_once(
+def test_three_instances_with_a_worker_share_each_round_and_deliver_every_event_once(
         service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str,
         stopper: list[subprocess.Popen[bytes]]) -> None:  # noqa: F811
     spec = WorldSpec(projects=30, users=10, events=800, history_days=1.0, seed=41)
@@ -71,7 +71,10 @@ def test_three_instances_share_each_round_and_deliver_every_event_once(
         topic = configure(service_env, sim.url, sim.sim.world.start_ms, broker, redis_address,
                           redis_prefix)
         service_env.env["OPERATIONS_PER_SECOND"] = "100"
-        stopper += start_instances(service_env, 3)
+        stopper += start_instances(service_env, 2)
+        # The third instance is a `worker` process: it takes round jobs, never opens a round.
+        stopper.append(service_env.start("worker", METRICS_PORT=str(free_port()),
+                                         LOG_PORT=str(free_port())))
 
         def alive() -> None:
             assert all(p.poll() is None for p in stopper), service_env.all_logs()[-3000:]
@@ -96,6 +99,7 @@ def test_three_instances_share_each_round_and_deliver_every_event_once(
     # Each round was discovered once, whichever instance did it (the last one's discovery may
     # have been cut by the stop); the reads were shared.
     assert len(found) - 1 <= sum(jobs(r, "discover") for r in reports) <= len(found)
+    assert len(reports) == 3
     assert all(jobs(r, "project") + jobs(r, "user") > 0 for r in reports), reports
     finished = [r for r in found.values() if r["phase"] == "complete"]
     assert len(finished) >= len(found) - 1  # at most the last was cut by the stop

@@ -36,11 +36,15 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from gitlab_producer.config import Settings
+from gitlab_producer.gitlab.connect import client_from_settings
 from gitlab_producer.gitlab.errors import FatalGitLabError
 from gitlab_producer.logs import get_logger
+from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects.engine import Call, Handler, SaqDispatcher
-from gitlab_producer.store.base import Cursor, StoreError
+from gitlab_producer.sinks import open_sink
+from gitlab_producer.store.base import Cursor, Store, StoreError
 from gitlab_producer.store.redis_store import RedisStore
+from gitlab_producer.sync.context import SINCE_KEY, sync_context
 from gitlab_producer.sync.entities import Interrupted, SyncContext, Work
 from gitlab_producer.sync.retries import Pending, RetrySet
 from gitlab_producer.sync.round import (
@@ -60,6 +64,7 @@ JOB_ATTEMPTS = 10  # runs of one job (sweeps after deaths, stops of an instance)
 MAX_REQUEUES = 3
 WAIT_POLL_S = 0.25  # how often a waiting instance looks at the round
 SUPERVISE_S = 5.0  # how often it looks for lost jobs
+WAIT_FOR_RUN_S = 5.0  # a worker started before any `run` instance looks again this often
 
 
 def discover_key(number: int | str) -> str:
@@ -97,6 +102,52 @@ async def round_runner(ctx: SyncContext, settings: Settings
         yield shared
     finally:
         await shared.close()
+
+
+@contextlib.asynccontextmanager
+async def round_jobs_served(settings: Settings, store: Store, metrics: Metrics
+                            ) -> AsyncIterator[None]:
+    """For ``gitlab-producer worker``: take the shared rounds' jobs as well while the body runs
+    (a worker never opens a round). It starts once a ``run`` instance fixed the sync's start in
+    the store; at the end, running jobs get ``SHUTDOWN_GRACE``, then go back to the queue."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(_serve_round_jobs(settings, store, metrics, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):  # logged there
+            await task
+
+
+async def _serve_round_jobs(settings: Settings, store: Store, metrics: Metrics,
+                            stop: asyncio.Event) -> None:
+    since = None
+    while since is None and not stop.is_set():
+        try:
+            since = await store.get_meta(SINCE_KEY)
+        except StoreError as exc:
+            log.warning("round_jobs_waiting", error=str(exc))
+        if since is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WAIT_FOR_RUN_S)
+    if since is None:
+        return
+    s = settings
+    client = client_from_settings(s, metrics, max_connections=max(4, s.gitlab_concurrency * 2 + 2),
+                                  rate_limit_retries=s.gitlab_rate_limit_retries)
+    sink = open_sink(s)
+    shared = SharedRounds(sync_context(s, client, store, sink, metrics, float(since), stop), s)
+    try:
+        await shared.start()
+        await stop.wait()
+    except Exception as exc:
+        log.error("round_jobs_failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        await shared.close()
+        await sink.close()
+        await client.aclose()
 
 
 @contextlib.asynccontextmanager
