@@ -70,7 +70,8 @@ def test_three_instances_with_a_worker_share_each_round_and_deliver_every_event_
     with running_simulator(spec, live_rate=15.0) as sim:
         topic = configure(service_env, sim.url, sim.sim.world.start_ms, broker, redis_address,
                           redis_prefix)
-        service_env.env["OPERATIONS_PER_SECOND"] = "100"
+        # Five jobs at once per instance: a round of ten or more entities needs more than one.
+        service_env.env.update({"OPERATIONS_PER_SECOND": "100", "GITLAB_CONCURRENCY": "2"})
         stopper += start_instances(service_env, 2)
         # The third instance is a `worker` process: it takes round jobs, never opens a round.
         stopper.append(service_env.start("worker", METRICS_PORT=str(free_port()),

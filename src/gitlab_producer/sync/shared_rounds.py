@@ -64,7 +64,7 @@ JOB_ATTEMPTS = 10  # runs of one job (sweeps after deaths, stops of an instance)
 MAX_REQUEUES = 3
 WAIT_POLL_S = 0.25  # how often a waiting instance looks at the round
 SUPERVISE_S = 5.0  # how often it looks for lost jobs
-WAIT_FOR_RUN_S = 5.0  # a worker started before any `run` instance looks again this often
+WAIT_FOR_RUN_S = 1.0  # a worker started before any `run` instance looks again this often
 
 
 def discover_key(number: int | str) -> str:
