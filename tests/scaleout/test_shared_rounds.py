@@ -8,14 +8,18 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 
 from gitlab_producer.simulator.server import free_port, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
+from gitlab_producer.sync.shared_rounds import JOB_HEARTBEAT_S
 from tests.conftest import TEST_REDIS_DB, Broker, ServiceRun, consume
 from tests.integration.test_delivery import configure, event_ids, stats, truth_ids
 from tests.scaleout.test_instances import (
@@ -124,6 +128,7 @@ def test_kill_9_mid_round_its_jobs_are_taken_over_and_the_round_completes(
         assert first.get(1, {}).get("phase") == "open", first  # mid-round
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
+        killed_at = time.time()
 
         def alive() -> None:
             assert all(p.poll() is None for p in survivors), service_env.all_logs()[-3000:]
@@ -147,3 +152,18 @@ def test_kill_9_mid_round_its_jobs_are_taken_over_and_the_round_completes(
     alive_reports = [r for r in reports if r["alive"]]
     assert len(alive_reports) == 2
     assert sum(r["round_jobs_taken_over"] for r in alive_reports) > 0, alive_reports
+    # Within a heartbeat plus a sweep (and some slack for a loaded machine).
+    taken = takeovers(service_env.logs[1:])
+    assert taken and max(taken) - killed_at <= JOB_HEARTBEAT_S + 5 + 10, \
+        [round(t - killed_at, 1) for t in taken]
+
+
+def takeovers(logs: list[Path]) -> list[float]:
+    """When the instances writing ``logs`` took over round jobs (Unix time)."""
+    found = []
+    for log in logs:
+        for line in log.read_bytes().splitlines():
+            if b"round_job_taken_over" in line:
+                stamp = orjson.loads(line)["timestamp"].replace("Z", "+00:00")
+                found.append(datetime.fromisoformat(stamp).timestamp())
+    return found
