@@ -225,8 +225,10 @@ class SharedRounds:
                  concurrency=self.concurrency)
 
     async def close(self) -> None:
-        """Stop taking jobs; running ones get SAQ's grace, then go back to the queue (the stop
-        also interrupts their reads: another instance takes them)."""
+        """Stop serving: running jobs get ``SHUTDOWN_GRACE`` (the service's stop interrupts
+        their reads after the page in flight, and a job that starts now is handed back at
+        once), then SAQ cancels what is left; either way a job goes back to the queue and
+        another instance takes it."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), self.settings.shutdown_grace)
         if self._worker is not None:
@@ -263,7 +265,8 @@ class SharedRounds:
             return RoundResult(started=time.time(), ok=False,
                                error=f"{type(exc).__name__}: {exc}")
         if summary is None:
-            return RoundResult(started=time.time(), ok=False, error="interrupted")
+            error = "interrupted" if self.ctx.stop.is_set() else f"round {number} lost in Redis"
+            return RoundResult(started=time.time(), ok=False, error=error)
         result = RoundResult(started=summary.started_host, ok=summary.ok, error=summary.error,
                              duration_s=summary.duration_s)
         for outcome in ("queued", "synced", "failed", "skipped"):
