@@ -64,6 +64,7 @@ JOB_ATTEMPTS = 10  # runs of one job (sweeps after deaths, stops of an instance)
 MAX_REQUEUES = 3
 WAIT_POLL_S = 0.25  # how often a waiting instance looks at the round
 SUPERVISE_S = 5.0  # how often it looks for lost jobs
+ADD_BATCH = 100  # entities recorded by one script
 WAIT_FOR_RUN_S = 1.0  # a worker started before any `run` instance looks again this often
 
 
@@ -179,10 +180,18 @@ class _Discovery(SyncRound):
         self.listed_users = False
 
     async def _reader(self, queue: asyncio.Queue[Work | None], result: RoundResult) -> None:
-        while (work := await queue.get()) is not None:
-            if not self.ctx.stop.is_set():
-                await self.shared.add_entity(self.number, work,
-                                             self.retries.pending[work.kind].get(work.entity_id))
+        # What discovery queued meanwhile goes in one batch (one script to record them).
+        ended = False
+        while not ended:
+            works: list[Work] = []
+            while not ended and (not works or (len(works) < ADD_BATCH and not queue.empty())):
+                work = await queue.get()  # each reader takes one end mark (None), no more
+                ended = work is None
+                if work is not None:
+                    works.append(work)
+            if works and not self.ctx.stop.is_set():
+                await self.shared.add_entities(self.number, [
+                    (w, self.retries.pending[w.kind].get(w.entity_id)) for w in works])
 
     async def _finish(self, result: RoundResult, listed_users: bool) -> None:
         self.listed_users = listed_users  # the base is written when the last job is done
@@ -324,7 +333,7 @@ class SharedRounds:
             log.warning("round_job_requeued", key=key, times=times)
             self.ctx.metrics.round_jobs_requeued.inc()
             await self.dispatcher.enqueue(DISCOVER if key.endswith(":discover") else ENTITY,
-                                          key, {"round": number, **args})
+                                          key, {"round": number, **args, "requeued": True})
 
     async def _give_up(self, number: int, key: str, args: dict[str, Any]) -> None:
         log.error("round_job_lost", key=key, detail="lost more than the allowed times; "
@@ -337,16 +346,18 @@ class SharedRounds:
         await self.state.done(number, key, "failed", work.kind)
 
     # -- jobs ----------------------------------------------------------------------------
-    async def add_entity(self, number: int, work: Work, retry: Pending | None) -> None:
-        """Record one entity to read in round ``number`` and enqueue its job."""
-        key = entity_key(number, work)
-        args = job_args(work, retry)
-        if await self.state.add_jobs(number, {key: args}):
-            await self.dispatcher.enqueue(ENTITY, key, {"round": number, **args})
+    async def add_entities(self, number: int, works: list[tuple[Work, Pending | None]]
+                           ) -> None:
+        """Record entities to read in round ``number`` (with their retry entries) and enqueue
+        their jobs (those not done already)."""
+        jobs = {entity_key(number, work): job_args(work, retry) for work, retry in works}
+        for key in await self.state.add_jobs(number, jobs):
+            await self.dispatcher.enqueue(ENTITY, key, {"round": number, **jobs[key]})
 
-    async def _job(self, call: Call, number: int, key: str) -> bool:
-        """Whether the job is to run: not done before, and this instance not stopping."""
-        if await self.state.is_done(number, key):
+    async def _job(self, call: Call, number: int, key: str, kwargs: dict[str, Any]) -> bool:
+        """Whether the job is to run: not done before (a job run again or enqueued again may
+        have been, before its last run ended), and this instance not stopping."""
+        if (call.attempt > 1 or kwargs.get("requeued")) and await self.state.is_done(number, key):
             return False
         if self.ctx.stop.is_set():
             raise Interrupted(key)  # back to the queue: another instance takes it
@@ -358,7 +369,7 @@ class SharedRounds:
     async def discover(self, call: Call, kwargs: dict[str, Any]) -> None:
         number = int(kwargs["round"])
         key = discover_key(number)
-        if not await self._job(call, number, key):
+        if not await self._job(call, number, key, kwargs):
             return
         discovery = _Discovery(self, number)
         async with beating(call):
@@ -380,7 +391,7 @@ class SharedRounds:
         number = int(kwargs["round"])
         work = work_from(kwargs)
         key = entity_key(number, work)
-        if not await self._job(call, number, key):
+        if not await self._job(call, number, key, kwargs):
             return
         reader = SyncRound(self.ctx, 1, self.settings.sync_users)
         reader.retries = RetrySet(self.ctx.store, self.ctx.metrics, gauge=False)
