@@ -31,6 +31,7 @@ from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.store.base import Store
 from gitlab_producer.store.redis_store import RedisStore
+from gitlab_producer.sync.round_state import latest_round
 
 log = get_logger(__name__)
 HEARTBEAT_S = 5.0
@@ -164,6 +165,8 @@ async def cluster_status(client: aioredis.Redis, prefix: str, per_second: float
     use = await budget_use(client, prefix, 10)
     return {"instances_alive": sum(1 for i in instances if i["alive"]),
             "instances": instances,
+            "round": await latest_round(client, prefix),
             "budget": {"limit_per_second": per_second,
                        "use": round(sum(use.values()) / (10 * per_second), 3),
                        "per_second": [use[s] for s in sorted(use)]}}
+

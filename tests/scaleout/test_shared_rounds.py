@@ -100,7 +100,9 @@ def test_three_instances_with_a_worker_share_each_round_and_deliver_every_event_
     assert set(got) == expected
     assert max(got.values()) == 1, [i for i, n in got.items() if n > 1][:10]
     found = rounds_of(redis_address, redis_prefix)
-    reports = instances_status(service_env)["instances"]
+    status = instances_status(service_env)
+    reports = status["instances"]
+    assert status["round"]["number"] == max(found)  # `instances` shows the latest round
     # Each round was discovered once, whichever instance did it (the last one's discovery may
     # have been cut by the stop); the reads were shared.
     assert len(found) - 1 <= sum(jobs(r, "discover") for r in reports) <= len(found)

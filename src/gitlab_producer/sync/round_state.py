@@ -221,3 +221,16 @@ class RoundState:
     async def requeued(self, number: int, key: str) -> int:
         """Count one more enqueueing of a lost job; returns how many there were."""
         return int(await self._redis.hincrby(self._keys(number)[4], key, 1))
+
+
+async def latest_round(client: aioredis.Redis, prefix: str) -> dict[str, Any] | None:
+    """The latest shared round for ``instances``: number, phase, open jobs, outcome."""
+    number = int(await client.hget(f"{prefix}rounds", "number") or 0)
+    if not number:
+        return None
+    fields: Any = await client.hgetall(f"{prefix}round:{number}")
+    summary = RoundSummary.parse(number, fields) if fields else None
+    return {"number": number, "complete": summary.complete if summary else None,
+            "open_jobs": int(await client.scard(f"{prefix}round:{number}:open")),
+            "ok": summary.ok if summary and summary.complete else None,
+            "error": summary.error or None if summary else None}
