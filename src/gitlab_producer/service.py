@@ -281,7 +281,7 @@ class Service:
                       ) -> RoundResult | None:
         """Rounds until stopped; the last one's result. A round that failed as a whole (store,
         broker or GitLab unreachable) is retried with capped exponential backoff."""
-        async with round_runner(ctx, self.settings) as sync_round:
+        async with round_runner(ctx, self.settings, once) as sync_round:
             return await self._rounds_of(sync_round, store, once, max_rounds, on_round)
 
     async def _rounds_of(self, sync_round: SyncRound | SharedRounds, store: Store, once: bool,

@@ -116,16 +116,17 @@ async def test_n_instances_open_a_round_once_and_wait_their_turn(state: RoundSta
 
 
 # -- real shared rounds -----------------------------------------------------------------------
-def settings_for(redis_address: str, prefix: str) -> Settings:
+def settings_for(redis_address: str, prefix: str, interval_s: float = 0) -> Settings:
     return load_settings(None, gitlab_base_url="https://gitlab.test/api/v4",
                          gitlab_private_token="t0ken", redis_address=redis_address,
                          redis_db=TEST_REDIS_DB, redis_key_prefix=prefix, gitlab_concurrency=2,
-                         scheduling_poll_interval=0, sync_users=False)
+                         scheduling_poll_interval=interval_s, sync_users=False)
 
 
 @contextlib.asynccontextmanager
 async def instance(sim: SimulatorThread, settings: Settings, sink: SwitchableSink,
-                   stop: asyncio.Event) -> AsyncIterator[SharedRounds]:
+                   stop: asyncio.Event, interval_s: float | None = None
+                   ) -> AsyncIterator[SharedRounds]:
     store = RedisStore.from_address(settings.redis_address, db=TEST_REDIS_DB,
                                     prefix=settings.redis_key_prefix)
     metrics = Metrics()
@@ -133,7 +134,7 @@ async def instance(sim: SimulatorThread, settings: Settings, sink: SwitchableSin
                           RetryPolicy(max_retries=1, base_s=0.01))
     ctx = SyncContext(client, store, Deliverer(store, sink, 3600, metrics, "gitlab.test"),
                       metrics, RULES, PER_PAGE, sim.sim.world.start_ms / 1000, stop)
-    shared = SharedRounds(ctx, settings)
+    shared = SharedRounds(ctx, settings, interval_s)
     await shared.start()
     try:
         yield shared
@@ -198,3 +199,22 @@ async def test_a_job_the_queue_lost_is_enqueued_again(
                 await asyncio.sleep(0.05)
             assert summary is not None and summary.complete and summary.ok, summary
             assert ENTITY in one.handlers
+
+
+async def test_run_once_opens_a_round_at_once_whenever_the_last_one_opened(
+        redis_address: str, redis_prefix: str, tmp_path: Path) -> None:
+    """``run --once`` (interval 0) does not wait out SCHEDULING_POLL_INTERVAL after the last
+    round; the rounds forever (the interval) would."""
+    settings = settings_for(redis_address, redis_prefix, interval_s=3600)
+    sink = SwitchableSink(tmp_path / "events.jsonl")
+    with running_simulator(QUIET) as sim:
+        async with instance(sim, settings, sink, asyncio.Event(), interval_s=0.0) as once:
+            for _ in range(2):
+                assert (await asyncio.wait_for(once.run(), 30)).ok
+            assert await once.state.current() == 2
+        async with instance(sim, settings, sink, asyncio.Event()) as forever:
+            waiting = asyncio.create_task(forever.run())
+            await asyncio.sleep(1.0)
+            assert not waiting.done() and await forever.state.current() == 2
+            forever.ctx.stop.set()
+            assert (await waiting).error == "interrupted"

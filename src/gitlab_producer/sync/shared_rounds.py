@@ -90,14 +90,15 @@ def work_from(args: dict[str, Any]) -> Work:
 
 
 @contextlib.asynccontextmanager
-async def round_runner(ctx: SyncContext, settings: Settings
+async def round_runner(ctx: SyncContext, settings: Settings, once: bool = False
                        ) -> AsyncIterator[SyncRound | SharedRounds]:
     """The rounds of this process: shared through SAQ when the store is Redis, else the
-    in-process :class:`SyncRound` as before."""
+    in-process :class:`SyncRound` as before. ``once`` (``run --once``): a round opens at once
+    unless one is open, whenever the last one opened."""
     if not isinstance(ctx.store, RedisStore):
         yield SyncRound(ctx, settings.gitlab_concurrency, settings.sync_users)
         return
-    shared = SharedRounds(ctx, settings)
+    shared = SharedRounds(ctx, settings, 0.0 if once else settings.scheduling_poll_interval)
     await shared.start()
     try:
         yield shared
@@ -201,10 +202,13 @@ class SharedRounds:
     """This instance's part in the shared rounds: serves their jobs, opens a round when one is
     due, and waits for the one it opened or joined (see the module docstring)."""
 
-    def __init__(self, ctx: SyncContext, settings: Settings) -> None:
+    def __init__(self, ctx: SyncContext, settings: Settings,
+                 interval_s: float | None = None) -> None:
         assert isinstance(ctx.store, RedisStore)
         self.ctx = ctx
         self.settings = settings
+        # The least time between two rounds' openings (across all instances).
+        self.interval_s = settings.scheduling_poll_interval if interval_s is None else interval_s
         s = settings
         self.state = RoundState(ctx.store.client, s.redis_key_prefix, LAST_ROUND_KEY,
                                 LAST_USER_LISTING_KEY)
@@ -292,7 +296,7 @@ class SharedRounds:
         while not self.ctx.stop.is_set():
             started = time.time()
             number, state = await self.state.open(
-                self.settings.scheduling_poll_interval, clock.to_gitlab(started), started,
+                self.interval_s, clock.to_gitlab(started), started,
                 discover_key("<n>"), {})
             if state == 1:
                 log.info("shared_round_opened", round=number)
