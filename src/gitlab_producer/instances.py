@@ -31,6 +31,7 @@ from gitlab_producer.logs import get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.store.base import Store
 from gitlab_producer.store.redis_store import RedisStore
+from gitlab_producer.sync.round_state import latest_round
 
 log = get_logger(__name__)
 HEARTBEAT_S = 5.0
@@ -98,6 +99,10 @@ class InstanceRegistry:
                 "events_produced": int(_total(m.events_produced)),
                 "events_taken_over": int(_total(m.claims_taken_over)),
                 "events_held_elsewhere": int(_total(m.claims_held_elsewhere)),
+                "round_jobs": {kind: int(_total(m.round_jobs, kind=kind))
+                               for kind in ("discover", "project", "user")},
+                "round_jobs_taken_over": int(_total(m.round_jobs_taken_over)),
+                "round_jobs_requeued": int(_total(m.round_jobs_requeued)),
                 "rounds": {outcome: int(_total(m.rounds, outcome=outcome))
                            for outcome in ("success", "failure")}}
 
@@ -160,6 +165,8 @@ async def cluster_status(client: aioredis.Redis, prefix: str, per_second: float
     use = await budget_use(client, prefix, 10)
     return {"instances_alive": sum(1 for i in instances if i["alive"]),
             "instances": instances,
+            "round": await latest_round(client, prefix),
             "budget": {"limit_per_second": per_second,
                        "use": round(sum(use.values()) / (10 * per_second), 3),
                        "per_second": [use[s] for s in sorted(use)]}}
+

@@ -165,6 +165,19 @@ class Metrics:
             "gitlab_producer_instances_alive",
             "Instances whose heartbeat in Redis is recent (as this instance last saw it)",
             registry=r)
+        # Shared rounds (Redis store: gitlab_producer.sync.shared_rounds).
+        self.round_jobs = Counter(
+            "gitlab_producer_round_jobs_total",
+            "Jobs of the shared rounds this instance finished, by kind (discover, project, "
+            "user)", ["kind"], registry=r)
+        self.round_jobs_taken_over = Counter(
+            "gitlab_producer_round_jobs_taken_over_total",
+            "Round jobs this instance ran again after an earlier run stopped (its instance "
+            "died or stopped)", registry=r)
+        self.round_jobs_requeued = Counter(
+            "gitlab_producer_round_jobs_requeued_total",
+            "Open round jobs this instance found lost by the queue and enqueued again",
+            registry=r)
         self.budget_use = Gauge(
             "gitlab_producer_budget_use_ratio",
             "Requests reserved by all instances over the last seconds / the limit", registry=r)

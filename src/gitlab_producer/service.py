@@ -43,14 +43,13 @@ from gitlab_producer.objects.objsync import ObjectSync, object_sync_for
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, StoreError, open_store
 from gitlab_producer.store.base import StoreAuthError
-from gitlab_producer.store.redis_claims import shared_claims
-from gitlab_producer.sync.delivery import Deliverer
+from gitlab_producer.sync.context import SINCE_KEY, sync_context
 from gitlab_producer.sync.entities import SyncContext
 from gitlab_producer.sync.round import LAST_ROUND_KEY, RoundResult, SyncRound
-from gitlab_producer.sync.windows import WindowRules, iso
+from gitlab_producer.sync.shared_rounds import SharedRounds, round_runner
+from gitlab_producer.sync.windows import iso
 
 log = get_logger(__name__)
-SINCE_KEY = "since"
 RETRY_FIRST_S = 1.0  # after a round or start-up step that failed as a whole, doubling ...
 RETRY_CAP_S = 60.0  # ... up to this
 BURST_CLOCK_TRIES = 3  # a burst run (--once) gives GitLab this many tries to answer at start
@@ -273,12 +272,7 @@ class Service:
         since = await self._retrying("since", lambda: self._since(store, client, once))
         if since is None:
             return None
-        return SyncContext(
-            client, store, Deliverer(store, sink, s.cache_ttl * 60, self.metrics, s.instance,
-                                     client.clock.now, shared_claims(store, s.instance)),
-            self.metrics, WindowRules(s.sync_overlap, s.project_activity_lag,
-                                      s.user_resync_interval),
-            s.gitlab_per_page_pagination, since, self.stop)
+        return sync_context(s, client, store, sink, self.metrics, since, self.stop)
 
     async def run(self, once: bool = False, max_rounds: int | None = None,
                   on_round: Callable[[RoundResult], Awaitable[None]] | None = None) -> int:
@@ -338,7 +332,14 @@ class Service:
                       ) -> RoundResult | None:
         """Rounds until stopped; the last one's result. A round that failed as a whole (store,
         broker or GitLab unreachable) is retried with capped exponential backoff."""
-        sync_round = SyncRound(ctx, self.settings.gitlab_concurrency, self.settings.sync_users)
+        async with round_runner(ctx, self.settings, once) as sync_round:
+            return await self._rounds_of(sync_round, store, once, max_rounds, on_round)
+
+    async def _rounds_of(self, sync_round: SyncRound | SharedRounds, store: Store, once: bool,
+                         max_rounds: int | None,
+                         on_round: Callable[[RoundResult], Awaitable[None]] | None
+                         ) -> RoundResult | None:
+        ctx = sync_round.ctx
         result: RoundResult | None = None
         rounds = failures = 0
         while not self.stop.is_set():
@@ -359,7 +360,8 @@ class Service:
                 await asyncio.wait_for(self.stop.wait(), delay)
         return result
 
-    async def _checked_round(self, sync_round: SyncRound, store: Store, since: float
+    async def _checked_round(self, sync_round: SyncRound | SharedRounds, store: Store,
+                             since: float
                              ) -> RoundResult:
         try:
             await self._check_state(store, since, sync_round.ctx.client)

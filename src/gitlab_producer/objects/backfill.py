@@ -25,6 +25,7 @@ from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.connect import client_from_settings
 from gitlab_producer.gitlab.errors import GitLabError
 from gitlab_producer.http.ops import OpsState, start_ops
+from gitlab_producer.instances import heartbeat, registry_for
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects.delivery import ObjectDeliverer
@@ -37,6 +38,7 @@ from gitlab_producer.objects.state import TERMINAL_PROJECT, Plan, StateStore
 from gitlab_producer.objects.status import project_summary
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, open_store
+from gitlab_producer.sync.shared_rounds import round_jobs_served
 
 log = get_logger(__name__)
 POLL_S = 0.5
@@ -241,9 +243,13 @@ class Backfill:
         worker = saq.worker(importer.handlers, s.backfill_concurrency)
         serving = asyncio.create_task(worker.start())
         log.info("worker_started", concurrency=s.backfill_concurrency)
+        registry = registry_for(store, s.redis_key_prefix, self.metrics, s.operations_per_second)
         try:
-            await asyncio.wait({serving, asyncio.create_task(self.stop.wait())},
-                               return_when=asyncio.FIRST_COMPLETED)
+            # The shared polling rounds' jobs too (sync/shared_rounds.py).
+            async with heartbeat(registry, self.stop), \
+                    round_jobs_served(s, store, self.metrics):
+                await asyncio.wait({serving, asyncio.create_task(self.stop.wait())},
+                                   return_when=asyncio.FIRST_COMPLETED)
         finally:
             await worker.stop()
             serving.cancel()

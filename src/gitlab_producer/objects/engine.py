@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import random
@@ -35,10 +36,10 @@ from gitlab_producer.logs import get_logger
 log = get_logger(__name__)
 
 MAX_SWEEP_S = 30  # a SAQ worker looks for jobs whose worker died at least this often
-# How long a sweep waits for the worker of a stuck job to confirm its abort before retrying
-# it. SAQ waits 5 s, one stuck job after the other: a dead worker never confirms, so a worker
-# killed with four jobs running had them taken over after 26 s instead of a heartbeat plus a
-# sweep. Its heartbeat is already overdue, so the wait only spares a live but stalled worker.
+# SAQ's sweep waits this long (its default: 5 s) for each stuck job's worker to abort it, one
+# job after the other: 17 jobs of a killed worker took 85 s to be taken over. A dead worker
+# never answers; a live one aborts within its abort timer (1 s), so a job may overlap its own
+# retry briefly, which the handlers tolerate (claims, done checks).
 SWEEP_ABORT_WAIT_S = 0.25
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
@@ -178,21 +179,13 @@ class SaqDispatcher:
     def __init__(self, redis_url: str, queue_name: str, key_prefix: str, timeout_s: int,
                  max_attempts: int, heartbeat_s: int, password: str = "") -> None:
         from redis import asyncio as aioredis
-        from saq.queue.redis import RedisQueue
-
-        class SweepingQueue(RedisQueue):
-            """SAQ's queue whose sweep waits :data:`SWEEP_ABORT_WAIT_S` per stuck job."""
-
-            async def sweep(self, lock: int = 60, abort: float = SWEEP_ABORT_WAIT_S
-                            ) -> list[str]:
-                return await super().sweep(lock, min(abort, SWEEP_ABORT_WAIT_S))
 
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.heartbeat_s = heartbeat_s
-        self.queue = SweepingQueue(aioredis.from_url(redis_url, password=password or None),
-                                name=queue_name)
+        self.queue = _quickly_sweeping_queue()(
+            aioredis.from_url(redis_url, password=password or None), name=queue_name)
 
     async def connect(self) -> None:
         await self.queue.connect()
@@ -215,8 +208,11 @@ class SaqDispatcher:
         return {k for k, job in zip(wanted, jobs, strict=True)
                 if job is not None and job.status in ACTIVE_STATUSES}
 
-    def worker(self, handlers: dict[str, Handler], concurrency: int) -> Any:
-        """A SAQ worker serving ``handlers`` (call ``start()`` / ``stop()``)."""
+    def worker(self, handlers: dict[str, Handler], concurrency: int,
+               shutdown_grace_s: int = 5) -> Any:
+        """A SAQ worker serving ``handlers`` (call ``start()`` / ``stop()``). Its ``stop()``
+        waits ``shutdown_grace_s`` for its tasks, idle ones included, then cancels them (a
+        cancelled job goes back to the queue)."""
         from saq import Worker
 
         def wrap(handler: Handler) -> Callable[..., Awaitable[None]]:
@@ -230,4 +226,16 @@ class SaqDispatcher:
                       concurrency=concurrency,
                       timers={"schedule": 1, "abort": 1, "worker_info": 10,
                               "sweep": max(1, min(MAX_SWEEP_S, self.heartbeat_s // 2))},
-                      shutdown_grace_period_s=5)
+                      shutdown_grace_period_s=shutdown_grace_s)
+
+
+@functools.cache
+def _quickly_sweeping_queue() -> Any:
+    """SAQ's Redis queue whose sweep waits :data:`SWEEP_ABORT_WAIT_S` per stuck job."""
+    from saq.queue.redis import RedisQueue
+
+    class QuicklySweepingQueue(RedisQueue):
+        async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
+            return await super().sweep(lock, min(abort, SWEEP_ABORT_WAIT_S))
+
+    return QuicklySweepingQueue

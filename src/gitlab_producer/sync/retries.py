@@ -50,9 +50,10 @@ class Pending:
 class RetrySet:
     """The round's view of the entities kept for retry (loaded once per round)."""
 
-    def __init__(self, store: Store, metrics: Metrics) -> None:
+    def __init__(self, store: Store, metrics: Metrics, gauge: bool = True) -> None:
         self.store = store
         self.metrics = metrics
+        self.gauge = gauge  # off for a view of one entity (a shared round's job)
         self.pending: dict[str, dict[int, Pending]] = {kind: {} for kind in KINDS}
 
     async def load(self) -> None:
@@ -85,5 +86,7 @@ class RetrySet:
         return True
 
     def _gauge(self) -> None:
+        if not self.gauge:
+            return
         for kind in KINDS:
             self.metrics.entities_retrying.labels(kind).set(len(self.pending[kind]))

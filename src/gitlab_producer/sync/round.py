@@ -130,12 +130,16 @@ class SyncRound:
         if any(result.failed.values()):
             result.ok = False
         result.produced = self._produced() - produced_before
+        await self._finish(result, listed_users)
+
+    async def _finish(self, result: RoundResult, listed_users: bool) -> None:
+        """A round that succeeded becomes the base of the next one's windows."""
         if result.ok:
             # In GitLab's time: the next round's windows compare it with GitLab's timestamps.
-            base = repr(ctx.client.clock.to_gitlab(result.started))
-            await ctx.store.set_meta(LAST_ROUND_KEY, base)
+            base = repr(self.ctx.client.clock.to_gitlab(result.started))
+            await self.ctx.store.set_meta(LAST_ROUND_KEY, base)
             if listed_users:
-                await ctx.store.set_meta(LAST_USER_LISTING_KEY, base)
+                await self.ctx.store.set_meta(LAST_USER_LISTING_KEY, base)
 
     def _can_cover(self) -> bool:
         seen = self._last_user_listing
@@ -245,36 +249,43 @@ class SyncRound:
                 return
             if ctx.stop.is_set():
                 continue  # drain without working: the round ends early
-            try:
-                select = covered_by_projects(ctx) if work.kind == "user" else None
-                cursor = await read_events(ctx, work, select)
-                await ctx.save_cursor(work, cursor)
-                await self.retries.succeeded(work)
-                result.synced[work.kind] += 1
-                log.debug("entity_synced", kind=work.kind, id=work.entity_id)
-            except Interrupted:
-                log.info("entity_interrupted", kind=work.kind, id=work.entity_id)
-            except (ForbiddenError, NotFoundError, RetriesExhaustedError) as exc:
-                # That entity's problem: skip it, keep it for the next rounds (stored before
-                # the round can count as complete), keep everything else flowing.
-                reason = _skip_reason(exc)
-                if reason is None:  # 5xx or timeouts to the end: the round fails
-                    await self._failed_kept(work, exc, result)
-                    continue
-                try:
-                    kept = await self.retries.keep(work, reason)
-                except StoreError as store_exc:  # not kept: the round must not count it done
-                    self._failed(work, store_exc, result)
-                    continue
-                result.skipped[work.kind] += 1
-                ctx.metrics.entities_skipped.labels(work.kind, reason).inc()
-                log.warning("entity_skipped" if kept else "entity_gone", kind=work.kind,
-                            id=work.entity_id, reason=reason, error=str(exc),
-                            retried_next_round=kept)
-            except FatalGitLabError:
-                raise
-            except Exception as exc:  # one entity's failure must not stop the others
+            await self.read_one(work, result)
+
+    async def read_one(self, work: Work, result: RoundResult) -> None:
+        """Read one entity's events and count the outcome in ``result`` (synced, skipped or
+        failed; none of them when the service stopped first). Raises only
+        :class:`FatalGitLabError` (the token was rejected: the round cannot go on)."""
+        ctx = self.ctx
+        try:
+            select = covered_by_projects(ctx) if work.kind == "user" else None
+            cursor = await read_events(ctx, work, select)
+            await ctx.save_cursor(work, cursor)
+            await self.retries.succeeded(work)
+            result.synced[work.kind] += 1
+            log.debug("entity_synced", kind=work.kind, id=work.entity_id)
+        except Interrupted:
+            log.info("entity_interrupted", kind=work.kind, id=work.entity_id)
+        except (ForbiddenError, NotFoundError, RetriesExhaustedError) as exc:
+            # That entity's problem: skip it, keep it for the next rounds (stored before
+            # the round can count as complete), keep everything else flowing.
+            reason = _skip_reason(exc)
+            if reason is None:  # 5xx or timeouts to the end: the round fails
                 await self._failed_kept(work, exc, result)
+                return
+            try:
+                kept = await self.retries.keep(work, reason)
+            except StoreError as store_exc:  # not kept: the round must not count it done
+                self._failed(work, store_exc, result)
+                return
+            result.skipped[work.kind] += 1
+            ctx.metrics.entities_skipped.labels(work.kind, reason).inc()
+            log.warning("entity_skipped" if kept else "entity_gone", kind=work.kind,
+                        id=work.entity_id, reason=reason, error=str(exc),
+                        retried_next_round=kept)
+        except FatalGitLabError:
+            raise
+        except Exception as exc:  # one entity's failure must not stop the others
+            await self._failed_kept(work, exc, result)
 
     async def _failed_kept(self, work: Work, exc: Exception, result: RoundResult) -> None:
         self._failed(work, exc, result)
