@@ -136,7 +136,7 @@ def backfill_requests() -> list[dict[str, Any]]:
          "ratio": round(made / bound, 3),
          "detail": f"{projects} projects, exit {code}; lower bound: {text}"},
         {"figure": "backfill: records per second", "value": round(records / took),
-         "unit": "records/s", "limit": "(peers not measured yet)", "ratio": None,
+         "unit": "records/s", "limit": "reported (peers: backfill_peers)", "ratio": None,
          "detail": f"{records} records in {took:.1f} s, {cpu:.1f} s CPU, embedded store, "
                    f"file sink, OPERATIONS_PER_SECOND 5000"},
         {"figure": "backfill: user cache hit ratio", "value": users_seen["ratio"], "unit": "",
