@@ -48,14 +48,20 @@ class Run:
     peak_mb: float
     requests: int
     code: int
+    routes: dict[str, int] | None = None  # requests per simulator route
 
     def rate(self, kinds: tuple[str, ...] = KINDS) -> float:
         return sum(self.records[k] for k in kinds) / self.wall_s
 
     def text(self) -> str:
         counts = ", ".join(f"{k} {self.records[k]}" for k in KINDS if k in self.records)
+        routes = f" {self.routes}" if self.routes else ""
         return (f"{self.name}: {counts} in {self.wall_s:.1f} s ({self.cpu_s:.1f} s CPU, "
-                f"{self.peak_mb:.0f} MB), {self.requests} requests, exit {self.code}")
+                f"{self.peak_mb:.0f} MB), {self.requests} requests{routes}, exit {self.code}")
+
+
+def routes(stats: dict[str, Any]) -> dict[str, int]:
+    return {name: sum(by_status.values()) for name, by_status in stats["by_route"].items()}
 
 
 def venv(name: str, requirement: str) -> Path:
@@ -103,10 +109,11 @@ def ours(sim: Simulator, tmp: Path, kinds: tuple[str, ...]) -> Run:
     sim.reset_stats()
     code, wall, cpu, peak = run_measured([sys.executable, "-m", "gitlab_producer", "backfill"],
                                          env)
-    requests = int(sim.stats()["total"])
+    stats = sim.stats()
     counts: Counter[str] = Counter(json.loads(line)["topic"].rsplit(".", 1)[1] for line
                                    in (work / "objects.jsonl").read_text().splitlines())
-    return Run(f"ours ({', '.join(kinds)})", counts, wall, cpu, peak, requests, code)
+    return Run(f"ours ({', '.join(kinds)})", counts, wall, cpu, peak,
+               int(stats["total"]), code, routes(stats))
 
 
 def peer_env(**extra: str) -> dict[str, str]:
@@ -148,12 +155,13 @@ def tap_gitlab(sim: Simulator, tmp: Path, ids: list[int]) -> Run:
             code, wall, cpu, peak = run_measured(
                 [str(bin_dir / "tap-gitlab"), "--config", str(config), "--catalog",
                  str(tmp / "tap_catalog.json")], env, sink)
-        requests = int(sim.stats()["total"])
+        stats = sim.stats()
         proxy_cpu = cpu_seconds(proxy.pid) - proxy_before
     finally:
         stop(proxy)
-    return Run(f"tap-gitlab 1.0.1 (projects, issues; the proxy used {proxy_cpu:.1f} s CPU)",
-               singer_records(out), wall, cpu, peak, requests, code)
+    return Run(f"tap-gitlab 1.0.1 (projects, issues; the proxy used {proxy_cpu:.2f} s CPU)",
+               singer_records(out), wall, cpu, peak,
+               int(stats["total"]), code, routes(stats))
 
 
 def airbyte(sim: Simulator, tmp: Path, ids: list[int]) -> Run:
@@ -182,9 +190,10 @@ def airbyte(sim: Simulator, tmp: Path, ids: list[int]) -> Run:
         code, wall, cpu, peak = run_measured(
             [str(bin_dir / "source-gitlab"), "read", "--config", str(config), "--catalog",
              str(tmp / "airbyte_catalog.json")], env, sink)
-    requests = int(sim.stats()["total"])
+    stats = sim.stats()
     return Run(f"airbyte-source-gitlab {installed(bin_dir, 'airbyte-source-gitlab')}",
-               singer_records(out), wall, cpu, peak, requests, code)
+               singer_records(out), wall, cpu, peak,
+               int(stats["total"]), code, routes(stats))
 
 
 def installed(bin_dir: Path, package: str) -> str:
