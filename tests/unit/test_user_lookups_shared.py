@@ -12,7 +12,8 @@ import pytest
 
 from gitlab_producer.gitlab.errors import GitLabError
 from gitlab_producer.objects.executor import Progress
-from gitlab_producer.objects.users import Lookups, UserCache, UserLookupFailed
+from gitlab_producer.objects.users import Lookups, UserCache
+from gitlab_producer.sinks.base import DeliveryError
 from gitlab_producer.store.sqlite_store import SQLiteStore
 from tests.unit.test_objects_delivery import FakeExecutor
 
@@ -37,7 +38,7 @@ class SlowExecutor(FakeExecutor):
 async def test_a_user_being_read_by_another_job_is_not_asked_again(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     executor = SlowExecutor()
-    shared: Lookups = {}
+    shared = Lookups()
     first = UserCache(store, executor, 100, shared)  # type: ignore[arg-type]
     second = UserCache(store, executor, 100, shared)  # type: ignore[arg-type]
     one = asyncio.create_task(first.import_users([1, 2], Progress()))
@@ -49,14 +50,14 @@ async def test_a_user_being_read_by_another_job_is_not_asked_again(tmp_path: Pat
     await asyncio.wait_for(asyncio.gather(one, two), 5)
     assert sorted(executor.asked) == [1, 2, 3]
     assert second.stats.requests == 1 and second.stats.hits == 1
-    assert shared == {}
+    assert shared._held == {}
     await store.close()
 
 
 async def test_a_failed_lookup_fails_the_jobs_waiting_for_it(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     executor = SlowExecutor(failing={2})
-    shared: Lookups = {}
+    shared = Lookups()
     first = UserCache(store, executor, 100, shared)  # type: ignore[arg-type]
     second = UserCache(store, executor, 100, shared)  # type: ignore[arg-type]
     one = asyncio.create_task(first.import_users([2], Progress()))
@@ -66,7 +67,7 @@ async def test_a_failed_lookup_fails_the_jobs_waiting_for_it(tmp_path: Path) -> 
     executor.release.set()
     with pytest.raises(GitLabError):
         await asyncio.wait_for(one, 5)
-    with pytest.raises(UserLookupFailed):
+    with pytest.raises(DeliveryError):
         await asyncio.wait_for(two, 5)
-    assert shared == {}
+    assert shared._held == {}
     await store.close()

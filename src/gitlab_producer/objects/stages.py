@@ -104,7 +104,7 @@ class Importer:
         self.metrics = client.metrics
         # Told of each project this process finished (or found gone), after its record says so.
         self.on_project_end: Callable[[ProjectRecord], None] | None = None
-        self._user_lookups: Lookups = {}  # user lookups under way, shared by this process's jobs
+        self._user_lookups: Lookups = Lookups()  # under way, shared by this process's jobs
         self._tasks: dict[str, Callable[[JobRecord, JobPositions], Awaitable[None]]] = {
             "project": self._project, "streams": self._streams,
             "list_merge_requests": self._list_merge_requests, "list_issues": self._list_issues,

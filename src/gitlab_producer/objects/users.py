@@ -8,14 +8,14 @@ is asked again once a day at most. The more projects imported, the fewer user re
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gitlab_producer.gitlab.errors import GitLabError, NotFoundError
+from gitlab_producer.gitlab.errors import NotFoundError
 from gitlab_producer.objects.executor import Executor, Progress
 from gitlab_producer.objects.streams import Scope, stream
 from gitlab_producer.store.base import Store
+from gitlab_producer.store.claims import Claims
 
 FOUND = "user+"
 MISSING = "user-"
@@ -35,22 +35,23 @@ class UserStats:
         return self.hits / total if total else 0.0
 
 
-Lookups = dict[str, "asyncio.Future[None]"]
+Lookups = Claims[str]
 
 
 class UserCache:
     """Positive and negative user lookups in the store, shared by all projects and workers.
 
-    ``in_flight`` (shared by the jobs of one process) holds the lookups under way: a job that
-    meets a user another job is reading waits for that answer instead of asking GitLab again
-    (16 jobs starting together all meet the same few users)."""
+    ``in_flight`` (the claims of one process's jobs, as the deliverer's) holds the lookups
+    under way: a job that meets a user another job is reading waits for that answer instead of
+    asking GitLab again (the jobs starting together all meet the same few users); when that
+    lookup fails, the waiting job fails too and keeps its users for its next try."""
 
     def __init__(self, store: Store, executor: Executor, ttl_s: int,
                  in_flight: Lookups | None = None) -> None:
         self.store = store
         self.executor = executor
         self.ttl_s = ttl_s
-        self.in_flight: Lookups = {} if in_flight is None else in_flight
+        self.in_flight: Lookups = Claims() if in_flight is None else in_flight
         self.stats = UserStats()
 
     async def import_users(self, user_ids: Iterable[int], progress: Progress) -> None:
@@ -63,12 +64,9 @@ class UserCache:
         found = [k for k in keys if k not in unknown]
         if found:
             await self.store.mark_keys(FOUND, found, self.ttl_s)  # a hit refreshes the TTL
-        unseen = await self.store.unseen_keys(MISSING, sorted(unknown, key=int))
-        others = [k for k in unseen if k in self.in_flight]  # being read by another job
-        ask = [k for k in unseen if k not in self.in_flight]
-        loop = asyncio.get_running_loop()
-        mine = {key: loop.create_future() for key in ask}
-        self.in_flight.update(mine)
+        claim = self.in_flight.take(await self.store.unseen_keys(MISSING,
+                                                                 sorted(unknown, key=int)))
+        ask = claim.mine  # the others are being read by another job
         self.stats.hits += len(keys) - len(ask)
         progress.user_hits += len(keys) - len(ask)
         progress.user_requests += len(ask)
@@ -78,17 +76,11 @@ class UserCache:
         try:
             for key in ask:
                 await self._ask(key, progress)
-                mine[key].set_result(None)
-                del self.in_flight[key]
-        finally:
-            for key, future in mine.items():  # a failed lookup: the waiters fail with it
-                if not future.done():
-                    future.set_exception(UserLookupFailed(key))
-                    future.exception()  # retrieved here, whoever waits or not
-                    self.in_flight.pop(key, None)
-        for key in others:
-            if key in self.in_flight:
-                await asyncio.shield(self.in_flight[key])
+        except BaseException as exc:
+            claim.release(exc)
+            raise
+        claim.release()
+        await claim.wait_for_others()
 
     async def _ask(self, key: str, progress: Progress) -> None:
         self.stats.requests += 1
@@ -99,11 +91,3 @@ class UserCache:
             await self.store.mark_keys(MISSING, [key], self.ttl_s)  # never refreshed
             return
         await self.store.mark_keys(FOUND, [key], self.ttl_s)
-
-
-class UserLookupFailed(GitLabError):
-    """Another job's lookup of this user failed: this job's flush fails too, so that its
-    users are looked up again (it keeps them until they were imported)."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"the lookup of user {key} failed in another job")
