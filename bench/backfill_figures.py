@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.harness import cpu_seconds, peak_rss_mb, simulator
+from bench.harness import Simulator, cpu_seconds, peak_rss_mb, simulator
 from gitlab_producer.config import Settings
 
 PER_PAGE = 100
@@ -68,30 +68,65 @@ def lower_bound(out: Path, project_count: int) -> tuple[int, dict[str, int]]:
     return sum(detail.values()), detail
 
 
+def backfill_env(sim: Simulator, tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a measured ``gitlab-producer backfill`` (embedded store, file sink
+    ``tmp/objects.jsonl``); the caller's own service settings are left out."""
+    return {**{k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields},
+            "GITLAB_BASE_URL": f"{sim.url}/api/v4", "GITLAB_PRIVATE_TOKEN": "sim-token",
+            "OUTPUT_FILE": str(tmp / "objects.jsonl"), "STATE_PATH": str(tmp / "state.sqlite3"),
+            "OPERATIONS_PER_SECOND": "5000",
+            "BACKFILL_WAITER_INTERVAL": os.environ.get("BENCH_WAITER_INTERVAL", "1"),
+            "BACKFILL_CONCURRENCY": "16", "LOG_LEVEL": "warning",
+            "METRICS_PORT": "0", "LOG_PORT": "0", **extra}
+
+
+def run_measured(args: list[str], env: dict[str, str], stdout: Any = subprocess.DEVNULL,
+                 ) -> tuple[int, float, float, float]:
+    """Run a process to its end: (exit code, wall s, CPU s, peak RSS MB), sampled every
+    0.1 s (CPU and RSS of the process itself, not of its children)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=stdout, stderr=subprocess.DEVNULL)
+    peak = cpu = 0.0
+    while proc.poll() is None:
+        peak = max(peak, peak_rss_mb(proc.pid))
+        cpu = max(cpu, cpu_seconds(proc.pid))
+        time.sleep(0.1)
+    took = time.perf_counter() - started
+    return proc.wait(), took, cpu, peak
+
+
+def user_lookups(env: dict[str, str]) -> dict[str, Any]:
+    """The user cache's hits and requests over all projects, from ``gitlab-producer status``
+    (its summary line), and the users records in the sink."""
+    done = subprocess.run([sys.executable, "-m", "gitlab_producer", "status"], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    hits = requests = 0
+    for line in done.stdout.splitlines():
+        row = json.loads(line)
+        lookups = row.get("user_lookups") or {}
+        hits += int(lookups.get("cached", 0))
+        requests += int(lookups.get("requested", 0))
+    keys = [message["key"] for message in map(json.loads, Path(env["OUTPUT_FILE"]).read_text()
+                                               .splitlines())
+            if message["topic"].endswith(".users")]
+    ratio = round(hits / (hits + requests), 3) if hits + requests else None
+    return {"hits": hits, "requests": requests, "ratio": ratio, "produced": len(keys),
+            "distinct": len(set(keys))}
+
+
 def backfill_requests() -> list[dict[str, Any]]:
     projects = int(os.environ.get("BENCH_BACKFILL_PROJECTS", "200"))
     users = 100
     with simulator(projects, users, 2000) as sim, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "objects.jsonl"
-        env = {**{k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields},
-               "GITLAB_BASE_URL": f"{sim.url}/api/v4", "GITLAB_PRIVATE_TOKEN": "sim-token",
-               "OUTPUT_FILE": str(out), "STATE_PATH": str(Path(tmp) / "state.sqlite3"),
-               "OPERATIONS_PER_SECOND": "5000",
-               "BACKFILL_WAITER_INTERVAL": os.environ.get("BENCH_WAITER_INTERVAL", "1"),
-               "BACKFILL_CONCURRENCY": "16", "LOG_LEVEL": "warning",
-               "METRICS_PORT": "0", "LOG_PORT": "0"}
+        env = backfill_env(sim, Path(tmp))
         sim.reset_stats()
-        started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "gitlab_producer", "backfill"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        peak = cpu = 0.0
-        while proc.poll() is None:
-            peak = max(peak, peak_rss_mb(proc.pid))
-            cpu = max(cpu, cpu_seconds(proc.pid))
-            time.sleep(0.1)
-        took = time.perf_counter() - started
-        code = proc.wait()
-        made = int(sim.stats()["total"])
+        code, took, cpu, peak = run_measured([sys.executable, "-m", "gitlab_producer",
+                                              "backfill"], env)
+        stats = sim.stats()
+        made = int(stats["total"])
+        users_seen = user_lookups(env)
+        users_seen["user_route"] = sum(stats["by_route"].get("user", {}).values())
         bound, detail = lower_bound(out, projects)
         records = len(out.read_text().splitlines())
     text = ", ".join(f"{k} {v}" for k, v in detail.items())
@@ -101,9 +136,16 @@ def backfill_requests() -> list[dict[str, Any]]:
          "ratio": round(made / bound, 3),
          "detail": f"{projects} projects, exit {code}; lower bound: {text}"},
         {"figure": "backfill: records per second", "value": round(records / took),
-         "unit": "records/s", "limit": "(peers not measured yet)", "ratio": None,
+         "unit": "records/s", "limit": "reported (peers: backfill_peers)", "ratio": None,
          "detail": f"{records} records in {took:.1f} s, {cpu:.1f} s CPU, embedded store, "
                    f"file sink, OPERATIONS_PER_SECOND 5000"},
+        {"figure": "backfill: user cache hit ratio", "value": users_seen["ratio"], "unit": "",
+         "limit": "reported", "ratio": None,
+         "detail": f"user lookups answered by the shared cache: {users_seen['hits']} of "
+                   f"{users_seen['hits'] + users_seen['requests']} ({users_seen['requests']} "
+                   f"asked GitLab, GET /users/:id: {users_seen['user_route']} requests); "
+                   f"{users_seen['produced']} users records, {users_seen['distinct']} "
+                   f"distinct"},
         {"figure": "backfill: peak memory", "value": round(peak), "unit": "MB",
          "limit": "<= 300", "ratio": round(peak / 300, 2),
          "detail": f"peak RSS of the backfill process over {records} records"},
@@ -164,4 +206,36 @@ def object_sync_idle() -> list[dict[str, Any]]:
          "detail": f"{projects} projects: every list read whole again, only the children of "
                    f"changed parents and open merge requests' commits; produced "
                    f"{sweep['produced']}, deleted {sweep['deleted']}, {sweep['duration_s']} s"},
+    ]
+
+
+def backfill_memory() -> list[dict[str, Any]]:
+    """Peak RSS of a full backfill (every kind) at growing instance sizes
+    (``BENCH_MEMORY_SIZES``: project counts, each with the simulator's ~64 objects per
+    project on average, jobs and resource events on top)."""
+    sizes = [int(n) for n in os.environ.get("BENCH_MEMORY_SIZES", "500,1500,3000").split(",")]
+    runs = []
+    for projects in sizes:
+        with (simulator(projects, max(100, projects // 10), 2000) as sim,
+              tempfile.TemporaryDirectory() as tmp):
+            env = backfill_env(sim, Path(tmp))
+            code, took, _cpu, peak = run_measured([sys.executable, "-m", "gitlab_producer",
+                                                   "backfill"], env)
+            with Path(env["OUTPUT_FILE"]).open("rb") as out:
+                records = sum(1 for _line in out)
+        runs.append((projects, peak, records, took, code))
+        print(f"   {projects} projects: {peak:.0f} MB peak RSS, {records} records in "
+              f"{took:.0f} s, exit {code}", flush=True)
+    largest = runs[-1]
+    growth = largest[1] - runs[0][1]
+    text = "; ".join(f"{p} projects: {m:.0f} MB over {r} records in {t:.0f} s (exit {c})"
+                     for p, m, r, t, c in runs)
+    return [
+        {"figure": f"backfill: peak memory, {largest[0]} projects", "value": round(largest[1]),
+         "unit": "MB", "limit": "<= 300", "ratio": round(largest[1] / 300, 2),
+         "detail": f"every kind, embedded store, file sink; {text}"},
+        {"figure": "backfill: peak memory growth with instance size", "value": round(growth),
+         "unit": "MB", "limit": "flat", "ratio": None,
+         "detail": f"{runs[0][0]} to {largest[0]} projects ({runs[0][2]} to {largest[2]} "
+                   f"records): {runs[0][1]:.0f} -> {largest[1]:.0f} MB"},
     ]

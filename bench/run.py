@@ -2,9 +2,10 @@
 
 Figures: catch_up, quiet_costs, rate_cap, memory, tail_latency, simulator_throughput,
 simulator_size, webhook_latency, sqlite_marks, redis_restart, simulator_objects,
-artifact_upload, webhook_memory, scaleout_overhead, object_sync_idle (default: all).
-Everything runs on loopback: the simulator and the service as separate processes, a tansu
-broker, and the machine's Redis (``BENCH_REDIS``, default 127.0.0.1:6379).
+artifact_upload, webhook_memory, backfill_requests, scaleout_overhead, object_sync_idle,
+backfill_peers, backfill_memory (default: all). Everything runs on loopback:
+the simulator and the service as separate processes, a tansu broker, and the machine's Redis
+(``BENCH_REDIS``, default 127.0.0.1:6379).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import backfill_figures, figures, scaleout_figures
+from bench import backfill_figures, figures, peer_figures, scaleout_figures
 from bench.harness import RESULTS, clean_redis, save_json
 
 ALL = ("catch_up", "quiet_costs", "rate_cap", "memory", "tail_latency", "tail_latency_uncapped",
        "simulator_throughput",
        "simulator_size", "webhook_latency", "sqlite_marks", "redis_restart", "simulator_objects",
        "artifact_upload", "webhook_memory", "backfill_requests", "scaleout_overhead",
-       "object_sync_idle")
+       "object_sync_idle", "backfill_peers", "backfill_memory")
 
 
 def machine() -> str:
@@ -47,7 +48,7 @@ def main(names: list[str]) -> None:
         print(f"== {name}", flush=True)
         try:
             found = (getattr(figures, name, None) or getattr(scaleout_figures, name, None)
-                     or getattr(backfill_figures, name))
+                     or getattr(backfill_figures, name, None) or getattr(peer_figures, name))
             found = found()
         finally:
             print(f"   (removed {clean_redis()} benchmark keys from Redis)", flush=True)

@@ -14,7 +14,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import orjson
@@ -34,7 +34,7 @@ from gitlab_producer.objects.engine import LocalDispatcher, SaqDispatcher
 from gitlab_producer.objects.planner import stages_for
 from gitlab_producer.objects.progress import Snapshot, open_view
 from gitlab_producer.objects.stages import Importer, ImportOptions
-from gitlab_producer.objects.state import TERMINAL_PROJECT, Plan, StateStore
+from gitlab_producer.objects.state import TERMINAL_PROJECT, Plan, ProjectRecord, StateStore
 from gitlab_producer.objects.status import project_summary
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, open_store
@@ -43,7 +43,51 @@ from gitlab_producer.sync.shared_rounds import round_jobs_served
 log = get_logger(__name__)
 POLL_S = 0.5
 SUPERVISE_EVERY_S = 30.0  # how often backfill restarts a waiter chain that gave up
+PROJECTS_PER_SLOT = 4  # projects running at once per job slot (BACKFILL_CONCURRENCY)
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+class ProjectWindow:
+    """The projects of a backfill in three sets: waiting to start, running, finished (id ->
+    status, failed jobs). At most ``limit`` run at once, so that the work queued, the waiters
+    and the progress reads follow the concurrency, not the instance's size."""
+
+    def __init__(self, projects: list[int], limit: int) -> None:
+        self.total = len(projects)
+        self.limit = max(1, limit)
+        self.waiting: deque[int] = deque(projects)
+        self.running: set[int] = set()
+        self.finished: dict[int, tuple[str, int]] = {}
+        self.changed = asyncio.Event()  # a project ended
+
+    async def top_up(self, importer: Importer) -> None:
+        """Start (or resume) waiting projects while fewer than ``limit`` run."""
+        while self.waiting and len(self.running) < self.limit:
+            project = await importer.start_project(self.waiting.popleft())
+            if project.status in TERMINAL_PROJECT:
+                self.finished[project.project_id] = (project.status, len(project.failed))
+            else:
+                self.running.add(project.project_id)
+
+    @property
+    def all_finished(self) -> bool:
+        return len(self.finished) == self.total
+
+    def ended(self, project: ProjectRecord) -> None:
+        """``project`` is complete or gone (read here, or told by this process's importer)."""
+        self.running.discard(project.project_id)
+        self.finished[project.project_id] = (project.status, len(project.failed))
+        self.changed.set()
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Until one of ``events`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 class Backfill:
@@ -139,8 +183,6 @@ class Backfill:
                      engine="saq" if saq else "in-process", store="redis" if saq else "sqlite")
             if saq is not None:
                 await saq.connect()
-            for pid in projects:
-                await importer.start_project(pid)
             return await self._work_until_done(state, projects, importer, dispatcher)
         finally:
             for runner in runners:
@@ -162,37 +204,41 @@ class Backfill:
             worker = dispatcher.worker(importer.handlers, s.backfill_concurrency)
             serving = asyncio.create_task(worker.start())
         view = open_view(len(projects), stages_for(importer.options.stage_kinds))
-        # Projects finished in this run stay finished: only the others are read again.
-        finished_before: dict[int, tuple[str, int]] = {}
+        window = ProjectWindow(projects, PROJECTS_PER_SLOT * s.backfill_concurrency)
+        importer.on_project_end = window.ended  # a project finished here frees its slot at once
         started = last_supervision = time.monotonic()
+        shown = -POLL_S
         try:
             while True:
+                await window.top_up(importer)
                 if serving.done():
                     serving.result()  # a crashed worker is an error, not a hang
                     return EXIT_FAILED
-                fatal = await state.fatal()
-                if fatal:
-                    print(f"backfill stopped: {fatal}", file=sys.stderr)
-                    return EXIT_FAILED
-                snapshot = await self._progress(state, projects, finished_before)
-                snapshot.imported_here = importer.deliverer.imported
-                snapshot.elapsed_s = time.monotonic() - started
-                finished = snapshot.done == len(projects)
-                view.show(snapshot, final=finished)
-                if finished:
-                    log.info("backfill_finished", projects=len(projects),
-                             failed_jobs=snapshot.failed_jobs)
-                    return EXIT_FAILED if snapshot.failed_jobs else EXIT_OK
+                if time.monotonic() - shown >= POLL_S or window.all_finished:
+                    shown = time.monotonic()
+                    fatal = await state.fatal()
+                    if fatal:
+                        print(f"backfill stopped: {fatal}", file=sys.stderr)
+                        return EXIT_FAILED
+                    snapshot = await self._progress(state, window)
+                    snapshot.imported_here = importer.deliverer.imported
+                    snapshot.elapsed_s = time.monotonic() - started
+                    finished = snapshot.done == len(projects)
+                    view.show(snapshot, final=finished)
+                    if finished:
+                        log.info("backfill_finished", projects=len(projects),
+                                 failed_jobs=snapshot.failed_jobs)
+                        return EXIT_FAILED if snapshot.failed_jobs else EXIT_OK
                 if self.stop.is_set():
-                    log.info("backfill_interrupted", projects_done=snapshot.done)
+                    log.info("backfill_interrupted", projects_done=len(window.finished))
                     return EXIT_FAILED
                 if time.monotonic() - last_supervision >= SUPERVISE_EVERY_S:
                     last_supervision = time.monotonic()
-                    for pid in projects:
-                        if pid not in finished_before:
-                            await importer.keep_waiting(pid)
+                    for pid in sorted(window.running):
+                        await importer.keep_waiting(pid)
+                window.changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), POLL_S)
+                    await asyncio.wait_for(_first(self.stop, window.changed), POLL_S)
         finally:
             worker_stop.set()
             if isinstance(dispatcher, LocalDispatcher):
@@ -203,23 +249,23 @@ class Backfill:
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
 
-    async def _progress(self, state: StateStore, projects: list[int],
-                        finished: dict[int, tuple[str, int]]) -> Snapshot:
-        """Where the projects stand. ``finished`` (project id -> status, failed jobs) is
-        filled as projects end, which are then not read again. The projects gauge follows."""
-        snapshot = Snapshot(len(projects))
-        for pid in projects:
-            if pid not in finished:
-                project = await state.project(pid)
-                if project is None or project.status not in TERMINAL_PROJECT:
-                    snapshot.at_stage[project.stage if project is not None else 1] += 1
-                    continue
-                finished[pid] = (project.status, len(project.failed))
-            snapshot.done += 1
-            snapshot.failed_jobs += finished[pid][1]
+    async def _progress(self, state: StateStore, window: ProjectWindow) -> Snapshot:
+        """Where the projects stand: only the running ones are read (a finished one is not
+        read again, one not started yet is at the first stage). The projects gauge follows."""
+        snapshot = Snapshot(window.total)
+        for pid in sorted(window.running):
+            project = await state.project(pid)
+            if project is None or project.status not in TERMINAL_PROJECT:
+                snapshot.at_stage[project.stage if project is not None else 1] += 1
+                continue
+            window.ended(project)
+        snapshot.at_stage[1] += len(window.waiting)
+        finished = window.finished
+        snapshot.done = len(finished)
+        snapshot.failed_jobs = sum(failed for _status, failed in finished.values())
         ended = Counter(status for status, _failed in finished.values())
         gauge = self.metrics.backfill_projects
-        gauge.labels("running").set(len(projects) - snapshot.done)
+        gauge.labels("running").set(window.total - snapshot.done)
         for status in TERMINAL_PROJECT:
             gauge.labels(status).set(ended[status])
         return snapshot

@@ -27,6 +27,7 @@ import heapq
 import itertools
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -101,7 +102,9 @@ class LocalDispatcher:
         self._heap: list[_Entry] = []
         self._keys: set[str] = set()
         self._seq = itertools.count()
-        self._wake = asyncio.Event()
+        # One future per idle server: a new entry wakes one of them, not all (16 servers woken
+        # for every enqueue cost more than the jobs they then did not find).
+        self._sleepers: deque[asyncio.Future[None]] = deque()
         self._rng = rng or random.Random()
         self.running = 0
 
@@ -111,7 +114,20 @@ class LocalDispatcher:
             return
         self._keys.add(key)
         heapq.heappush(self._heap, _Entry(at, next(self._seq), key, function, kwargs))
-        self._wake.set()
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._sleepers:
+            sleeper = self._sleepers.popleft()
+            if not sleeper.done():
+                sleeper.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        while self._sleepers:
+            sleeper = self._sleepers.popleft()
+            if not sleeper.done():
+                sleeper.set_result(None)
 
     async def pending(self, keys: Iterable[str]) -> set[str]:
         return {k for k in keys if k in self._keys}
@@ -126,24 +142,28 @@ class LocalDispatcher:
             for _ in range(self.concurrency):
                 group.create_task(self._serve(stop))
             await stop.wait()
-            self._wake.set()
+            self._wake_all()
 
     async def _next(self, stop: asyncio.Event) -> _Entry | None:
         while not stop.is_set():
             now = time.time()
             if self._heap and self._heap[0].at <= now:
-                return heapq.heappop(self._heap)
+                entry = heapq.heappop(self._heap)
+                if self._heap and self._heap[0].at <= now:
+                    self._wake_one()  # more is ready: another sleeper takes it
+                return entry
             delay = (self._heap[0].at - now) if self._heap else None
-            self._wake.clear()
+            sleeper = asyncio.get_running_loop().create_future()
+            self._sleepers.append(sleeper)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                await asyncio.wait_for(sleeper, delay)
         return None
 
     async def _serve(self, stop: asyncio.Event) -> None:
         while True:
             entry = await self._next(stop)
             if entry is None:
-                self._wake.set()  # let the other servers see the stop too
+                self._wake_all()  # let the other servers see the stop too
                 return
             entry.attempt += 1
             self.running += 1
@@ -154,7 +174,7 @@ class LocalDispatcher:
                 if entry.attempt < self.max_attempts:
                     entry.at = time.time() + backoff_s(entry.attempt, self._rng)
                     heapq.heappush(self._heap, entry)
-                    self._wake.set()
+                    self._wake_one()
                     log.warning("job_retry", key=entry.key, attempt=entry.attempt,
                                 error=str(exc) or type(exc).__name__)
                     continue

@@ -67,7 +67,7 @@ from gitlab_producer.objects.state import (
 )
 from gitlab_producer.objects.status import project_summary
 from gitlab_producer.objects.streams import Scope, stream
-from gitlab_producer.objects.users import UserCache
+from gitlab_producer.objects.users import Lookups, UserCache
 from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store.base import StoreError
 
@@ -107,6 +107,9 @@ class Importer:
         self.dispatcher = dispatcher
         self.options = options
         self.metrics = client.metrics
+        # Told of each project this process finished (or found gone), after its record says so.
+        self.on_project_end: Callable[[ProjectRecord], None] | None = None
+        self._user_lookups: Lookups = Lookups()  # under way, shared by this process's jobs
         self._tasks: dict[str, Callable[[JobRecord, JobPositions], Awaitable[None]]] = {
             "project": self._project, "streams": self._streams,
             "list_merge_requests": self._list_merge_requests, "list_issues": self._list_issues,
@@ -119,11 +122,15 @@ class Importer:
         return {RUN_JOB: self.run_job, WAIT_STAGE: self.wait_stage}
 
     # -- starting and resuming -----------------------------------------------------------
-    async def start_project(self, project_id: int) -> None:
-        """Begin (or resume) the import of one project from its durable state."""
+    async def start_project(self, project_id: int) -> ProjectRecord:
+        """Begin (or resume) the import of one project from its durable state; returns its
+        record (``running``, or already complete or gone)."""
         project = await self.state.project(project_id)
+        # A resumed stage may have finished unseen (a crash before its advance): look at once.
+        first_look_s = 0.0
         if project is None:
             now = time.time()
+            first_look_s = self.options.waiter_interval_s
             project = ProjectRecord(project_id, stage=1, started=now, stage_started=now)
             project.jobs = [await self._new_job(project_id, 1, "project",
                                                 {"streams": ["project"]})]
@@ -135,12 +142,13 @@ class Importer:
             project.failed = list(dict.fromkeys([*project.failed, *project.jobs]))
             project = await self._retry_failed(project)
         elif project.status != "running":
-            return
+            return project
         for job_id in project.jobs:
             job = await self.state.job(job_id)
             if job is not None and job.status not in TERMINAL_JOB:
                 await self._dispatch(job)
-        await self._dispatch_waiter(project)
+        await self._dispatch_waiter(project, first_look_s)
+        return project
 
     async def keep_waiting(self, project_id: int) -> None:
         """Make sure a running project has its waiter and its stage's jobs: a waiter chain
@@ -283,7 +291,9 @@ class Importer:
             if job is not None and job.status not in TERMINAL_JOB:
                 await self._dispatch(job)
         if nxt != FINISH:
-            await self._dispatch_waiter(project)
+            # Its jobs just started: the first look is one interval away (a single job
+            # advances the project itself, the waiter then only backs it up).
+            await self._dispatch_waiter(project, self.options.waiter_interval_s)
 
     # -- running a job -------------------------------------------------------------------
     async def run_job(self, call: Call, kwargs: dict[str, Any]) -> None:
@@ -311,7 +321,8 @@ class Importer:
         executor = Executor(self.client, self.deliverer, self.options.kinds, call.heartbeat,
                             find_uploads=self.options.attachments,
                             on_delivered=KeyIndex(self.state.store).record)
-        users = UserCache(self.state.store, executor, self.options.user_ttl_s)
+        users = UserCache(self.state.store, executor, self.options.user_ttl_s,
+                          self._user_lookups)
         positions = JobPositions(job, self.state, users, progress)
         try:
             try:
@@ -374,6 +385,8 @@ class Importer:
             project.error = "404: the project was deleted during the import"
             await self.state.save_project(project)
             log.warning("project_gone", project_id=job.project_id)
+            if self.on_project_end is not None:
+                self.on_project_end(project)
 
     # -- tasks ---------------------------------------------------------------------------
     async def _read(self, job: JobRecord, positions: JobPositions, name: str,
@@ -536,6 +549,8 @@ class Importer:
         project.status, project.finished, project.retrying = COMPLETE, now, {}
         project.all_jobs.append(job.id)
         await self.state.save_project(project)
+        if self.on_project_end is not None:
+            self.on_project_end(project)
         log.info("project_import_finished", message="GitLab project import finished",
                  duration_s=round(now - project.started, 2),
                  objects_imported={"fetched": summary["fetched"],

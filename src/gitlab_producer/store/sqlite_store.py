@@ -80,6 +80,7 @@ class SQLiteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._migrate()
         self._last_purge = 0.0
+        self._last_keyed_purge = 0.0
 
     def _migrate(self) -> None:
         db = self._db
@@ -148,10 +149,17 @@ class SQLiteStore:
     async def mark_keys(self, namespace: str, keys: Sequence[str], ttl_s: int) -> None:
         def write(db: sqlite3.Connection) -> None:
             now = time.time()
+            # The purge scans the whole table (no index on expires_at): now and then, like
+            # the event marks. (On every call, a backfill's version marks made each batch
+            # cost more than the last: 5.7 ms of CPU per record at 1,300 projects.)
+            purge = now - self._last_keyed_purge > PURGE_EVERY_S
             with transaction(db):
                 db.executemany("INSERT OR REPLACE INTO keyed (namespace, key, expires_at) "
                                "VALUES (?, ?, ?)", [(namespace, k, now + ttl_s) for k in keys])
-                db.execute("DELETE FROM keyed WHERE expires_at <= ?", (now,))
+                if purge:
+                    db.execute("DELETE FROM keyed WHERE expires_at <= ?", (now,))
+            if purge:
+                self._last_keyed_purge = now
 
         if keys:
             await self._run(write)
