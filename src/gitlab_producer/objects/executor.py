@@ -128,8 +128,9 @@ class Executor:
         saved = positions.position(stream_id)
         if saved is not None and saved.get("done"):
             return
-        paginator: Paginator = (KeysetPaginator() if stream.paging is Paging.KEYSET
-                                else OffsetPaginator())
+        # GITLAB_MAX_PAGES and the repeated-page check apply as on every other list.
+        paginator: Paginator = (KeysetPaginator if stream.paging is Paging.KEYSET
+                                else OffsetPaginator)(stream.name, self.client.max_pages)
         params = {**dict(stream.params), **(extra or {})}
         target, query = stream.url(scope), dict(params)
         if saved is not None and saved.get("url"):
