@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.simulator import objects_repo_api
 from gitlab_producer.simulator.server import SimulatorThread, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
@@ -43,3 +46,40 @@ async def test_a_branch_deleted_and_restored_at_the_same_commit_is_produced_agai
         assert last.value is not None, "the restored branch stays deleted downstream"
     finally:
         await close(sync)
+
+
+BIG = WorldSpec(projects=1, users=6, events=30, history_days=1.0, seed=35, quiet_s=7200.0,
+                objects_per_project=12, feature_off_share=0.0, big_project_issues=150)
+
+
+async def test_a_deletion_during_a_sweep_tombstones_no_issue_that_exists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An issue deleted from page 1 while the sweep reads page 2 of the offset-paged list
+    shifts the first issue of page 2 onto page 1: the sweep does not see it, and must not
+    tombstone it (it exists); the deleted one gets its tombstone by this sweep or the next."""
+    with running_simulator(BIG) as sim:
+        sync, sink, _metrics = await make(sim, tmp_path)
+        sync.options = dataclasses.replace(sync.options, sweep_interval_s=0.0)
+        try:
+            assert (await sync.round()).ok  # the first sweep: every issue is known
+            real_get = GitLabClient.get
+            deleted: list[int] = []
+
+            async def get(self: GitLabClient, path: str, *args: Any, **kw: Any) -> Any:
+                answer = await real_get(self, path, *args, **kw)
+                if path.endswith("/issues") and not deleted:  # page 1 was just read
+                    done = httpx.post(f"{sim.url}/_simulator/changes", timeout=10, json={
+                        "kind": "delete_issue", "project_id": 1, "iid": 1}).json()
+                    deleted.append(done["changes"][0]["object"]["iid"])
+                return answer
+
+            monkeypatch.setattr(GitLabClient, "get", get)
+            before = len(sink.sent)
+            assert (await sync.round()).ok
+            monkeypatch.undo()
+            assert (await sync.round()).ok
+            tombstones = {m.key.decode() for m in sink.sent[before:]
+                          if m.value is None and m.topic == "p.issues"}
+            assert tombstones == {f"projects/1/issues/{deleted[0]}"}
+        finally:
+            await close(sync)

@@ -327,7 +327,8 @@ class ObjectSync:
         if spec.kind in TOP_KINDS:
             known = await self.index.keys(pid, spec.kind)
             # Only a whole list shows every object: only a whole list deletes.
-            gone = rules.deleted(known, got.keys) if not extra else []
+            missing = rules.deleted(known, got.keys) if not extra else []
+            gone = [key for key in missing if not await self._still_there(key, spec.name)]
             deleted += await self._tombstones(pid, spec.kind, gone)
             for key in gone:
                 deleted += await self._children_gone(pid, key)
@@ -397,6 +398,18 @@ class ObjectSync:
         if merged != known:
             await self.index.set_children(pid, parent, iid, merged)
         return deleted
+
+    async def _still_there(self, key: str, endpoint: str) -> bool:
+        """Whether a key a whole list did not show still answers (the key is its REST path):
+        an offset-paged list shifts under a deletion on an earlier page while it is read, so
+        an object missing from it is asked for once before it gets a tombstone."""
+        try:
+            await self.client.get(key, None, endpoint)
+        except NotFoundError:
+            return False
+        except ForbiddenError:
+            return True  # hidden, not known to be deleted: nothing decided
+        return True
 
     async def _children_gone(self, pid: int, key: str) -> int:
         """A deleted issue's or merge request's threads, notes and events go with it."""
