@@ -55,3 +55,46 @@ async def test_an_endless_object_list_is_abandoned_after_max_pages(
     finally:
         await client.aclose()
         await store.close()
+
+
+@pytest.fixture
+async def odd_threads() -> AsyncIterator[str]:
+    """A discussions page whose second thread holds a note without an id and whose third
+    holds ``notes`` that are not a list, between good ones."""
+    good = {"id": "a1", "notes": [{"id": 11, "body": "ok", "updated_at": "2026-01-01T00:00:00Z"}]}
+    bad = {"id": "b2", "notes": [{"body": "no id"}]}
+    odd = {"id": "c3", "notes": {"id": 13}}
+    last = {"id": "d4", "notes": [{"id": 14, "body": "ok", "updated_at": "2026-01-01T00:00:00Z"}]}
+
+    async def page(request: web.Request) -> web.Response:
+        return web.json_response([good, bad, odd, last], headers={"X-Next-Page": ""})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/api/v4"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_malformed_note_in_a_thread_is_skipped_not_fatal(
+        odd_threads: str, tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    client = GitLabClient(odd_threads, "t", RateLimiter(10_000))
+    sink = ListSink()
+    executor = Executor(client, ObjectDeliverer(store, sink, "p", "s", 60), frozenset(KINDS))
+    progress = Progress()
+    try:
+        await executor.read(stream("discussions"), Scope(1, "issues", 5), progress,
+                            NoPositions(), "discussions")
+    finally:
+        await client.aclose()
+        await store.close()
+    keys = {m.key.decode() for m in sink.sent}
+    assert {"projects/1/issues/5/notes/11", "projects/1/issues/5/notes/14"} <= keys
+    assert {f"projects/1/issues/5/discussions/{d}" for d in ("a1", "b2", "c3", "d4")} <= keys
+    assert progress.malformed == 2
