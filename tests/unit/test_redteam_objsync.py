@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,3 +146,31 @@ async def test_an_edit_during_a_windowed_read_costs_no_other_issue(
             assert {f"projects/1/issues/{i}" for i in range(1, 151)} <= fresh
         finally:
             await close(sync)
+
+
+async def test_the_object_sync_carries_on_after_the_store_lost_its_state(
+        sim: SimulatorThread, tmp_path: Path) -> None:
+    """A Redis restarted without persistence loses the import's plan: the object rounds must
+    not go on doing nothing (ok, 0 projects, 0 requests) for ever; a label-only edit still
+    arrives by the next sweep (unchanged objects may be produced again, as events are)."""
+    sync, sink, _metrics = await make(sim, tmp_path)
+    sync.options = dataclasses.replace(sync.options, sweep_interval_s=0.0)
+    try:
+        assert (await sync.round()).ok
+        _forget_everything(tmp_path / "s.db")
+        assert await sync.state.plan() is None
+        done = httpx.post(f"{sim.url}/_simulator/changes", timeout=10, json={
+            "kind": "add_label", "project_id": 1, "on": "issue"}).json()["changes"][0]
+        before = len(sink.sent)
+        assert (await sync.round()).ok
+        key = f"projects/1/issues/{done['object']['iid']}".encode()
+        assert key in {m.key for m in sink.sent[before:]}
+    finally:
+        await close(sync)
+
+
+def _forget_everything(path: Path) -> None:
+    """What a Redis restarted without persistence shows: no key at all."""
+    with sqlite3.connect(path) as db:
+        db.executescript("DELETE FROM meta; DELETE FROM keyed; DELETE FROM sent; "
+                         "DELETE FROM cursors;")

@@ -46,7 +46,7 @@ from gitlab_producer.objects.executor import Executor, Progress
 from gitlab_producer.objects.keyindex import CHILD_KINDS, TOP_KINDS, KeyIndex
 from gitlab_producer.objects.marks import hook_marks, marks_of
 from gitlab_producer.objects.records import ObjectRecord, content_hash
-from gitlab_producer.objects.state import GONE, StateStore
+from gitlab_producer.objects.state import GONE, Plan, StateStore
 from gitlab_producer.objects.streams import Paging, Scope, Stream, stream
 from gitlab_producer.objects.users import UserCache
 from gitlab_producer.sinks.base import DeliveryError, Sink
@@ -128,6 +128,7 @@ class ObjectSync:
         self.index = KeyIndex(store)
         self.state = StateStore(store)
         self.marked: dict[int, set[tuple[str, int]]] = {}  # named by events and webhooks
+        self._plan: Plan | None = None  # the import's plan as last read from the store
 
     # -- marks ---------------------------------------------------------------------------
     def mark(self, found: tuple[int, str, int] | None) -> None:
@@ -173,8 +174,17 @@ class ObjectSync:
 
     async def _round(self, outcome: RoundOutcome) -> None:
         plan = await self.state.plan()
+        if plan is None and self._plan is not None:
+            # The store lost its state (a Redis restarted without persistence, or flushed):
+            # carry on with the plan this process knows; the next round sweeps, and what the
+            # lost version marks kept from Kafka is produced again (as events are).
+            log.error("object_sync_state_lost", detail="the store lost the import's plan, "
+                      "watermarks and version marks; objects are swept and produced again")
+            plan = self._plan
+            await self.state.save_plan(plan)
         if plan is None:
             return
+        self._plan = plan
         round_start = self.client.clock.now()
         last_round = await self._float(LAST_ROUND)
         last_sweep = await self._float(LAST_SWEEP)
