@@ -29,9 +29,6 @@ def sim() -> Iterator[SimulatorThread]:
         yield running
 
 
-@pytest.mark.xfail(strict=True, reason="a key tombstoned and then listed again with the "
-                   "version it had before is never produced again: its old version mark "
-                   "suppresses it, so the compacted topic keeps the tombstone")
 async def test_a_branch_deleted_and_restored_at_the_same_commit_is_produced_again(
         sim: SimulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sync, sink, _metrics = await make(sim, tmp_path)

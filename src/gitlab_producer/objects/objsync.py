@@ -99,6 +99,8 @@ class Collected:
 
     keys: set[str] = field(default_factory=set)
     fresh: set[str] = field(default_factory=set)
+    dead: set[str] = field(default_factory=set)  # keys tombstoned before (set by the reader)
+    back: dict[str, ObjectRecord] = field(default_factory=dict)  # dead keys listed again
     children: dict[str, set[str]] = field(default_factory=dict)
     items: list[dict[str, Any]] = field(default_factory=list)
 
@@ -110,6 +112,8 @@ class Collected:
                 self.children.setdefault(r.kind, set()).add(r.key)
             elif r.kind == spec.kind:
                 self.keys.add(r.key)
+                if r.key in self.dead and r.raw is not None:
+                    self.back[r.key] = r
 
     async def on_page(self, items: list[dict[str, Any]]) -> None:
         self.items.extend(items)
@@ -324,7 +328,8 @@ class ObjectSync:
         read = rules.window(watermark, round_start, self.options.overlap_s)
         whole = sweep and spec.updated_filter == "updated_after"
         extra = {} if whole else read.params(spec)
-        got = Collected()
+        dead = await self._dead(pid, spec.kind) if spec.kind in TOP_KINDS else set()
+        got = Collected(dead=dead)
         executor.on_delivered = got.on_delivered
         try:
             await executor.read(spec, Scope(pid), progress, NoPositions(), spec.name,
@@ -342,6 +347,14 @@ class ObjectSync:
             deleted += await self._tombstones(pid, spec.kind, gone)
             for key in gone:
                 deleted += await self._children_gone(pid, key)
+            # A key tombstoned before and listed again (a branch restored at the same commit)
+            # is produced again, whatever its old version mark says.
+            back = [r for k, r in sorted(got.back.items()) if k not in got.fresh]
+            if back:
+                produced = await self.deliverer.deliver(back, again=True)
+                progress.produced.update(produced.produced)
+            if gone or got.back:
+                await self._set_dead(pid, spec.kind, (dead - set(got.back)) | set(gone))
             if gone or not got.keys <= known:
                 await self.index.set_keys(pid, spec.kind, (known | got.keys) - set(gone))
         parent = spec.name if spec.name in rules.CHILDREN else ""
@@ -408,6 +421,13 @@ class ObjectSync:
         if merged != known:
             await self.index.set_children(pid, parent, iid, merged)
         return deleted
+
+    async def _dead(self, pid: int, kind: str) -> set[str]:
+        raw = await self.store.get_meta(f"os:dead:{pid}:{kind}")
+        return set(orjson.loads(raw)) if raw else set()
+
+    async def _set_dead(self, pid: int, kind: str, keys: set[str]) -> None:
+        await self.store.set_meta(f"os:dead:{pid}:{kind}", orjson.dumps(sorted(keys)).decode())
 
     async def _still_there(self, key: str, endpoint: str) -> bool:
         """Whether a key a whole list did not show still answers (the key is its REST path):
