@@ -41,6 +41,7 @@ MIN_UPLOAD_TOKEN_CHARS = 16
 LogLevel = Literal["debug", "info", "warning", "error"]
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,239}")
+_OBJECT_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,223}")
 _PATH_RE = re.compile(r"[A-Za-z0-9._/-]{1,200}")
 DAY_S = 86_400
 MIB = 1024 * 1024
@@ -273,6 +274,16 @@ class Settings(BaseSettings):
         # Kafka's own rule for topic names (the derived .hooks/.artifacts add 10 characters).
         if value and not _TOPIC_RE.fullmatch(value):
             raise ValueError("must be a Kafka topic name: 1-239 of a-z A-Z 0-9 . _ -")
+        return value
+
+    @field_validator("kafka_object_topic_prefix")
+    @classmethod
+    def _object_topic_prefix(cls, value: str) -> str:
+        # <prefix>.<kind> must be a Kafka topic name (249 characters at most, the longest
+        # kind ".resource_milestone_events" adding 26).
+        if not _OBJECT_PREFIX_RE.fullmatch(value):
+            raise ValueError("must make Kafka topic names <prefix>.<kind>: 1-223 of "
+                             "a-z A-Z 0-9 . _ -")
         return value
 
     @field_validator("kafka_bootstrap_servers")

@@ -71,6 +71,22 @@ class LogControl:
 CONTROL = LogControl()
 
 
+class _LibraryLogs(logging.Handler):
+    """Libraries' standard-library log records (SAQ, aiohttp, redis-py) as the service's own
+    JSON lines, scrubbed like every other: without it Python's last-resort handler prints
+    them as plain text with multi-line tracebacks."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            method = record.levelname.lower()
+            log = structlog.get_logger(record.name)
+            getattr(log, method if method in LEVELS else "error")(
+                record.getMessage(), logger=record.name,
+                exc_info=record.exc_info if record.exc_info else None)
+        except Exception:  # a log line must never break the caller
+            self.handleError(record)
+
+
 def configure(level: str = "info") -> LogControl:
     """Set up JSON logging to stderr at ``level``."""
     CONTROL.level = level
@@ -86,6 +102,11 @@ def configure(level: str = "info") -> LogControl:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryLogs) for h in root.handlers):
+        root.addHandler(_LibraryLogs(logging.WARNING))
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
     return CONTROL
 
 

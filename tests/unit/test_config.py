@@ -68,6 +68,9 @@ def test_every_seed_variable_overrides_the_file(tmp_path: Path,
     # Version marks must outlive the sweep interval, or a sweep produces unchanged objects.
     ("object_sweep_interval", 91 * 86_400, "OBJECT_VERSION_TTL"),
     ("sync_objects", "maybe", "SYNC_OBJECTS"),
+    # <prefix>.<kind> must be a legal topic name (else every object send fails at run time).
+    ("kafka_object_topic_prefix", "bad/topic", "KAFKA_OBJECT_TOPIC_PREFIX"),
+    ("kafka_object_topic_prefix", "x" * 224, "KAFKA_OBJECT_TOPIC_PREFIX"),
 ])
 def test_bad_values_name_their_variable(field: str, value: object, named: str) -> None:
     with pytest.raises(ConfigError, match=named) as caught:

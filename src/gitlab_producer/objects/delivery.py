@@ -49,13 +49,16 @@ class ObjectDeliverer:
     def topic(self, kind: str) -> str:
         return f"{self.topic_prefix}.{kind}"
 
-    async def deliver(self, records: Sequence[ObjectRecord]) -> Delivered:
+    async def deliver(self, records: Sequence[ObjectRecord], again: bool = False) -> Delivered:
+        """Produce the versions not marked yet (``again``: also the marked ones, for a key
+        whose tombstone was produced after them)."""
         if not records:
             return Delivered(0)
         by_mark = {f"{r.key}@{r.version}": r for r in records}
         claim = self._claims.take(by_mark)
         try:
-            fresh = await self.store.unseen_keys(MARKS, claim.mine) if claim.mine else []
+            fresh = (list(claim.mine) if again else
+                     await self.store.unseen_keys(MARKS, claim.mine) if claim.mine else [])
             if fresh:
                 messages = [to_message(by_mark[m], self.topic(by_mark[m].kind), self.source,
                                        self.op if by_mark[m].raw is not None else "delete")

@@ -128,8 +128,9 @@ class Executor:
         saved = positions.position(stream_id)
         if saved is not None and saved.get("done"):
             return
-        paginator: Paginator = (KeysetPaginator() if stream.paging is Paging.KEYSET
-                                else OffsetPaginator())
+        # GITLAB_MAX_PAGES and the repeated-page check apply as on every other list.
+        paginator: Paginator = (KeysetPaginator if stream.paging is Paging.KEYSET
+                                else OffsetPaginator)(stream.name, self.client.max_pages)
         params = {**dict(stream.params), **(extra or {})}
         target, query = stream.url(scope), dict(params)
         if saved is not None and saved.get("url"):
@@ -164,9 +165,7 @@ class Executor:
             try:
                 key = stream.key_of(scope, item)
             except KeyError as exc:  # one malformed object never stops the others
-                progress.malformed += 1
-                log.warning("object_malformed", stream=stream.name, missing=str(exc),
-                            project_id=project_id)
+                self._malformed(progress, stream, "", exc, project_id)
                 continue
             records.append(_record(stream.kind, key, raw, item, stream.version, project_id))
             if stream.kind != "users" and "users" in self.wanted:
@@ -174,11 +173,20 @@ class Executor:
         if stream.nested_notes:
             fields = scope.fields()
             for raw, _item in page:
-                for raw_note in _DISCUSSION.decode(raw).notes:
+                try:  # a thread whose notes are not a list, a note without an id: skipped
+                    raw_notes = _DISCUSSION.decode(raw).notes
+                except msgspec.DecodeError as exc:
+                    raw_notes = []
+                    self._malformed(progress, stream, "notes", exc, project_id)
+                for raw_note in raw_notes:
                     note = orjson.loads(bytes(raw_note))
-                    records.append(_record("notes", fill(NOTES_KEY, fields, note),
-                                           bytes(raw_note), note, Version.UPDATED_AT,
-                                           project_id))
+                    try:
+                        key = fill(NOTES_KEY, fields, note if isinstance(note, dict) else {})
+                    except KeyError as exc:
+                        self._malformed(progress, stream, "id", exc, project_id)
+                        continue
+                    records.append(_record("notes", key, bytes(raw_note), note,
+                                           Version.UPDATED_AT, project_id))
         records = [r for r in records if r.kind in self.wanted]
         if self.find_uploads:
             for r in records:
@@ -199,6 +207,14 @@ class Executor:
             metrics.objects_imported.labels(kind).inc(count)
         for kind, count in delivered.produced.items():
             metrics.objects_produced.labels(kind).inc(count)
+
+
+    @staticmethod
+    def _malformed(progress: Progress, stream: Stream, what: str, exc: Exception,
+                   project_id: int | None) -> None:
+        progress.malformed += 1
+        log.warning("object_malformed", stream=stream.name, missing=what or str(exc),
+                    error=str(exc), project_id=project_id)
 
 
 def _record(kind: str, key: str, raw: bytes, item: Mapping[str, Any], version: Version,

@@ -46,7 +46,7 @@ from gitlab_producer.objects.executor import Executor, Progress
 from gitlab_producer.objects.keyindex import CHILD_KINDS, TOP_KINDS, KeyIndex
 from gitlab_producer.objects.marks import hook_marks, marks_of
 from gitlab_producer.objects.records import ObjectRecord, content_hash
-from gitlab_producer.objects.state import GONE, StateStore
+from gitlab_producer.objects.state import GONE, Plan, StateStore
 from gitlab_producer.objects.streams import Paging, Scope, Stream, stream
 from gitlab_producer.objects.users import UserCache
 from gitlab_producer.sinks.base import DeliveryError, Sink
@@ -99,6 +99,8 @@ class Collected:
 
     keys: set[str] = field(default_factory=set)
     fresh: set[str] = field(default_factory=set)
+    dead: set[str] = field(default_factory=set)  # keys tombstoned before (set by the reader)
+    back: dict[str, ObjectRecord] = field(default_factory=dict)  # dead keys listed again
     children: dict[str, set[str]] = field(default_factory=dict)
     items: list[dict[str, Any]] = field(default_factory=list)
 
@@ -110,6 +112,8 @@ class Collected:
                 self.children.setdefault(r.kind, set()).add(r.key)
             elif r.kind == spec.kind:
                 self.keys.add(r.key)
+                if r.key in self.dead and r.raw is not None:
+                    self.back[r.key] = r
 
     async def on_page(self, items: list[dict[str, Any]]) -> None:
         self.items.extend(items)
@@ -128,6 +132,7 @@ class ObjectSync:
         self.index = KeyIndex(store)
         self.state = StateStore(store)
         self.marked: dict[int, set[tuple[str, int]]] = {}  # named by events and webhooks
+        self._plan: Plan | None = None  # the import's plan as last read from the store
 
     # -- marks ---------------------------------------------------------------------------
     def mark(self, found: tuple[int, str, int] | None) -> None:
@@ -173,8 +178,17 @@ class ObjectSync:
 
     async def _round(self, outcome: RoundOutcome) -> None:
         plan = await self.state.plan()
+        if plan is None and self._plan is not None:
+            # The store lost its state (a Redis restarted without persistence, or flushed):
+            # carry on with the plan this process knows; the next round sweeps, and what the
+            # lost version marks kept from Kafka is produced again (as events are).
+            log.error("object_sync_state_lost", detail="the store lost the import's plan, "
+                      "watermarks and version marks; objects are swept and produced again")
+            plan = self._plan
+            await self.state.save_plan(plan)
         if plan is None:
             return
+        self._plan = plan
         round_start = self.client.clock.now()
         last_round = await self._float(LAST_ROUND)
         last_sweep = await self._float(LAST_SWEEP)
@@ -314,7 +328,8 @@ class ObjectSync:
         read = rules.window(watermark, round_start, self.options.overlap_s)
         whole = sweep and spec.updated_filter == "updated_after"
         extra = {} if whole else read.params(spec)
-        got = Collected()
+        dead = await self._dead(pid, spec.kind) if spec.kind in TOP_KINDS else set()
+        got = Collected(dead=dead)
         executor.on_delivered = got.on_delivered
         try:
             await executor.read(spec, Scope(pid), progress, NoPositions(), spec.name,
@@ -327,10 +342,19 @@ class ObjectSync:
         if spec.kind in TOP_KINDS:
             known = await self.index.keys(pid, spec.kind)
             # Only a whole list shows every object: only a whole list deletes.
-            gone = rules.deleted(known, got.keys) if not extra else []
+            missing = rules.deleted(known, got.keys) if not extra else []
+            gone = [key for key in missing if not await self._still_there(key, spec.name)]
             deleted += await self._tombstones(pid, spec.kind, gone)
             for key in gone:
                 deleted += await self._children_gone(pid, key)
+            # A key tombstoned before and listed again (a branch restored at the same commit)
+            # is produced again, whatever its old version mark says.
+            back = [r for k, r in sorted(got.back.items()) if k not in got.fresh]
+            if back:
+                produced = await self.deliverer.deliver(back, again=True)
+                progress.produced.update(produced.produced)
+            if gone or got.back:
+                await self._set_dead(pid, spec.kind, (dead - set(got.back)) | set(gone))
             if gone or not got.keys <= known:
                 await self.index.set_keys(pid, spec.kind, (known | got.keys) - set(gone))
         parent = spec.name if spec.name in rules.CHILDREN else ""
@@ -397,6 +421,25 @@ class ObjectSync:
         if merged != known:
             await self.index.set_children(pid, parent, iid, merged)
         return deleted
+
+    async def _dead(self, pid: int, kind: str) -> set[str]:
+        raw = await self.store.get_meta(f"os:dead:{pid}:{kind}")
+        return set(orjson.loads(raw)) if raw else set()
+
+    async def _set_dead(self, pid: int, kind: str, keys: set[str]) -> None:
+        await self.store.set_meta(f"os:dead:{pid}:{kind}", orjson.dumps(sorted(keys)).decode())
+
+    async def _still_there(self, key: str, endpoint: str) -> bool:
+        """Whether a key a whole list did not show still answers (the key is its REST path):
+        an offset-paged list shifts under a deletion on an earlier page while it is read, so
+        an object missing from it is asked for once before it gets a tombstone."""
+        try:
+            await self.client.get(key, None, endpoint)
+        except NotFoundError:
+            return False
+        except ForbiddenError:
+            return True  # hidden, not known to be deleted: nothing decided
+        return True
 
     async def _children_gone(self, pid: int, key: str) -> int:
         """A deleted issue's or merge request's threads, notes and events go with it."""
