@@ -120,13 +120,15 @@ class TimeCursorPaginator:
     nothing, and one edited meanwhile moves to the end, where it is read again. Only a page
     whose objects all fall in the overlap (a run of more than a page sharing one timestamp)
     is followed by the next page number of that run, so such a run cannot loop. The end is
-    what the offset headers say; the same repeated-cursor and ``max_pages`` checks apply."""
+    what the offset headers say. The cursor only moves forward (a later time, or the next
+    page at the same time), so it cannot loop; a list that never ends is abandoned after
+    ``max_pages`` requests as every other list."""
 
     def __init__(self, name: str, max_pages: int | None, start: TimeCursor) -> None:
         self.name = name
         self.max_pages = max_pages
         self.current = start
-        self._seen: set[TimeCursor] = {start}
+        self.requests = 1  # the request of ``start`` is the first
 
     def advance(self, headers: Mapping[str, str],
                 stamps: list[datetime]) -> TimeCursor | None:
@@ -139,13 +141,10 @@ class TimeCursorPaginator:
             found = TimeCursor(start)
         else:
             found = TimeCursor(current.after, current.page + 1)
-        if found in self._seen:
-            raise PaginationError(f"{self.name}: pagination loop: {found} was already "
-                                  "requested")
-        if self.max_pages is not None and len(self._seen) >= self.max_pages:
+        if self.max_pages is not None and self.requests >= self.max_pages:
             raise PaginationError(
                 f"{self.name}: still offers a next page after {self.max_pages} pages "
                 "(GITLAB_MAX_PAGES); the list was abandoned")
-        self._seen.add(found)
+        self.requests += 1
         self.current = found
         return found
