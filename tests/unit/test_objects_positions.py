@@ -46,6 +46,7 @@ class RefusingSink(ListSink):
 @pytest.mark.parametrize(("name", "scope"), [
     ("commits", Scope(1)),  # offset pages (X-Next-Page)
     ("jobs", Scope(1)),  # keyset pages (Link rel=next)
+    ("issues", Scope(1)),  # a time cursor (updated_after, ascending updated_at)
     ("discussions", Scope(1, "merge_requests", 1)),  # with the notes inside each discussion
 ])
 async def test_a_failed_page_is_read_again_and_nothing_is_lost_or_doubled(

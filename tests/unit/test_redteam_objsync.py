@@ -107,9 +107,6 @@ async def test_a_project_deleted_for_hours_gets_tombstones(sim: SimulatorThread,
         await close(sync)
 
 
-@pytest.mark.xfail(strict=True, reason="an issue updated after the round's start leaves the "
-                   "updated_before window while it is paged: the first issue of the next "
-                   "page moves up unseen, and its watermark moves past it (left to the sweep)")
 async def test_an_edit_during_a_windowed_read_costs_no_other_issue(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with running_simulator(BIG) as sim:

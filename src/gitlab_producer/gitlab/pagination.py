@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from gitlab_producer.gitlab.errors import PaginationError
 
@@ -80,3 +81,70 @@ class KeysetPaginator(Paginator):
     def _find(self, headers: Mapping[str, str]) -> NextPage | None:
         link = parse_link(headers.get("link")).get("next")
         return NextPage(url=link) if link else None
+
+
+# How far before the last timestamp seen the next request starts: GitLab renders
+# milliseconds, and some lists filter ``>=`` (issues) where others filter ``>`` (pipelines);
+# starting a millisecond earlier reads the last items again under both, never past them.
+CURSOR_OVERLAP = timedelta(milliseconds=1)
+
+
+def cursor_text(at: datetime) -> str:
+    """A cursor as a query value: UTC, milliseconds (GitLab parses any ISO 8601)."""
+    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_cursor(text: object) -> datetime | None:
+    """GitLab's timestamp text (any offset) -> an aware datetime (None when absent or bad)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        found = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return found if found.tzinfo is not None else found.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class TimeCursor:
+    """Where a list read in ascending order of a timestamp goes on: from ``after`` (None: the
+    start) and, inside a run of objects sharing one timestamp, the ``page`` of that run."""
+
+    after: datetime | None = None
+    page: int = 1
+
+
+class TimeCursorPaginator:
+    """Follows a list ordered by a timestamp, ascending, by moving the time filter to the
+    last timestamp read instead of counting pages: an object deleted meanwhile shifts
+    nothing, and one edited meanwhile moves to the end, where it is read again. Only a page
+    whose objects all fall in the overlap (a run of more than a page sharing one timestamp)
+    is followed by the next page number of that run, so such a run cannot loop. The end is
+    what the offset headers say. The cursor only moves forward (a later time, or the next
+    page at the same time), so it cannot loop; a list that never ends is abandoned after
+    ``max_pages`` requests as every other list."""
+
+    def __init__(self, name: str, max_pages: int | None, start: TimeCursor) -> None:
+        self.name = name
+        self.max_pages = max_pages
+        self.current = start
+        self.requests = 1  # the request of ``start`` is the first
+
+    def advance(self, headers: Mapping[str, str],
+                stamps: list[datetime]) -> TimeCursor | None:
+        """The cursor after a page with the timestamps ``stamps`` (None: the list ended)."""
+        if OffsetPaginator().next_page(headers) is None:
+            return None
+        current = self.current
+        start = max(stamps) - CURSOR_OVERLAP if stamps else None
+        if start is not None and (current.after is None or start > current.after):
+            found = TimeCursor(start)
+        else:
+            found = TimeCursor(current.after, current.page + 1)
+        if self.max_pages is not None and self.requests >= self.max_pages:
+            raise PaginationError(
+                f"{self.name}: still offers a next page after {self.max_pages} pages "
+                "(GITLAB_MAX_PAGES); the list was abandoned")
+        self.requests += 1
+        self.current = found
+        return found

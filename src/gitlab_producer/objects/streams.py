@@ -23,6 +23,10 @@ class Paging(Enum):
     SINGLE = "single"  # one object, not a list
     OFFSET = "offset"  # X-Next-Page / Link rel=next
     KEYSET = "keyset"  # Link rel=next only
+    # Ascending ``updated_at`` (``order_by=updated_at&sort=asc``), followed by moving the
+    # stream's ``updated_filter`` (``updated_after``) to the last ``updated_at`` read:
+    # :class:`~gitlab_producer.gitlab.pagination.TimeCursorPaginator`.
+    UPDATED_CURSOR = "updated_cursor"
 
 
 class Version(Enum):
@@ -86,10 +90,13 @@ def fill(template: str, scope: Mapping[str, Any], item: Mapping[str, Any]) -> st
 P = "projects/{project}"
 THING = "projects/{project_id}/{parent}/{parent_iid}"
 LIST = (("per_page", "100"),)
-BY_ID = (("order_by", "id"), ("sort", "asc"))
-# Issues and merge requests cannot be ordered by id; oldest first keeps offset pages stable
-# while new ones arrive (they append at the end).
-OLDEST_FIRST = (("order_by", "created_at"), ("sort", "asc"))
+# Lists GitLab filters by ``updated_after`` and orders by ``updated_at`` are read oldest
+# change first with a time cursor, never by page number: offset pages shift when an object
+# of an earlier page is deleted, or edited out of a window, while the list is read, and the
+# first object of the next page is then never read. An object edited meanwhile moves to the
+# end of this order and is read there. (Issues offer keyset pages only from GitLab 18.3, merge
+# requests, pipelines and deployments not at all.)
+BY_UPDATE = (("order_by", "updated_at"), ("sort", "asc"))
 
 STREAMS: tuple[Stream, ...] = (
     Stream("project", "projects", P, "projects/{id}", Version.UPDATED_AT, Paging.SINGLE),
@@ -109,14 +116,16 @@ STREAMS: tuple[Stream, ...] = (
            Version.CONTENT, params=LIST),
     Stream("merge_requests", "merge_requests", f"{P}/merge_requests",
            "projects/{project_id}/merge_requests/{iid}", Version.UPDATED_AT,
-           params=(*LIST, ("state", "all"), *OLDEST_FIRST), updated_filter="updated_after"),
+           Paging.UPDATED_CURSOR, params=(*LIST, ("state", "all"), *BY_UPDATE),
+           updated_filter="updated_after"),
     Stream("merge_request_commits", "commits", f"{P}/merge_requests/{{parent_iid}}/commits",
            "projects/{project_id}/repository/commits/{id}", Version.IMMUTABLE, params=LIST,
            child_of=("merge_requests",)),
     Stream("members", "members", f"{P}/members/all",
            "projects/{project_id}/members/all/{id}", Version.CONTENT, params=LIST),
     Stream("issues", "issues", f"{P}/issues", "projects/{project_id}/issues/{iid}",
-           Version.UPDATED_AT, params=(*LIST, ("scope", "all"), ("state", "all"), *OLDEST_FIRST),
+           Version.UPDATED_AT, Paging.UPDATED_CURSOR,
+           params=(*LIST, ("scope", "all"), ("state", "all"), *BY_UPDATE),
            updated_filter="updated_after"),
     Stream("discussions", "discussions", f"{THING}/discussions",
            f"{THING}/discussions/{{id}}", Version.CONTENT, params=LIST,
@@ -126,13 +135,14 @@ STREAMS: tuple[Stream, ...] = (
       for name in ("resource_state_events", "resource_label_events",
                    "resource_milestone_events")),
     Stream("pipelines", "pipelines", f"{P}/pipelines", "projects/{project_id}/pipelines/{id}",
-           Version.UPDATED_AT, params=(*LIST, *BY_ID), updated_filter="updated_after"),
+           Version.UPDATED_AT, Paging.UPDATED_CURSOR, params=(*LIST, *BY_UPDATE),
+           updated_filter="updated_after"),
     Stream("jobs", "jobs", f"{P}/jobs", "projects/{project_id}/jobs/{id}", Version.CONTENT,
            Paging.KEYSET, params=(*LIST, ("pagination", "keyset"), ("order_by", "id"),
                                   ("sort", "desc"))),
     Stream("deployments", "deployments", f"{P}/deployments",
            "projects/{project_id}/deployments/{id}", Version.UPDATED_AT,
-           params=(*LIST, ("order_by", "updated_at"), ("sort", "asc")),
+           Paging.UPDATED_CURSOR, params=(*LIST, *BY_UPDATE),
            updated_filter="updated_after"),
     Stream("protected_branches", "protected_branches", f"{P}/protected_branches",
            "projects/{project_id}/protected_branches/{name}", Version.CONTENT, params=LIST),
