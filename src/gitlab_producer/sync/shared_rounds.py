@@ -216,8 +216,11 @@ class _Discovery(SyncRound):
         gathered = self._gathered.setdefault(id(queue), [])
         while (work := await queue.get()) is not None:
             gathered.append(work)
-            if len(gathered) < ADD_BATCH and queue.empty():
-                await asyncio.sleep(FILL_S)
+            if len(gathered) < ADD_BATCH:
+                if queue.empty():
+                    await asyncio.sleep(FILL_S)  # the listing's next entries may be coming
+                if not queue.empty():
+                    continue
             await self._record(gathered)
         while gathered:
             await self._record(gathered)
