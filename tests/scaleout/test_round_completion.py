@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from math import ceil
 from pathlib import Path
 
 import httpx
@@ -20,14 +21,23 @@ from gitlab_producer.config import Settings, load_settings
 from gitlab_producer.gitlab.client import GitLabClient, RetryPolicy
 from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.metrics import Metrics
+from gitlab_producer.objects.engine import Call
 from gitlab_producer.simulator.server import SimulatorThread, running_simulator
 from gitlab_producer.store import RedisStore
 from gitlab_producer.sync.delivery import Deliverer
-from gitlab_producer.sync.entities import SyncContext
+from gitlab_producer.sync.entities import SyncContext, Work
 from gitlab_producer.sync.round import LAST_ROUND_KEY
 from gitlab_producer.sync.round_state import RoundState
-from gitlab_producer.sync.shared_rounds import ENTITY, SharedRounds, discover_key
+from gitlab_producer.sync.shared_rounds import (
+    ENTITY,
+    ENTITY_BATCH,
+    SharedRounds,
+    discover_key,
+    job_args,
+    job_key,
+)
 from tests.conftest import TEST_REDIS_DB
+from tests.integration.test_delivery import requests_served
 from tests.unit.test_round_rules import PER_PAGE, QUIET, RULES, SwitchableSink
 
 BASE, LISTED = LAST_ROUND_KEY, "last_user_listing"
@@ -165,7 +175,10 @@ async def test_a_shared_round_with_a_failed_job_keeps_the_base_and_retries_it(
             ran = [sum(s.value for m in i.ctx.metrics.round_jobs.collect() for s in m.samples
                        if s.name.endswith("_total") and s.labels["kind"] == "project")
                    for i in (one, other)]
-            assert sum(ran) == len(projects) and all(ran), ran  # both instances took jobs
+            # Both instances took jobs; a job reads a batch of entities (one of them failed
+            # the round, the others of its batch were read all the same).
+            assert all(ran) and ceil(len(projects) / ENTITY_BATCH) <= sum(ran) < len(projects), \
+                ran
             sink.refuse = set()
             second = await asyncio.wait_for(other.run(), 60)
             assert second.ok, second
@@ -218,3 +231,55 @@ async def test_run_once_opens_a_round_at_once_whenever_the_last_one_opened(
             assert not waiting.done() and await forever.state.current() == 2
             forever.ctx.stop.set()
             assert (await waiting).error == "interrupted"
+
+
+async def _no_beat() -> None:
+    return None
+
+
+async def test_a_batch_run_again_reads_from_the_stored_cursors(
+        redis_address: str, redis_prefix: str, tmp_path: Path) -> None:
+    """A batch job taken over (its second run) reads each entity from the cursor its first
+    run saved, not from the one discovery saw: the entities already read cost a request
+    each, and nothing is delivered again."""
+    settings = settings_for(redis_address, redis_prefix)
+    sink = SwitchableSink(tmp_path / "events.jsonl")
+    with running_simulator(QUIET) as sim:
+        rows = httpx.get(f"{sim.url}/_simulator/truth", timeout=30).json()["events"]
+        projects = sorted({row[1] for row in rows if row[1] is not None})[:ENTITY_BATCH]
+        async with instance(sim, settings, sink, asyncio.Event()) as one:
+            assert (await asyncio.wait_for(one.run(), 60)).ok  # every cursor saved
+            delivered = sum(sink.delivered().values())
+            n = await open_round(one.state, 2000.0)
+            # As discovery saw them before the first run: no cursors.
+            args = job_args("project", [(Work("project", p, "", None), None) for p in projects])
+            await one.state.add_jobs(n, {job_key(n, args): args})
+            await one.state.done(n, discover_key(n), "discovered", "round")
+            served = requests_served(sim.url)
+            await one.read_entities(Call(2, 10, _no_beat), {"round": n, **args})
+            assert requests_served(sim.url) - served <= len(projects)
+            assert sum(sink.delivered().values()) == delivered
+            summary = await one.state.summary(n)
+            assert summary is not None and summary.complete and summary.ok, summary
+            assert summary.counts["synced"]["project"] == len(projects)
+
+
+async def test_a_lost_batch_given_up_keeps_every_entity_for_retry(
+        redis_address: str, redis_prefix: str, tmp_path: Path) -> None:
+    """A batch the queue lost more than the allowed times fails the round, and every entity
+    of it is kept in the retry set (read by the next round whatever the windows say)."""
+    settings = settings_for(redis_address, redis_prefix)
+    sink = SwitchableSink(tmp_path / "events.jsonl")
+    with running_simulator(QUIET) as sim:
+        async with instance(sim, settings, sink, asyncio.Event()) as one:
+            n = await open_round(one.state, 1.0)
+            args = job_args("project", [(Work("project", p, "", None), None) for p in (3, 5)])
+            key = job_key(n, args)
+            await one.state.add_jobs(n, {key: args})
+            await one.state.done(n, discover_key(n), "discovered", "round")
+            await one._give_up(n, key, args)
+            summary = await one.state.summary(n)
+            assert summary is not None and summary.complete and not summary.ok, summary
+            assert summary.counts["failed"]["project"] == 2
+            assert {3, 5} <= set(await one.ctx.store.retries("project"))
+            assert await one.ctx.store.get_meta(LAST_ROUND_KEY) is None

@@ -75,13 +75,14 @@ return added
 """
 
 # KEYS: round hash, open, done, jobs, requeued, meta;
-# ARGV: job key, outcome (synced|skipped|failed|discovered), kind, error, counts (JSON object
-# of counter -> increment), listed_users (0/1), meta field of the base, of the user listing.
+# ARGV: job key, outcome (synced|skipped|failed|discovered), kind (empty: count nothing for the
+# outcome itself, a batch's counts say it all), error, counts (JSON object of counter ->
+# increment), listed_users (0/1), meta field of the base, of the user listing.
 # Returns 0: not open (a duplicate), 1: done, 2: done and the round is complete now.
 DONE_SCRIPT = """
 if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('SADD', KEYS[3], ARGV[1])
-if ARGV[2] ~= 'discovered' then
+if ARGV[2] ~= 'discovered' and ARGV[3] ~= '' then
   redis.call('HINCRBY', KEYS[1], ARGV[2] .. ':' .. ARGV[3], 1)
 end
 for name, count in pairs(cjson.decode(ARGV[5])) do
@@ -186,7 +187,8 @@ class RoundState:
     async def done(self, number: int, key: str, outcome: str, kind: str = "", error: str = "",
                    counts: dict[str, int] | None = None, listed_users: bool = False) -> int:
         """Finish a job: 0 when it was not open (done before), 1 done, 2 done and the round
-        is complete now (and, when nothing failed, the next round's base)."""
+        is complete now (and, when nothing failed, the next round's base). ``outcome`` failed
+        fails the round; ``kind`` empty counts only ``counts`` (a batch of entities)."""
         try:
             found = await self._done(
                 keys=[*self._keys(number), self._meta],
