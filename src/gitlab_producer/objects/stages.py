@@ -128,12 +128,13 @@ class Importer:
         project = await self.state.project(project_id)
         # A resumed stage may have finished unseen (a crash before its advance): look at once.
         first_look_s = 0.0
+        known: dict[str, JobRecord] = {}
         if project is None:
             now = time.time()
             first_look_s = self.options.waiter_interval_s
             project = ProjectRecord(project_id, stage=1, started=now, stage_started=now)
-            project.jobs = [await self._new_job(project_id, 1, "project",
-                                                {"streams": ["project"]})]
+            first = await self._new_job(project_id, 1, "project", {"streams": ["project"]})
+            project.jobs, known[first.id] = [first.id], first
             await self.state.save_project(project)
         elif project.status == COMPLETE and project.failed:
             project = await self._retry_failed(project)
@@ -144,7 +145,7 @@ class Importer:
         elif project.status != "running":
             return project
         for job_id in project.jobs:
-            job = await self.state.job(job_id)
+            job = known.get(job_id) or await self.state.job(job_id)
             if job is not None and job.status not in TERMINAL_JOB:
                 await self._dispatch(job)
         await self._dispatch_waiter(project, first_look_s)
@@ -194,8 +195,8 @@ class Importer:
         jobs = [j for j, s in project.retrying.items() if s == stage]
         if not project.retrying or rederived(stage, failed_stages):
             spec = BY_NUMBER[stage]
-            main = await self._new_job(project.project_id, stage, spec.task,
-                                       {"streams": list(spec.streams)})
+            main = (await self._new_job(project.project_id, stage, spec.task,
+                                        {"streams": list(spec.streams)})).id
             jobs += [] if main in jobs else [main]
         project.jobs = jobs
         for job_id in jobs:
@@ -205,11 +206,15 @@ class Importer:
                 await self.state.save_job(job)
 
     async def _new_job(self, project_id: int, stage: int, task: str, args: dict[str, Any],
-                       suffix: str = "main") -> str:
+                       suffix: str = "main") -> JobRecord:
+        """The job's record: the stored one when it exists (a stage entered again, a page
+        fanned out again), else a new one, saved before it is returned."""
         job_id = f"{project_id}:s{stage}:{suffix}"
-        if await self.state.job(job_id) is None:
-            await self.state.save_job(JobRecord(job_id, project_id, stage, task, args))
-        return job_id
+        job = await self.state.job(job_id)
+        if job is None:
+            job = JobRecord(job_id, project_id, stage, task, args)
+            await self.state.save_job(job)
+        return job
 
     async def _dispatch(self, job: JobRecord) -> None:
         await self.dispatcher.enqueue(RUN_JOB, job.engine_key,
@@ -226,10 +231,10 @@ class Importer:
         """Advance the project when its stage finished, else look again a little later
         (a fresh key per generation) and re-dispatch jobs the engine lost."""
         project = await self.state.project(int(kwargs["project_id"]))
-        if project is None or await self.state.fatal():
-            return
-        if int(kwargs.get("stage", project.stage)) != project.stage:
+        if project is None or int(kwargs.get("stage", project.stage)) != project.stage:
             return  # the stage was advanced meanwhile (by its own job); its waiter is on
+        if await self.state.fatal_recent():
+            return
         decision = await self._decide(project)
         if decision.action == "wait":
             project.waiter_gen += 1
@@ -257,19 +262,27 @@ class Importer:
         """A stage's single job (no fan-out) advances its project itself, as seed 002's
         single-threaded stages schedule the next stage directly; fanned-out stages are
         advanced by their waiter."""
+        if job.children:
+            return
         project = await self.state.project(job.project_id)
         if (project is None or project.status != "running" or project.stage != job.stage
-                or project.jobs != [job.id] or job.children):
+                or project.jobs != [job.id]):
             return
-        decision = await self._decide(project)
+        # The stage's only job, just saved as finished: the decision needs no other record.
+        decision = decide(project, {job.id: job}, ())
         if decision.action == "advance":
-            await self._advance(project, list(decision.failed))
+            await self._advance(project, list(decision.failed), fresh=True)
 
-    async def _advance(self, project: ProjectRecord, failed: list[str]) -> None:
-        latest = await self.state.project(project.project_id)
-        if latest is None or latest.status != "running" or latest.stage != project.stage:
-            return  # gone meanwhile, or another waiter advanced it
-        project = latest
+    async def _advance(self, project: ProjectRecord, failed: list[str],
+                       fresh: bool = False) -> None:
+        """Enter the project's next stage. ``fresh``: ``project`` was read just before with no
+        store or engine call since (else it is read again: another waiter may have advanced
+        it meanwhile)."""
+        if not fresh:
+            latest = await self.state.project(project.project_id)
+            if latest is None or latest.status != "running" or latest.stage != project.stage:
+                return  # gone meanwhile, or another waiter advanced it
+            project = latest
         now = time.time()
         took = now - project.stage_started
         if project.retrying:  # a retry pass: its stages' time together
@@ -300,7 +313,7 @@ class Importer:
         job = await self.state.job(str(kwargs["job_id"]))
         if job is None or job.status in TERMINAL_JOB or job.gen != int(kwargs["gen"]):
             return  # finished already, or an older generation of a rescheduled job
-        if await self.state.fatal():
+        if await self.state.fatal_recent():
             return  # the import stopped (401); the job stays queued for the next run
         job.attempts += 1
         self.metrics.backfill_jobs_running.inc()
@@ -328,13 +341,18 @@ class Importer:
             try:
                 await self._tasks[job.task](job, positions)
             except BaseException:
-                # What was delivered before a failure is kept (positions with their counts);
-                # the failure itself is what the job reports.
+                # What was delivered before a failure is kept (positions with their counts).
                 with contextlib.suppress(StoreError, GitLabError, DeliveryError):
                     await positions.flush()
                 raise
-            # The users the last pages referenced: a job is done only once they are in.
-            await positions.flush()
+            # Done: its last positions, counts and status in one write, after its users.
+            was = job.status, job.error
+            job.status, job.error = DONE, ""
+            try:
+                await positions.flush()
+            except BaseException:
+                job.status, job.error = was  # not done: handled below as any failure
+                raise
         except ProjectGone:
             await self._project_gone(job)
             return "done"
@@ -353,8 +371,6 @@ class Importer:
         except Exception as exc:  # a bug or an answer we do not understand: same policy
             log.exception("job_error", job=job.id)
             return await self._failure(job, exc, call)
-        job.status, job.error = DONE, ""
-        await self.state.save_job(job)
         return "done"
 
     async def _failure(self, job: JobRecord, exc: Exception, call: Call) -> str:
@@ -454,12 +470,10 @@ class Importer:
             child = await self._new_job(job.project_id, job.stage, "children",
                                         {"parent": parent, "iids": iids, "streams": wanted},
                                         f"{label}:{parent}:i{iids[0]}")
-            if child not in job.children:
-                job.children.append(child)
+            if child.id not in job.children:
+                job.children.append(child.id)
                 await positions.flush()  # the child is announced with what was read so far
-                record = await self.state.job(child)
-                if record is not None:
-                    await self._dispatch(record)
+                await self._dispatch(child)
 
     async def _list_parents(self, job: JobRecord, positions: JobPositions, parent: str,
                             child_streams: list[str]) -> None:
@@ -481,8 +495,10 @@ class Importer:
 
     async def _list_issues(self, job: JobRecord, positions: JobPositions) -> None:
         await self._list_parents(job, positions, "issues", ["discussions"])
-        mr_pages = await self.state.iid_pages(job.project_id, "merge_requests")
-        await self._fan_out(job, positions, "merge_requests", mr_pages, ["discussions"], "page")
+        if self._wanted("discussions"):
+            mr_pages = await self.state.iid_pages(job.project_id, "merge_requests")
+            await self._fan_out(job, positions, "merge_requests", mr_pages, ["discussions"],
+                                "page")
 
     async def _fan_out_events(self, job: JobRecord, positions: JobPositions) -> None:
         events = ["resource_state_events", "resource_label_events",

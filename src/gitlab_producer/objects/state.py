@@ -11,6 +11,7 @@ only dispatches, and after any crash the pending work is derived again from thes
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from gitlab_producer.store.base import Store
 
 PLAN = "bf:plan"
 FATAL = "bf:fatal"
+FATAL_MAX_AGE_S = 1.0  # how old the stop flag a job or waiter looks at may be
 
 # Job and project statuses.
 QUEUED, DONE, FAILED = "queued", "done", "failed"
@@ -101,6 +103,7 @@ class StateStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._fatal: tuple[float, str | None] | None = None  # (read at, monotonic; value)
 
     async def plan(self) -> Plan | None:
         raw = await self.store.get_meta(PLAN)
@@ -133,13 +136,25 @@ class StateStore:
                                   _ENC.encode(pages).decode())
 
     async def fatal(self) -> str | None:
-        return await self.store.get_meta(FATAL)
+        value = await self.store.get_meta(FATAL)
+        self._fatal = (time.monotonic(), value)
+        return value
+
+    async def fatal_recent(self, max_age_s: float = FATAL_MAX_AGE_S) -> str | None:
+        """The stop flag as read at most ``max_age_s`` ago (this process's own changes at
+        once): every job and waiter looks at it, one store read a second is enough."""
+        cached = self._fatal
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
+        return await self.fatal()
 
     async def set_fatal(self, reason: str) -> None:
         await self.store.set_meta(FATAL, reason)
+        self._fatal = (time.monotonic(), reason)
 
     async def clear_fatal(self) -> None:
         await self.store.set_meta(FATAL, "")
+        self._fatal = (time.monotonic(), "")
 
     async def stage_jobs(self, project: ProjectRecord) -> dict[str, JobRecord | None]:
         """The current stage's jobs and the jobs they fanned out, by id."""

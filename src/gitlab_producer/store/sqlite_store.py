@@ -79,6 +79,11 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._migrate()
+        # Single-key reads of the state records, on the event loop's thread: a committed WAL
+        # row from the page cache costs less than the hand-off to the writer's thread and
+        # back (a backfill reads a job's or project's record several times per job).
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA busy_timeout = 5000")
         self._last_purge = 0.0
         self._last_keyed_purge = 0.0
 
@@ -216,11 +221,11 @@ class SQLiteStore:
         await self._run(write)
 
     async def get_meta(self, key: str) -> str | None:
-        def query(db: sqlite3.Connection) -> str | None:
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-            return None if row is None else str(row[0])
-
-        return await self._run(query)
+        try:
+            row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite {self.path}: {exc}") from exc
+        return None if row is None else str(row[0])
 
     async def set_meta(self, key: str, value: str) -> None:
         def write(db: sqlite3.Connection) -> None:
@@ -234,6 +239,7 @@ class SQLiteStore:
     async def close(self) -> None:
         await self._run(lambda db: db.close())
         self._pool.shutdown(wait=True)
+        self._reader.close()
 
     # Entities kept for retry, in their own table (ids as text: any size GitLab uses), made
     # on first use.
