@@ -473,7 +473,7 @@ def object_sync_for(settings: Settings, client: GitLabClient, store: Store,
     s = settings
     sink = open_sink(s, f"{s.kafka_object_topic_prefix}.objects")
     deliverer = ObjectDeliverer(store, sink, s.kafka_object_topic_prefix, s.instance,
-                                s.object_version_ttl, op="update")
+                                s.object_version_ttl, op="update", metrics=client.metrics)
     options = SyncOptions(s.object_kinds, s.sync_overlap, s.project_activity_lag,
                           s.object_sweep_interval, s.gitlab_concurrency, s.user_cache_ttl,
                           bool(s.backfill_projects.strip()))
