@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     kafka_delivery_timeout: float = Field(300.0, ge=1, le=DAY_S,
                                           description="seconds before a send fails")
     kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    kafka_message_max_bytes: int = Field(
+        1_000_000, ge=1000, le=1_000_000_000,
+        description="bytes of one record at most (librdkafka's message.max.bytes)")
     redis_db: int = Field(0, ge=0, le=MAX_REDIS_DB)
     redis_key_prefix: str = "gitlab-producer:"
     state_path: Path = Path("var/state.sqlite3")

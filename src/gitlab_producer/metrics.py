@@ -103,6 +103,11 @@ class Metrics:
         self.entities_retrying = Gauge(
             "gitlab_producer_entities_retrying", "Skipped or failed entities kept for retry",
             ["kind"], registry=r)
+        self.records_skipped = Counter(
+            "gitlab_producer_records_skipped_total",
+            "Records (events, objects) not produced, by kind and reason (too_large: over "
+            "KAFKA_MESSAGE_MAX_BYTES or the topic's max.message.bytes)",
+            ["kind", "reason"], registry=r)
         self.malformed_records = Counter(
             "gitlab_producer_malformed_records_total",
             "Records GitLab listed without the fields the sync needs (skipped), by list",

@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.ratelimit import RateLimiter
@@ -26,9 +25,6 @@ SPEC = WorldSpec(projects=1, users=6, events=30, history_days=1.0, seed=37, quie
                  objects_per_project=20, feature_off_share=0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="a record over message.max.bytes raises "
-                   "MessageTooLarge for its whole page: the other notes of the issue are "
-                   "never produced, and every retry fails the same way")
 async def test_one_oversized_note_costs_only_itself(broker: Broker, tmp_path: Path) -> None:
     with running_simulator(SPEC) as sim:
         small = httpx.post(f"{sim.url}/_simulator/changes", timeout=10, json={
@@ -42,7 +38,8 @@ async def test_one_oversized_note_costs_only_itself(broker: Broker, tmp_path: Pa
         prefix = f"big-{uuid.uuid4().hex[:8]}"
         sink = KafkaSink({"bootstrap.servers": broker.bootstrap, "linger.ms": 0},
                          f"{prefix}.objects")
-        executor = Executor(client, ObjectDeliverer(store, sink, prefix, "s", 3600),
+        executor = Executor(client, ObjectDeliverer(store, sink, prefix, "s", 3600,
+                                                    metrics=client.metrics),
                             frozenset(KINDS))
         progress = Progress()
         try:
@@ -53,3 +50,8 @@ async def test_one_oversized_note_costs_only_itself(broker: Broker, tmp_path: Pa
             await client.aclose()
             await store.close()
         assert progress.produced["notes"] >= 1  # the small note at least
+        assert progress.too_large["notes"] == 1  # the big one: skipped, counted
+        assert progress.imported["notes"] == progress.fetched["notes"] - 1
+        assert client.metrics.registry.get_sample_value(
+            "gitlab_producer_records_skipped_total",
+            {"kind": "notes", "reason": "too_large"}) == 1

@@ -84,8 +84,6 @@ async def test_a_deletion_during_a_sweep_tombstones_no_issue_that_exists(
             await close(sync)
 
 
-@pytest.mark.xfail(strict=True, reason="a deleted project's objects are never tombstoned: "
-                   "each sweep logs object_project_gone and leaves every key alive downstream")
 async def test_a_project_deleted_for_hours_gets_tombstones(sim: SimulatorThread,
                                                            tmp_path: Path) -> None:
     sync, sink, _metrics = await make(sim, tmp_path)

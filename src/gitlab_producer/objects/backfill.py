@@ -147,7 +147,7 @@ class Backfill:
         s = self.settings
         sink = open_sink(s, f"{s.kafka_object_topic_prefix}.objects")
         deliverer = ObjectDeliverer(store, sink, s.kafka_object_topic_prefix, s.instance,
-                                    s.object_version_ttl)
+                                    s.object_version_ttl, metrics=client.metrics)
         options = ImportOptions(kinds, s.backfill_waiter_interval, s.user_cache_ttl,
                                 s.backfill_attachments, s.artifact_topic)
         artifacts = ArtifactStore(s.artifact_store_url) if s.backfill_attachments else None

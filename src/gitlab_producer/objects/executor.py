@@ -83,6 +83,7 @@ class Progress:
     user_hits: int = 0  # user lookups answered by the cache
     user_requests: int = 0  # user lookups that asked GitLab
     malformed: int = 0  # objects without the fields their key needs (skipped, logged)
+    too_large: Counter[str] = field(default_factory=Counter)  # Kafka refused their size
     uploads: set[str] = field(default_factory=set)  # "<secret>/<name>" linked in markdown
 
 
@@ -269,17 +270,20 @@ class Executor:
                     progress.uploads.update(f"{m[0].decode()}/{m[1].decode()}"
                                             for m in UPLOAD_RE.findall(r.raw))
         delivered = await self.deliverer.deliver(records)
-        kinds = Counter(r.kind for r in records)
-        progress.fetched.update(kinds)
-        # A page is delivered whole or raises: every record of it is in Kafka now.
+        fetched = Counter(r.kind for r in records)
+        progress.fetched.update(fetched)
+        # A page is delivered whole or raises: every record of it is in Kafka now, but for
+        # those Kafka refused for their size (skipped, logged and counted by the deliverer).
+        kinds = fetched - delivered.too_large
         progress.imported.update(kinds)
         progress.produced.update(delivered.produced)
+        progress.too_large.update(delivered.too_large)
         if self.on_delivered is not None:
             await self.on_delivered(stream, scope, records, delivered)
         metrics = self.client.metrics
-        for kind, count in kinds.items():
+        for kind, count in fetched.items():
             metrics.objects_fetched.labels(kind).inc(count)
-            metrics.objects_imported.labels(kind).inc(count)
+            metrics.objects_imported.labels(kind).inc(kinds[kind])
         for kind, count in delivered.produced.items():
             metrics.objects_produced.labels(kind).inc(count)
 

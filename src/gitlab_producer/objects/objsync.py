@@ -18,6 +18,8 @@ stream table, executor, deliverer (``op=update``) and stores as the backfill:
   version marks produce only what changed (also a change that moved no timestamp that the
   windows saw), and keys produced before but no longer listed get a tombstone (null value,
   ``op=delete``), for threads and notes too when their parent is read again or deleted.
+- a project answering 404 for ``GONE_AFTER_S`` (the event path's rule) has every key of the
+  index tombstoned, its own too, and is forgotten (``os:gone:<project>``); a 403 never does.
 """
 
 from __future__ import annotations
@@ -46,16 +48,22 @@ from gitlab_producer.objects.executor import Executor, Progress
 from gitlab_producer.objects.keyindex import CHILD_KINDS, TOP_KINDS, KeyIndex
 from gitlab_producer.objects.marks import hook_marks, marks_of
 from gitlab_producer.objects.records import ObjectRecord, content_hash
-from gitlab_producer.objects.state import GONE, Plan, StateStore
+from gitlab_producer.objects.state import GONE as IMPORT_GONE
+from gitlab_producer.objects.state import Plan, StateStore
 from gitlab_producer.objects.streams import Paging, Scope, Stream, stream
 from gitlab_producer.objects.users import UserCache
 from gitlab_producer.sinks.base import DeliveryError, Sink
 from gitlab_producer.store.base import Store, StoreError
+from gitlab_producer.sync.retries import GONE_AFTER_S
 
 log = get_logger(__name__)
 LAST_ROUND = "os:last_round"
 LAST_SWEEP = "os:last_sweep"
 RETRY = "os:retry"
+# A project answering 404: since when (GitLab's clock), or GONE_DONE once its keys were
+# tombstoned (``os:gone:<project>``).
+GONE = "os:gone:"
+GONE_DONE = "tombstoned"
 # A tombstone's version: the content hash of its empty value (its mark ``<key>@<that>``).
 TOMBSTONE = content_hash(b"")
 
@@ -282,8 +290,11 @@ class ObjectSync:
         progress = Progress()
         executor = Executor(self.client, self.deliverer, self.options.kinds)
         project = await self.state.project(pid)
-        if project is not None and project.status == GONE:
+        if project is not None and project.status == IMPORT_GONE:
             return 0, 0  # deleted during the backfill
+        gone_since = await self.store.get_meta(GONE + str(pid))
+        if gone_since == GONE_DONE and not await self._exists(pid):
+            return 0, 0  # deleted, and its objects tombstoned already
         first = self.client.clock.to_gitlab(project.started) if project else 0.0
         names = [*rules.WINDOWED, "commits", *rules.WHOLE,
                  *(rules.SWEEP_ONLY if sweep else ())]
@@ -299,11 +310,49 @@ class ObjectSync:
         except NotFoundError:
             if await self._exists(pid):
                 raise
-            log.warning("object_project_gone", project_id=pid)
+            deleted += await self._project_gone(pid, gone_since)
+            return sum(progress.produced.values()), deleted
+        if gone_since:  # it answers again (a transfer, a proxy's mistake, or restored)
+            await self.store.set_meta(GONE + str(pid), "")
+            log.info("object_project_back", project_id=pid)
         if progress.users:
             await UserCache(self.store, executor, self.options.user_ttl_s).import_users(
                 progress.users, progress)
         return sum(progress.produced.values()), deleted
+
+    async def _project_gone(self, pid: int, since_raw: str | None) -> int:
+        """A project answering 404. Once the 404 lasted ``GONE_AFTER_S`` (as on the event
+        path: a single 404 may be a transfer or a proxy's mistake), every key the index holds
+        for it, and its own, gets a tombstone, and the project is forgotten; a 403 (access
+        lost, the objects still exist) never comes here. Returns the tombstones."""
+        now = self.client.clock.now()
+        since = float(since_raw) if since_raw and since_raw != GONE_DONE else now
+        if since_raw != repr(since):
+            await self.store.set_meta(GONE + str(pid), repr(since))
+        if now - since < GONE_AFTER_S:
+            log.warning("object_project_gone", project_id=pid, gone_for_s=round(now - since),
+                        tombstones_after_s=GONE_AFTER_S)
+            return 0
+        deleted = 0
+        for kind in sorted(TOP_KINDS):
+            keys = await self.index.keys(pid, kind)
+            if not keys:
+                continue
+            deleted += await self._tombstones(pid, kind, sorted(keys))
+            for key in sorted(keys):
+                deleted += await self._children_gone(pid, key)
+            # Kept as tombstoned: a project restored later has its objects produced again.
+            await self._set_dead(pid, kind, await self._dead(pid, kind) | keys)
+            await self.index.set_keys(pid, kind, ())
+        own = stream("project").key_of(Scope(pid), {"id": pid})
+        deleted += await self._tombstones(pid, "projects", [own])
+        for name in (*rules.WINDOWED, "commits", *rules.WHOLE, *rules.SWEEP_ONLY):
+            await self.store.set_meta(f"os:wm:{pid}:{name}", "")
+        await self.store.set_meta(f"os:act:{pid}", "")
+        await self.store.set_meta(GONE + str(pid), GONE_DONE)
+        log.warning("object_project_deleted", project_id=pid, tombstones=deleted,
+                    gone_for_s=round(now - since))
+        return deleted
 
     async def _exists(self, pid: int) -> bool:
         try:
@@ -473,7 +522,7 @@ def object_sync_for(settings: Settings, client: GitLabClient, store: Store,
     s = settings
     sink = open_sink(s, f"{s.kafka_object_topic_prefix}.objects")
     deliverer = ObjectDeliverer(store, sink, s.kafka_object_topic_prefix, s.instance,
-                                s.object_version_ttl, op="update")
+                                s.object_version_ttl, op="update", metrics=client.metrics)
     options = SyncOptions(s.object_kinds, s.sync_overlap, s.project_activity_lag,
                           s.object_sweep_interval, s.gitlab_concurrency, s.user_cache_ttl,
                           bool(s.backfill_projects.strip()))

@@ -61,11 +61,13 @@ class JobPositions:
         add_counts(job.fetched, progress.fetched)
         add_counts(job.imported, progress.imported)
         add_counts(job.produced, progress.produced)
+        add_counts(job.too_large, progress.too_large)
         job.user_hits += progress.user_hits
         job.user_requests += progress.user_requests
         progress.fetched.clear()
         progress.imported.clear()
         progress.produced.clear()
+        progress.too_large.clear()
         progress.user_hits = progress.user_requests = 0
         await self.state.save_job(job)
         self._saved_at = time.monotonic()

@@ -52,6 +52,7 @@ class JobRecord(msgspec.Struct):
     fetched: dict[str, int] = {}
     imported: dict[str, int] = {}
     produced: dict[str, int] = {}
+    too_large: dict[str, int] = {}  # objects Kafka refused for their size (not produced)
     skipped: list[str] = []  # kinds answered 403 (switched off in the project)
     gone: int = 0  # parents deleted while their children were read
     user_hits: int = 0

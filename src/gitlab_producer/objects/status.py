@@ -1,5 +1,6 @@
 """What ``gitlab-producer status`` shows, and what a project's final log line counts: per
-project its stage, status, objects fetched and imported per kind, failed jobs, kinds skipped
+project its stage, status, objects fetched and imported per kind (and those too large for
+Kafka, not produced), failed jobs, kinds skipped
 (403), parents gone and user-cache hits, summed over every job of the project."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ async def project_summary(state: StateStore, project: ProjectRecord) -> dict[str
     """Totals over the project's jobs (finished stages and the current one)."""
     fetched: dict[str, int] = {}
     imported: dict[str, int] = {}
+    too_large: dict[str, int] = {}
     skipped: set[str] = set()
     failed: list[str] = []
     running = gone = user_hits = user_requests = 0
@@ -27,6 +29,7 @@ async def project_summary(state: StateStore, project: ProjectRecord) -> dict[str
     for job in jobs:
         add_counts(fetched, job.fetched)
         add_counts(imported, job.imported)
+        add_counts(too_large, job.too_large)
         skipped.update(job.skipped)
         gone += job.gone
         user_hits += job.user_hits
@@ -39,6 +42,7 @@ async def project_summary(state: StateStore, project: ProjectRecord) -> dict[str
         "project_id": project.project_id, "status": project.status,
         "stage": STAGE_NAMES.get(project.stage, str(project.stage)),
         "fetched": dict(sorted(fetched.items())), "imported": dict(sorted(imported.items())),
+        "too_large": dict(sorted(too_large.items())),
         "jobs": len(jobs), "jobs_unfinished": running, "failed_jobs": sorted(failed),
         "skipped_kinds": sorted(skipped), "parents_gone": gone,
         "user_lookups": {"cached": user_hits, "requested": user_requests},

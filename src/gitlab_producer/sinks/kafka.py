@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from gitlab_producer.config import Settings
 from gitlab_producer.logs import get_logger
-from gitlab_producer.sinks.base import DeliveryError, Message, MessageTooLarge
+from gitlab_producer.sinks.base import DeliveryError, Message, MessageTooLarge, message_size
 
 log = get_logger(__name__)
 
@@ -38,6 +39,7 @@ def kafka_config(settings: Settings) -> dict[str, Any]:
         "queue.buffering.max.messages": 200_000,
         "message.timeout.ms": int(settings.kafka_delivery_timeout * 1000),
         "compression.type": settings.kafka_compression,
+        "message.max.bytes": settings.kafka_message_max_bytes,
         "client.id": "gitlab-producer",
     }
     protocol = settings.kafka_security_protocol
@@ -67,6 +69,7 @@ STATS_INTERVAL_MS = 1000
 STUCK_BUMPS = 5  # local epoch bumps within ...
 STUCK_WINDOW_S = 10.0  # ... this long: the broker does not know the producer id
 RETIRE_FLUSH_S = 5.0  # serve the purged messages' reports of a replaced producer
+DEFAULT_MAX_BYTES = 1_000_000  # librdkafka's message.max.bytes
 
 
 class EpochWatch:
@@ -98,9 +101,10 @@ class EpochWatch:
 
 
 class _Batch:
-    """Counts acknowledgements from librdkafka's thread and wakes the event loop at zero."""
+    """Counts acknowledgements from librdkafka's thread and wakes the event loop at zero.
+    A message refused for its size is only noted (``refused``): it fails no other."""
 
-    __slots__ = ("error", "future", "lock", "loop", "remaining", "timed_out", "too_large",
+    __slots__ = ("error", "future", "lock", "loop", "refused", "remaining", "timed_out",
                  "unrecoverable")
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -108,7 +112,7 @@ class _Batch:
         self.error: str | None = None
         self.unrecoverable = False
         self.timed_out = False
-        self.too_large = False
+        self.refused: list[int] = []  # indices of the messages refused for their size
         self.lock = threading.Lock()
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
@@ -122,13 +126,19 @@ class _Batch:
         if finished:
             self.loop.call_soon_threadsafe(self._finish)
 
-    def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+    def refuse(self, index: int) -> None:
+        with self.lock:
+            self.refused.append(index)
+        self.settle(1, None)
+
+    def on_delivery(self, index: int, err: KafkaError | None, _msg: Any) -> None:
+        if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+            self.refuse(index)  # the broker's (topic's) limit
+            return
         if err is not None and (err.fatal() or err.code() in UNRECOVERABLE):
             self.unrecoverable = True
         elif err is not None and err.code() == KafkaError._MSG_TIMED_OUT:
             self.timed_out = True
-        if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-            self.too_large = True  # the broker's (topic's) limit
         self.settle(1, None if err is None else str(err))
 
     def _finish(self) -> None:
@@ -142,6 +152,8 @@ class KafkaSink:
     def __init__(self, config: dict[str, Any], topic: str) -> None:
         self.topic = topic
         self.renewals = 0
+        # What librdkafka refuses at once (the broker's or topic's limit may be lower).
+        self.max_bytes = int(config.get("message.max.bytes", DEFAULT_MAX_BYTES))
         self._config = {**config, "statistics.interval.ms": STATS_INTERVAL_MS}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._generation = 0
@@ -189,28 +201,37 @@ class KafkaSink:
             self._producer.poll(0.05)
 
     async def send(self, messages: Sequence[Message]) -> None:
+        """Produce ``messages``; a message over ``message.max.bytes`` (checked before it is
+        produced) or refused for its size by librdkafka or the broker is left out, and
+        reported by :class:`MessageTooLarge` once every other one was acknowledged."""
         if not messages:
             return
         self._loop = loop = asyncio.get_running_loop()
         batch = _Batch(len(messages), loop)
         producer = self._producer
         produce = producer.produce
+        limit = self.max_bytes
         for index, message in enumerate(messages):
+            if message_size(message) > limit:
+                batch.refuse(index)
+                continue
             while True:
                 try:
                     produce(message.topic or self.topic, message.value, message.key,
-                            headers=list(message.headers), on_delivery=batch.on_delivery)
+                            headers=list(message.headers),
+                            on_delivery=partial(batch.on_delivery, index))
                     break
                 except BufferError:
                     await asyncio.sleep(0.005)  # local queue full: let librdkafka drain
                     if producer is not self._producer:
                         break
                 except KafkaException as exc:
-                    batch.settle(len(messages) - index, str(exc))
                     error = exc.args[0] if exc.args else None
                     if (isinstance(error, KafkaError)
                             and error.code() == KafkaError.MSG_SIZE_TOO_LARGE):
-                        raise MessageTooLarge(f"kafka refused the message: {exc}") from exc
+                        batch.refuse(index)  # with its framing, over the limit
+                        break
+                    batch.settle(len(messages) - index, str(exc))
                     if (isinstance(error, KafkaError) and error.fatal()
                             and producer is self._producer):
                         await self._renew(f"fatal error: {error.str()}")
@@ -221,10 +242,12 @@ class KafkaSink:
         await batch.future
         if (batch.unrecoverable or batch.timed_out) and producer is self._producer:
             await self._renew("fatal error" if batch.unrecoverable else "messages timed out")
-        if batch.too_large:
-            raise MessageTooLarge(f"kafka refused a message: {batch.error}")
         if batch.error is not None:
             raise DeliveryError(f"kafka delivery failed: {batch.error}")
+        if batch.refused:
+            raise MessageTooLarge(f"kafka refused {len(batch.refused)} message(s) larger "
+                                  f"than it accepts (message.max.bytes {limit})",
+                                  sorted(batch.refused))
 
     async def _renew(self, reason: str) -> None:
         """Swap in a new producer; what the old one still holds was never acknowledged,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from gitlab_producer.gitlab.events import Event
 from gitlab_producer.metrics import Metrics
-from gitlab_producer.sinks.base import DeliveryError, Message, Sink
+from gitlab_producer.sinks.base import DeliveryError, Message, Sink, send_fitting
 from gitlab_producer.store.base import Store
 from gitlab_producer.store.claims import Claims
 from gitlab_producer.store.redis_claims import HELD, MINE, RedisClaims, poll_delays
@@ -106,20 +106,26 @@ class Deliverer:
         return self.shared.store.event_keys(event_ids)
 
     async def _send(self, events: list[Event], claimed: list[bytes]) -> None:
-        """Produce ``events`` (``claimed``: their claims in Redis, kept alive meanwhile)."""
+        """Produce and mark ``events`` (``claimed``: their claims in Redis, kept alive
+        meanwhile). An event Kafka refuses for its size is skipped (logged, counted) and
+        marked like the others, so that it neither stalls its project's cursor nor is tried
+        again, run after run."""
         messages = [to_message(e, self._instance) for e in events]
         try:
             if self.shared is None:
-                await self.sink.send(messages)
+                refused = await send_fitting(self.sink, messages, self.metrics)
             else:
                 async with self.shared.renewed(claimed):
-                    await self.sink.send(messages)
+                    refused = await send_fitting(self.sink, messages, self.metrics)
         except DeliveryError:
             self.metrics.delivery_failures.inc(len(messages))
             raise
         await self.store.mark_sent([e.id for e in events], self.ttl_s)
         for observer in self.observers:
             observer(events)
+        events = [e for i, e in enumerate(events) if i not in refused]
+        if not events:
+            return
         in_projects = sum(1 for e in events if e.project_id is not None)
         if in_projects:
             self.metrics.events_produced.labels("project").inc(in_projects)
