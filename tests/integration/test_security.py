@@ -373,9 +373,12 @@ def test_a_port_in_use_is_a_clear_error(service_env: ServiceRun, variable: str) 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        values = {**GOOD, "WEBHOOK_SECRET": "hook-secret-x", "WEBHOOK_PORT": str(free_port()),
-                  variable: port}
-        done = service_env.run("run", "--once", **values)
+        # A GitLab that answers: the error is the port's, not one found after GitLab's retries.
+        with running_simulator(SPEC, token=TOKEN) as sim:
+            values = {**GOOD, "GITLAB_BASE_URL": f"{sim.url}/api/v4",
+                      "WEBHOOK_SECRET": "hook-secret-x", "WEBHOOK_PORT": str(free_port()),
+                      variable: port}
+            done = service_env.run("run", "--once", **values)
     assert_clear_config_error(done, f"{variable}: port {port} is already in use", at_start=True)
 
 
@@ -383,8 +386,10 @@ def test_a_database_the_redis_server_refuses_is_a_clear_error(service_env: Servi
                                                               redis_address: str) -> None:
     databases = int(redis.Redis.from_url(f"redis://{redis_address}").config_get(
         "databases")["databases"])
-    done = service_env.run("run", "--once", **GOOD, REDIS_ADDRESS=redis_address,
-                           REDIS_DB=str(databases))  # one past the last
+    with running_simulator(SPEC, token=TOKEN) as sim:
+        done = service_env.run("run", "--once", **{**GOOD, "GITLAB_BASE_URL": f"{sim.url}/api/v4"},
+                               REDIS_ADDRESS=redis_address,
+                               REDIS_DB=str(databases))  # one past the last
     assert_clear_config_error(done, "REDIS_DB: the Redis server refuses database",
                               at_start=True)
 
