@@ -32,6 +32,7 @@ from gitlab_producer.metrics import Metrics
 from gitlab_producer.store.base import Store
 from gitlab_producer.store.redis_store import RedisStore
 from gitlab_producer.sync.round_state import latest_round
+from gitlab_producer.tasks import cancel_and_wait
 
 log = get_logger(__name__)
 HEARTBEAT_S = 5.0
@@ -71,9 +72,7 @@ async def heartbeat(registry: InstanceRegistry | None, stop: asyncio.Event
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         await registry.leave()
 
 

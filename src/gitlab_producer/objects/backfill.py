@@ -39,6 +39,7 @@ from gitlab_producer.objects.status import project_summary
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.store import Store, open_store
 from gitlab_producer.sync.shared_rounds import round_jobs_served
+from gitlab_producer.tasks import cancel_and_wait
 
 log = get_logger(__name__)
 POLL_S = 0.5
@@ -245,9 +246,7 @@ class Backfill:
                 await serving
             else:
                 await worker.stop()
-                serving.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await serving
+                await cancel_and_wait(serving)
 
     async def _progress(self, state: StateStore, window: ProjectWindow) -> Snapshot:
         """Where the projects stand: only the running ones are read (a finished one is not
@@ -298,9 +297,7 @@ class Backfill:
                                    return_when=asyncio.FIRST_COMPLETED)
         finally:
             await worker.stop()
-            serving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await serving
+            await cancel_and_wait(serving)
             for runner in runners:
                 await runner.cleanup()
             await importer.deliverer.sink.close()

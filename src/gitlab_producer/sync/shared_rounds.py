@@ -59,6 +59,7 @@ from gitlab_producer.sync.round import (
     SyncRound,
 )
 from gitlab_producer.sync.round_state import RoundState, RoundSummary
+from gitlab_producer.tasks import cancel_and_wait
 
 log = get_logger(__name__)
 DISCOVER = "round_discover"
@@ -193,9 +194,7 @@ async def beating(call: Call) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 class _Discovery(SyncRound):
