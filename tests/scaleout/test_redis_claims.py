@@ -54,7 +54,7 @@ async def test_a_waiting_instance_returns_only_after_the_owner_marked(
     slow = RecordingSink(delay_s=0.4)
     one, other = instance(stores[0], slow, "a"), instance(stores[1], RecordingSink(), "b")
     first = asyncio.create_task(one.deliver([event(7)]))
-    await asyncio.sleep(0.1)  # the first instance holds the claim and is sending
+    await asyncio.wait_for(slow.sending.wait(), 5)  # the first holds the claim, sending
     assert await other.deliver([event(7)]) == 0
     # Marked (not merely claimed) before the waiter returned.
     assert await stores[1].client.get(stores[1].event_keys([7])[0]) == b"1"

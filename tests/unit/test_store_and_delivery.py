@@ -132,8 +132,10 @@ class RecordingSink:
         self.sent: list[Message] = []
         self.fail = fail
         self.delay_s = delay_s
+        self.sending = asyncio.Event()  # set once a send has begun
 
     async def send(self, messages: Sequence[Message]) -> None:
+        self.sending.set()
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise DeliveryError("broker down")
