@@ -1,4 +1,9 @@
-"""Command line: ``gitlab-producer run|check-config|demo|simulate``."""
+"""Command line: ``gitlab-producer run|check-config|backfill|worker|status|...``.
+
+Every command that works on GitLab, Redis or Kafka goes through :func:`run_command`: its
+start-up checks (:mod:`gitlab_producer.startup`) and any other :class:`ConfigError` end the
+process with exit code 2 and one line naming the variable.
+"""
 
 from __future__ import annotations
 
@@ -34,29 +39,30 @@ def config_exit(exc: ConfigError) -> NoReturn:
     raise SystemExit(EXIT_CONFIG) from None
 
 
+def run_command(main: Coroutine[Any, Any, int], tune_gc: bool = False) -> int:
+    """Run a command's coroutine (:func:`run_async`); a :class:`ConfigError` it raises (found
+    at start: a port in use, a password or database Redis refuses, a file that cannot be
+    opened) exits 2 with one line."""
+    try:
+        return run_async(main, tune_gc=tune_gc)
+    except ConfigError as exc:
+        config_exit(exc)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gitlab_producer.service import Service
 
     settings = _settings(args)
     configure(settings.log_level)
-    if not settings.kafka_bootstrap_servers:
-        from gitlab_producer.logs import get_logger
+    main = Service(settings).run(once=args.once)
+    if settings.sync_objects:
+        from gitlab_producer.objects.objsync import backfill_then
 
-        get_logger("gitlab_producer.cli").warning(
-            "no_kafka", detail="KAFKA_BOOTSTRAP_SERVERS is empty: events go to OUTPUT_FILE",
-            output_file=settings.output_file)
+        main = backfill_then(settings, main)
     # Fewer, longer collections speed up catch-up rounds; a latency-bound webhook receiver
     # keeps the default collector (a precaution: bench/RESULTS.md, the measurements were not
     # conclusive either way).
-    try:
-        main = Service(settings).run(once=args.once)
-        if settings.sync_objects:
-            from gitlab_producer.objects.objsync import backfill_then
-
-            main = backfill_then(settings, main)
-        return run_async(main, tune_gc=not settings.webhook_port)
-    except ConfigError as exc:  # found at start: a port in use, a database Redis refuses
-        config_exit(exc)
+    return run_command(main, tune_gc=not settings.webhook_port)
 
 
 def run_async(main: Coroutine[Any, Any, int], tune_gc: bool = False) -> int:
@@ -85,11 +91,13 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from gitlab_producer.capture import CaptureRefused
     from gitlab_producer.gitlab.errors import GitLabError
     from gitlab_producer.service import Service
+    from gitlab_producer.startup import start_checks
 
     settings = _settings(args)
     configure(settings.log_level)
 
     async def main() -> int:
+        (await start_checks(settings)).close()
         service = Service(settings)
         client = service.gitlab_client()
         capturer = service.capturer(client)
@@ -105,7 +113,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             print(orjson.dumps(item.__dict__).decode())
         return 0
 
-    return run_async(main())
+    return run_command(main())
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -114,14 +122,11 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure(settings.log_level)
     backfill = Backfill(settings)
-    try:
-        if args.command == "worker":
-            return run_async(backfill.work())
-        if args.command == "status":
-            return run_async(backfill.status())
-        return run_async(backfill.run())
-    except ConfigError as exc:
-        config_exit(exc)
+    if args.command == "worker":
+        return run_command(backfill.work())
+    if args.command == "status":
+        return run_command(backfill.status())
+    return run_command(backfill.run())
 
 
 def cmd_instances(args: argparse.Namespace) -> int:
@@ -129,6 +134,7 @@ def cmd_instances(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
     from gitlab_producer.instances import cluster_status
+    from gitlab_producer.startup import start_checks
     from gitlab_producer.store.redis_store import connect
 
     settings = _settings(args)
@@ -138,6 +144,7 @@ def cmd_instances(args: argparse.Namespace) -> int:
     host, port, password = settings.redis_endpoint
 
     async def main() -> int:
+        (await start_checks(settings)).close()
         client = connect(f"{host}:{port}", password, settings.redis_db, 2)
         try:
             found = await cluster_status(client, settings.redis_key_prefix,
@@ -150,7 +157,7 @@ def cmd_instances(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(found, option=orjson.OPT_INDENT_2) + b"\n")
         return 0
 
-    return run_async(main())
+    return run_command(main())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

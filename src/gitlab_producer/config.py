@@ -7,10 +7,11 @@ used, in either case. A bad value raises :class:`ConfigError` naming the variabl
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import UTC, date, datetime, time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import unquote, urlparse
 
 import fsspec
@@ -21,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -43,6 +45,8 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,239}")
 _OBJECT_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,223}")
 _PATH_RE = re.compile(r"[A-Za-z0-9._/-]{1,200}")
+_HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
+_NAMED_RE = re.compile(r"[A-Z][A-Z0-9_]*: ")  # a message that names its variable itself
 DAY_S = 86_400
 MIB = 1024 * 1024
 MAX_REDIS_DB = 1023  # Redis has 16 by default (its "databases" setting)
@@ -340,6 +344,21 @@ class Settings(BaseSettings):
                 port = 0
             if not parsed.hostname or not port or parsed.path.strip("/"):
                 raise ValueError("must be host:port, e.g. redis:6379, with a port in 1-65535")
+            if not _HOST_RE.fullmatch(parsed.hostname) and not _ipv6(parsed.hostname):
+                raise ValueError("must be host:port with a host name or IP address, e.g. "
+                                 "redis:6379")
+        return value
+
+    @field_validator("log_level", "kafka_compression", "kafka_sasl_mechanism",
+                     "kafka_security_protocol", mode="before")
+    @classmethod
+    def _choice_any_case(cls, value: Any, info: ValidationInfo) -> Any:
+        # LOG_LEVEL=DEBUG or KAFKA_SASL_MECHANISM=plain mean the one choice there is; any
+        # other value is refused naming the choices.
+        if isinstance(value, str):
+            for choice in get_args(cls.model_fields[info.field_name or ""].annotation):
+                if value.strip().lower() == choice.lower():
+                    return choice
         return value
 
     @property
@@ -431,6 +450,13 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
+def _ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
 def split_list(value: str) -> list[str]:
     """A comma- or space-separated setting as its items."""
     return [part for part in re.split(r"[,\s]+", value.strip()) if part]
@@ -480,6 +506,8 @@ def load_settings(path: Path | None = DEFAULT_CONFIG_PATH, **overrides: Any) -> 
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]).upper() or "CONFIG"
         message = str(error["msg"]).removeprefix("Value error, ")
-        if message.startswith(("CACHE_TTL:", "WEBHOOK_SECRET:", "ARTIFACT_UPLOAD_TOKEN:")):
+        if error["type"] == "missing":
+            message = "is required: set it in the environment or in the config file"
+        if not error["loc"] and _NAMED_RE.match(message):  # a rule across settings
             raise ConfigError(message) from None
         raise ConfigError(f"{where}: {mask_userinfo(message)}") from None

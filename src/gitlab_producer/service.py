@@ -7,8 +7,10 @@ for rounds forever); during start-up they are honoured at once.
 
 A store that cannot be reached (at start-up or at the start of a round) is retried with capped
 exponential backoff while ``/readyz`` says so; the service recovers by itself when it answers.
-A store that refuses the credentials at start (Redis ``WRONGPASS``/``NOAUTH``) is bad config:
-exit 2 naming ``REDIS_PASSWORD``.
+A store that refuses the credentials (Redis ``WRONGPASS``/``NOAUTH``) or the database
+(``REDIS_DB``) is bad config: exit 2 naming the variable. Those, and a port in use, are found by
+the start-up checks (:mod:`gitlab_producer.startup`) before GitLab is asked anything; a Redis
+that was not answering then is checked again by the first command it answers.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.connect import client_from_settings
 from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError, RetriesExhaustedError
 from gitlab_producer.http.artifacts import ArtifactUploads
-from gitlab_producer.http.ops import OpsState, RoundWatch, listen, start_ops
+from gitlab_producer.http.ops import OpsState, RoundWatch, start_ops
 from gitlab_producer.http.webhooks import (
     DRAIN_TIMEOUT_S,
     WebhookConfig,
@@ -41,6 +43,13 @@ from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects.objsync import ObjectSync, object_sync_for
 from gitlab_producer.sinks import Sink, open_sink
+from gitlab_producer.startup import (
+    Ports,
+    refused_database,
+    refused_password,
+    service_ports,
+    start_checks,
+)
 from gitlab_producer.store import Store, StoreError, open_store
 from gitlab_producer.store.base import StoreAuthError
 from gitlab_producer.sync.context import SINCE_KEY, sync_context
@@ -91,13 +100,11 @@ class Service:
         it is still to be fixed and GitLab did not answer a burst run (``once``)."""
         try:
             stored = await store.get_meta(SINCE_KEY)
-        except StoreAuthError:  # the first command at start: a wrong password, not an outage
-            raise ConfigError(self._refused_password()) from None
+        except StoreAuthError:  # a Redis that did not answer the start-up checks, then did
+            raise ConfigError(refused_password(self.settings)) from None
         except StoreError as exc:
             if "DB index is out of range" in str(exc):  # retrying cannot help
-                raise ConfigError(f"REDIS_DB: the Redis server refuses database "
-                                  f"{self.settings.redis_db} (see its 'databases' setting)"
-                                  ) from None
+                raise ConfigError(refused_database(self.settings)) from None
             raise
         if stored:
             return float(stored)
@@ -130,11 +137,6 @@ class Service:
             except GitLabError:
                 break
         return client.clock.now()
-
-    def _refused_password(self) -> str:
-        if self.settings.redis_endpoint[2]:
-            return "REDIS_PASSWORD: the Redis server refuses it (WRONGPASS)"
-        return "REDIS_PASSWORD: the Redis server requires a password and none is set (NOAUTH)"
 
     def _ready_checks(self, client: GitLabClient, store: Store, sink: Sink) -> OpsState:
         async def gitlab() -> str | None:
@@ -216,7 +218,7 @@ class Service:
         return Capturer(client, ArtifactStore(s.artifact_store_url),
                         open_sink(s, s.artifact_topic), s.capture_rules, s.instance)
 
-    async def _start_webhooks(self, client: GitLabClient, store: Store
+    async def _start_webhooks(self, client: GitLabClient, store: Store, ports: Ports
                               ) -> tuple[list[web.AppRunner], list[Sink]]:
         """The webhook receiver (and captures it triggers), when WEBHOOK_PORT is set."""
         s = self.settings
@@ -251,7 +253,7 @@ class Service:
                                shutdown_timeout=s.shutdown_grace)
         await runner.setup()
         try:
-            await listen(runner, self.ops_host, s.webhook_port, "WEBHOOK_PORT")
+            await ports.serve(runner, s.webhook_port, "WEBHOOK_PORT")
         except ConfigError:
             await runner.cleanup()
             raise
@@ -259,14 +261,14 @@ class Service:
                  artifact_uploads=bool(upload_token))
         return [runner], [hook_sink, capturer.sink]
 
-    async def _start_up(self, client: GitLabClient, store: Store, sink: Sink,
+    async def _start_up(self, client: GitLabClient, store: Store, sink: Sink, ports: Ports,
                         runners: list[web.AppRunner], sinks: list[Sink], once: bool
                         ) -> SyncContext | None:
         """Webhooks (when configured) and the sync's fixed state, retrying an unreachable
         store; appends what it starts to ``runners`` and ``sinks`` (closed on the way out).
         None: a burst run (``once``) whose GitLab did not answer (see :meth:`_since`)."""
         s = self.settings
-        hook_runners, extra_sinks = await self._start_webhooks(client, store)
+        hook_runners, extra_sinks = await self._start_webhooks(client, store, ports)
         runners += hook_runners
         sinks += extra_sinks
         since = await self._retrying("since", lambda: self._since(store, client, once))
@@ -280,14 +282,31 @@ class Service:
         exit code: with ``once``, 0 only when the round completed."""
         s = self.settings
         self._install_signals()
-        store = open_store(s)
-        sink = open_sink(s)
+        # Bad settings fail here, before anything else is logged or GitLab is asked.
+        ports = await self._unless_stopped(
+            start_checks(s, service_ports(s, webhooks=True), self.ops_host))
+        if ports is None:
+            return self._stopped_code(once)
+        try:
+            store = open_store(s)
+        except ConfigError:
+            ports.close()
+            raise
+        try:
+            sink = open_sink(s)
+        except ConfigError:
+            ports.close()
+            await store.close()
+            raise
+        if not s.kafka_bootstrap_servers:
+            log.warning("no_kafka", detail="KAFKA_BOOTSTRAP_SERVERS is empty: events go to "
+                        "OUTPUT_FILE", output_file=s.output_file)
         client = self.gitlab_client()
         runners: list[web.AppRunner] = []
         sinks: list[Sink] = [sink]
         result: RoundResult | None = None
         try:
-            runners += await start_ops(self._ready_checks(client, store, sink), self.ops_host,
+            runners += await start_ops(self._ready_checks(client, store, sink), ports,
                                        s.metrics_port, s.metrics_url, s.log_port)
             ctx: SyncContext | None = None
             accepted = await self._unless_stopped(self._token_accepted(client))
@@ -295,7 +314,7 @@ class Service:
                 return 1
             if accepted:
                 ctx = await self._unless_stopped(
-                    self._start_up(client, store, sink, runners, sinks, once))
+                    self._start_up(client, store, sink, ports, runners, sinks, once))
             if ctx is not None and s.sync_objects:
                 self.object_sync, object_sink = object_sync_for(s, client, store, self.stop)
                 sinks.append(object_sink)
@@ -310,10 +329,19 @@ class Service:
                                                   s.operations_per_second), self.stop):
                     result = await self._rounds(ctx, store, once, max_rounds, on_round)
         finally:
+            ports.close()
             await self._shutdown(client, store, sinks, runners)
         if once and (result is None or not result.ok):
-            return 128 + self.stop_signal if self.stop_signal is not None else 1
+            return self._stopped_code(once)
         return 0  # rounds forever, stopped by a signal: a clean stop
+
+    def _stopped_code(self, once: bool) -> int:
+        """The exit code of a run that ended without a completed round: 128 + the signal's
+        number for a burst run a signal stopped, 1 for one that failed, 0 for rounds forever
+        (a signal is a clean stop)."""
+        if not once:
+            return 0
+        return 128 + self.stop_signal if self.stop_signal is not None else 1
 
     async def _token_accepted(self, client: GitLabClient) -> bool:
         """``GET /user`` once at start: a rejected token stops the service (exit 1) instead of

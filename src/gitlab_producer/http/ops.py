@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gitlab_producer.config import ConfigError
 from gitlab_producer.logs import LEVELS, LogControl, get_logger
 from gitlab_producer.metrics import Metrics
+from gitlab_producer.startup import Ports
 
 log = get_logger(__name__)
 Check = Callable[[], Awaitable[str | None]]  # None when fine, else what is wrong
@@ -150,9 +150,10 @@ def build_ops_app(state: OpsState, metrics_url: str | None, log_level: bool) -> 
     return app
 
 
-async def start_ops(state: OpsState, host: str, metrics_port: int, metrics_url: str,
+async def start_ops(state: OpsState, ports: Ports, metrics_port: int, metrics_url: str,
                     log_port: int) -> list[web.AppRunner]:
-    """Serve the endpoints; one server when both ports are the same. Port 0: disabled."""
+    """Serve the endpoints on ``ports`` (bound at start); one server when both ports are the
+    same. Port 0: disabled."""
     plans: list[tuple[int, str | None, bool]] = []
     if metrics_port and metrics_port == log_port:
         plans.append((metrics_port, metrics_url, True))
@@ -168,19 +169,9 @@ async def start_ops(state: OpsState, host: str, metrics_port: int, metrics_url: 
         await runner.setup()
         runners.append(runner)
         try:
-            await listen(runner, host, port, "METRICS_PORT" if url is not None else "LOG_PORT")
+            await ports.serve(runner, port, "METRICS_PORT" if url is not None else "LOG_PORT")
         except ConfigError:
             for started in runners:
                 await started.cleanup()
             raise
     return runners
-
-
-async def listen(runner: web.AppRunner, host: str, port: int, variable: str) -> None:
-    """Serve ``runner`` on ``port``; a port in use (or not ours to take) is a config error."""
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:
-        reason = "is already in use" if exc.errno == errno.EADDRINUSE else (
-            f"cannot be opened: {exc.strerror or exc}")
-        raise ConfigError(f"{variable}: port {port} {reason}") from None

@@ -37,7 +37,8 @@ from gitlab_producer.objects.stages import Importer, ImportOptions
 from gitlab_producer.objects.state import TERMINAL_PROJECT, Plan, ProjectRecord, StateStore
 from gitlab_producer.objects.status import project_summary
 from gitlab_producer.sinks import Sink, open_sink
-from gitlab_producer.store import Store, open_store
+from gitlab_producer.startup import Ports, service_ports, start_checks
+from gitlab_producer.store import Store, StoreError, open_store
 from gitlab_producer.sync.shared_rounds import round_jobs_served
 from gitlab_producer.tasks import cancel_and_wait
 
@@ -123,7 +124,8 @@ class Backfill:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop.set)
 
-    async def _serve_ops(self, client: GitLabClient, store: Store, sink: Sink) -> list[Any]:
+    async def _serve_ops(self, ports: Ports, client: GitLabClient, store: Store, sink: Sink
+                         ) -> list[Any]:
         """Metrics, health and readiness on METRICS_PORT, the log level on LOG_PORT (0: off;
         give each process on one machine its own ports)."""
         async def gitlab() -> str | None:
@@ -141,7 +143,7 @@ class Backfill:
         state = OpsState(self.metrics, CONTROL, {"gitlab": gitlab, "store": store_ok,
                                                  "sink": sink_ok},
                          s.log_level_token.get_secret_value())
-        return await start_ops(state, "0.0.0.0", s.metrics_port, s.metrics_url, s.log_port)
+        return await start_ops(state, ports, s.metrics_port, s.metrics_url, s.log_port)
 
     async def _importer(self, store: Store, client: GitLabClient, dispatcher: Any,
                         kinds: frozenset[str]) -> Importer:
@@ -155,19 +157,34 @@ class Backfill:
         return Importer(StateStore(store), client, deliverer, dispatcher, options, artifacts)
 
     # -- backfill ------------------------------------------------------------------------
+    def _start(self, ports: Ports) -> Store:
+        """The store, once the start-up checks passed (``ports`` released if it fails)."""
+        try:
+            return open_store(self.settings)
+        except ConfigError:
+            ports.close()
+            raise
+
     async def run(self) -> int:
         s = self.settings
         self._install_signals()
-        store = open_store(s)
+        ports = await start_checks(s, service_ports(s, webhooks=False))
+        store = self._start(ports)
         client = self._client()
         state = StateStore(store)
         saq = self._saq() if s.redis_address else None
         dispatcher: SaqDispatcher | LocalDispatcher = saq or LocalDispatcher(
             concurrency=s.backfill_concurrency, max_attempts=s.backfill_job_attempts)
-        importer = await self._importer(store, client, dispatcher, s.object_kinds)
+        try:
+            importer = await self._importer(store, client, dispatcher, s.object_kinds)
+        except ConfigError:  # OUTPUT_FILE
+            ports.close()
+            await client.aclose()
+            await store.close()
+            raise
         runners: list[Any] = []
         try:
-            runners = await self._serve_ops(client, store, importer.deliverer.sink)
+            runners = await self._serve_ops(ports, client, store, importer.deliverer.sink)
             try:
                 projects = await discover(client, split_list(s.backfill_projects))
             except UnknownProject as exc:
@@ -186,6 +203,7 @@ class Backfill:
                 await saq.connect()
             return await self._work_until_done(state, projects, importer, dispatcher)
         finally:
+            ports.close()
             for runner in runners:
                 await runner.cleanup()
             await importer.deliverer.sink.close()
@@ -277,14 +295,26 @@ class Backfill:
             raise ConfigError("REDIS_ADDRESS: the worker serves jobs from Redis; without it, "
                               "`gitlab-producer backfill` runs the whole import in one process")
         self._install_signals()
-        store = open_store(s)
+        ports = await start_checks(s, service_ports(s, webhooks=False))
+        store = self._start(ports)
         client = self._client()
         saq = self._saq()
-        plan = await StateStore(store).plan()
-        kinds = frozenset(plan.kinds) if plan is not None else s.object_kinds
-        importer = await self._importer(store, client, saq, kinds)
-        await saq.connect()
-        runners = await self._serve_ops(client, store, importer.deliverer.sink)
+        importer: Importer | None = None
+        try:
+            plan = await StateStore(store).plan()
+            kinds = frozenset(plan.kinds) if plan is not None else s.object_kinds
+            importer = await self._importer(store, client, saq, kinds)
+            await saq.connect()
+            runners = await self._serve_ops(ports, client, store, importer.deliverer.sink)
+        except BaseException:
+            if importer is not None:
+                await importer.deliverer.sink.close()
+            await client.aclose()
+            await saq.close()
+            await store.close()
+            raise
+        finally:
+            ports.close()
         worker = saq.worker(importer.handlers, s.backfill_concurrency)
         serving = asyncio.create_task(worker.start())
         log.info("worker_started", concurrency=s.backfill_concurrency)
@@ -308,32 +338,39 @@ class Backfill:
 
     # -- status --------------------------------------------------------------------------
     async def status(self) -> int:
-        """One JSON line per project, then a summary line."""
+        """One JSON line per project, then a summary line; 1 when the store does not answer."""
+        (await start_checks(self.settings)).close()
         store = open_store(self.settings)
         state = StateStore(store)
         try:
-            plan = await state.plan()
-            if plan is None:
-                print(orjson.dumps({"backfill": "never started"}).decode())
-                return EXIT_OK
-            totals: dict[str, int] = {"projects": len(plan.projects), "complete": 0,
-                                      "gone": 0, "running": 0, "failed_jobs": 0}
-            hits = requests = 0
-            for pid in plan.projects:
-                project = await state.project(pid)
-                if project is None:
-                    print(orjson.dumps({"project_id": pid, "status": "not started"}).decode())
-                    continue
-                summary = await project_summary(state, project)
-                print(orjson.dumps(summary).decode())
-                totals[project.status] = totals.get(project.status, 0) + 1
-                totals["failed_jobs"] += len(summary["failed_jobs"])
-                hits += summary["user_lookups"]["cached"]
-                requests += summary["user_lookups"]["requested"]
-            fatal = await state.fatal()
-            print(orjson.dumps({**totals, "kinds": plan.kinds, "stopped": fatal or None,
-                                "user_cache_hit_ratio": round(hits / (hits + requests), 3)
-                                if hits + requests else None}).decode())
-            return EXIT_OK
+            return await self._status(state)
+        except StoreError as exc:
+            print(f"store unreachable: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         finally:
             await store.close()
+
+    async def _status(self, state: StateStore) -> int:
+        plan = await state.plan()
+        if plan is None:
+            print(orjson.dumps({"backfill": "never started"}).decode())
+            return EXIT_OK
+        totals: dict[str, int] = {"projects": len(plan.projects), "complete": 0,
+                                  "gone": 0, "running": 0, "failed_jobs": 0}
+        hits = requests = 0
+        for pid in plan.projects:
+            project = await state.project(pid)
+            if project is None:
+                print(orjson.dumps({"project_id": pid, "status": "not started"}).decode())
+                continue
+            summary = await project_summary(state, project)
+            print(orjson.dumps(summary).decode())
+            totals[project.status] = totals.get(project.status, 0) + 1
+            totals["failed_jobs"] += len(summary["failed_jobs"])
+            hits += summary["user_lookups"]["cached"]
+            requests += summary["user_lookups"]["requested"]
+        fatal = await state.fatal()
+        print(orjson.dumps({**totals, "kinds": plan.kinds, "stopped": fatal or None,
+                            "user_cache_hit_ratio": round(hits / (hits + requests), 3)
+                            if hits + requests else None}).decode())
+        return EXIT_OK

@@ -533,7 +533,10 @@ async def backfill_then(settings: Settings, service: Awaitable[int]) -> int:
     """``run`` with ``SYNC_OBJECTS``: the backfill first (it resumes where it stopped), then
     the service; a signal during the backfill stops there."""
     from gitlab_producer.objects.backfill import EXIT_CONFIG, Backfill
+    from gitlab_producer.startup import start_checks
 
+    # The service's own port, not the backfill's: checked before the backfill's hours.
+    (await start_checks(settings, [("WEBHOOK_PORT", settings.webhook_port)])).close()
     backfill = Backfill(settings)
     code = await backfill.run()
     if code == EXIT_CONFIG or backfill.stop.is_set():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gitlab_producer.config import Settings
+from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.sinks.base import DeliveryError, Message, MessageTooLarge, Sink
 from gitlab_producer.sinks.file import FileSink
 
@@ -15,7 +15,8 @@ def open_sink(settings: Settings, topic: str | None = None, low_latency: bool = 
     """Kafka when ``KAFKA_BOOTSTRAP_SERVERS`` is set, else the file sink. ``low_latency`` (the
     webhook sink): send each message at once instead of lingering to fill batches, give up
     after ``WEBHOOK_DELIVERY_TIMEOUT`` (GitLab waits 10 s), and accept messages as large as
-    ``WEBHOOK_MAX_BODY`` (librdkafka's default ``message.max.bytes`` is 1 MB)."""
+    ``WEBHOOK_MAX_BODY`` (librdkafka's default ``message.max.bytes`` is 1 MB). An
+    ``OUTPUT_FILE`` that cannot be opened is a :class:`ConfigError`."""
     name = topic or settings.kafka_topic
     if settings.kafka_bootstrap_servers:
         from gitlab_producer.sinks.kafka import KafkaSink, kafka_config
@@ -27,4 +28,8 @@ def open_sink(settings: Settings, topic: str | None = None, low_latency: bool = 
             config["message.max.bytes"] = max(config.get("message.max.bytes", 1_000_000),
                                               settings.webhook_max_body + HOOK_MESSAGE_MARGIN)
         return KafkaSink(config, name)
-    return FileSink(settings.output_file, name)
+    try:
+        return FileSink(settings.output_file, name)
+    except OSError as exc:
+        raise ConfigError(f"OUTPUT_FILE: {settings.output_file} cannot be opened: "
+                          f"{exc.strerror or exc}") from None

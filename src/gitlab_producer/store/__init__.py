@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from gitlab_producer.config import Settings
+import sqlite3
+
+from gitlab_producer.config import ConfigError, Settings
 from gitlab_producer.store.base import Cursor, Store, StoreError
 from gitlab_producer.store.redis_store import RedisStore
 from gitlab_producer.store.sqlite_store import SQLiteStore
@@ -11,9 +13,15 @@ __all__ = ["Cursor", "RedisStore", "SQLiteStore", "Store", "StoreError", "open_s
 
 
 def open_store(settings: Settings) -> Store:
-    """The store the settings ask for."""
+    """The store the settings ask for; a ``STATE_PATH`` that cannot be opened is a
+    :class:`ConfigError`."""
     if settings.redis_address:
         host, port, password = settings.redis_endpoint
         return RedisStore.from_address(f"{host}:{port}", password, settings.redis_db,
                                        settings.redis_key_prefix)
-    return SQLiteStore(settings.state_path)
+    try:
+        return SQLiteStore(settings.state_path)
+    except (OSError, sqlite3.Error) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"STATE_PATH: {settings.state_path} cannot be opened: {reason}"
+                          ) from None
