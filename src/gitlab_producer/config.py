@@ -391,6 +391,14 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _webhook_port_of_its_own(self) -> Settings:
+        for name in ("metrics_port", "log_port"):
+            if self.webhook_port and self.webhook_port == getattr(self, name):
+                raise ValueError(f"WEBHOOK_PORT: must differ from {name.upper()} (both are "
+                                 f"{self.webhook_port})")
+        return self
+
+    @model_validator(mode="after")
     def _upload_token_long_enough(self) -> Settings:
         token = self.artifact_upload_token.get_secret_value()
         if token and len(token) < MIN_UPLOAD_TOKEN_CHARS:

@@ -3,7 +3,9 @@
 is asked anything, as a :class:`ConfigError` naming the variable (the CLI: exit 2, one line).
 
 - The listening ports (``METRICS_PORT``, ``LOG_PORT``, ``WEBHOOK_PORT``) are bound here and
-  held until their servers start on them: one in use is an error naming its variable.
+  held until their servers start on them: one in use is an error naming its variable. A port
+  is bound, not yet listening: until its server is ready, connections are refused (a client
+  that sees the port open may use it).
 - Redis is asked once (connect, ``AUTH``, ``SELECT``): a password it refuses
   (``REDIS_PASSWORD``) or a database it does not have (``REDIS_DB``) is an error; a Redis that
   does not answer is an outage, left to the caller (the service waits it out).
@@ -28,7 +30,6 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from gitlab_producer.config import ConfigError, Settings
 
 REDIS_CHECK_TIMEOUT_S = 3.0  # one try; a Redis slower than that is treated as not answering
-BACKLOG = 128
 
 
 class Ports:
@@ -46,7 +47,7 @@ class Ports:
         try:
             for variable, port in wanted:
                 if port and port not in ports._bound:
-                    ports._bound[port] = (variable, _listening(host, port, variable))
+                    ports._bound[port] = (variable, _bind(host, port, variable))
         except ConfigError:
             ports.close()
             raise
@@ -55,7 +56,7 @@ class Ports:
     async def serve(self, runner: web.AppRunner, port: int, variable: str) -> None:
         """Serve ``runner`` on ``port``: on its reserved socket, else bound now."""
         reserved = self._bound.pop(port, None)
-        sock = reserved[1] if reserved is not None else _listening(self.host, port, variable)
+        sock = reserved[1] if reserved is not None else _bind(self.host, port, variable)
         try:
             await web.SockSite(runner, sock).start()
         except OSError as exc:
@@ -83,16 +84,15 @@ def _port_error(variable: str, port: int, exc: OSError) -> str:
     return f"{variable}: port {port} {reason}"
 
 
-def _listening(host: str, port: int, variable: str) -> socket.socket:
-    # Listening at once, not only bound: a bound socket alone does not keep another
-    # SO_REUSEADDR socket (another process, or a second server here) off the port. Connections
-    # made before the server starts wait in the backlog.
+def _bind(host: str, port: int, variable: str) -> socket.socket:
+    # SO_REUSEADDR as asyncio's servers (a restart is not kept off by the last one's
+    # TIME_WAIT connections); a port someone listens on still fails here. The settings keep
+    # WEBHOOK_PORT apart from the other two, so no two sockets here share a port.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise ConfigError(_port_error(variable, port, exc)) from None

@@ -529,19 +529,27 @@ def object_sync_for(settings: Settings, client: GitLabClient, store: Store,
     return ObjectSync(client, store, deliverer, options, stop), sink
 
 
+def _never_run(work: Awaitable[int]) -> None:
+    if asyncio.iscoroutine(work):
+        work.close()  # no "never awaited" warning
+
+
 async def backfill_then(settings: Settings, service: Awaitable[int]) -> int:
     """``run`` with ``SYNC_OBJECTS``: the backfill first (it resumes where it stopped), then
     the service; a signal during the backfill stops there."""
     from gitlab_producer.objects.backfill import EXIT_CONFIG, Backfill
     from gitlab_producer.startup import start_checks
 
-    # The service's own port, not the backfill's: checked before the backfill's hours.
-    (await start_checks(settings, [("WEBHOOK_PORT", settings.webhook_port)])).close()
     backfill = Backfill(settings)
-    code = await backfill.run()
+    try:
+        # The service's own port, not the backfill's: checked before the backfill's hours.
+        (await start_checks(settings, [("WEBHOOK_PORT", settings.webhook_port)])).close()
+        code = await backfill.run()
+    except BaseException:
+        _never_run(service)
+        raise
     if code == EXIT_CONFIG or backfill.stop.is_set():
-        if asyncio.iscoroutine(service):
-            service.close()
+        _never_run(service)
         return code
     if code:
         log.warning("backfill_incomplete", detail="failed jobs are retried by the next start; "
