@@ -73,9 +73,43 @@ def test_every_seed_variable_overrides_the_file(tmp_path: Path,
     ("kafka_object_topic_prefix", "x" * 224, "KAFKA_OBJECT_TOPIC_PREFIX"),
 ])
 def test_bad_values_name_their_variable(field: str, value: object, named: str) -> None:
-    with pytest.raises(ConfigError, match=named) as caught:
+    with pytest.raises(ConfigError, match=f"^{named}: ") as caught:  # first, and only it
         load_settings(None, **{**REQUIRED, field: value})
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("address", ["redis host:6379", "redis\\x:6379", "redis;x:6379"])
+def test_a_redis_host_must_be_a_host_name(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"^REDIS_ADDRESS: "):
+        load_settings(None, **REQUIRED, redis_address=address)
+
+
+@pytest.mark.parametrize("address", ["redis:6379", "redis-0.redis.svc:6380", "[::1]:6379",
+                                     "redis://:pw@10.0.0.1:6379", "redis_1:6379"])
+def test_redis_hosts_that_are_fine(address: str) -> None:
+    assert load_settings(None, **REQUIRED, redis_address=address).redis_address == address
+
+
+def test_choices_are_taken_in_any_case() -> None:
+    s = load_settings(None, **REQUIRED, log_level="DEBUG", kafka_compression="Zstd",
+                      kafka_sasl_mechanism="scram-sha-512", kafka_security_protocol="sasl_ssl")
+    assert (s.log_level, s.kafka_compression, s.kafka_sasl_mechanism,
+            s.kafka_security_protocol) == ("debug", "zstd", "SCRAM-SHA-512", "SASL_SSL")
+    with pytest.raises(ConfigError, match=r"^LOG_LEVEL: .*'debug'"):
+        load_settings(None, **REQUIRED, log_level="verbose")
+
+
+def test_a_missing_required_setting_says_where_to_set_it() -> None:
+    with pytest.raises(ConfigError, match=r"^GITLAB_PRIVATE_TOKEN: is required"):
+        load_settings(None, gitlab_base_url="https://gitlab.test/api/v4")
+
+
+@pytest.mark.parametrize("other", ["metrics_port", "log_port"])
+def test_the_webhook_port_is_its_own(other: str) -> None:
+    with pytest.raises(ConfigError, match=f"^WEBHOOK_PORT: must differ from {other.upper()}"):
+        load_settings(None, **REQUIRED, webhook_port=9100, webhook_secret="s", **{other: 9100})
+    same = load_settings(None, **REQUIRED, metrics_port=9100, log_port=9100)  # one server
+    assert same.metrics_port == same.log_port
 
 
 def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
