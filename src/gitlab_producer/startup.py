@@ -5,7 +5,8 @@ is asked anything, as a :class:`ConfigError` naming the variable (the CLI: exit 
 - The listening ports (``METRICS_PORT``, ``LOG_PORT``, ``WEBHOOK_PORT``) are bound here and
   held until their servers start on them: one in use is an error naming its variable. A port
   is bound, not yet listening: until its server is ready, connections are refused (a client
-  that sees the port open may use it).
+  that sees the port open may use it). Two processes binding one port at the same instant
+  may both pass (SO_REUSEADDR); the second to listen then fails with the same error.
 - Redis is asked once (connect, ``AUTH``, ``SELECT``): a password it refuses
   (``REDIS_PASSWORD``) or a database it does not have (``REDIS_DB``) is an error; a Redis that
   does not answer is an outage, left to the caller (the service waits it out).
