@@ -74,12 +74,9 @@ def locked_redis(own_redis: OwnRedis) -> OwnRedis:
     return own_redis
 
 
-PORT_CASES = [
+PORT_CASES = [  # each port once, each command that serves one once
     (("run", "--once"), "METRICS_PORT"),
-    (("run", "--once"), "LOG_PORT"),
-    (("run", "--once"), "WEBHOOK_PORT"),
     (("run",), "WEBHOOK_PORT"),
-    (("backfill",), "METRICS_PORT"),
     (("backfill",), "LOG_PORT"),
     (("worker",), "METRICS_PORT"),
 ]
@@ -110,9 +107,13 @@ COMMANDS = [("run", "--once"), ("run",), ("backfill",), ("worker",), ("status",)
             ("instances",)]
 
 
-@pytest.mark.parametrize("args", COMMANDS)
-@pytest.mark.parametrize("password,says", [(WRONG_PASS, "refuses it (WRONGPASS)"),
-                                           ("", "requires a password and none is set")])
+PASSWORD_CASES = [  # every command refuses a wrong password; a missing one is the same path
+    *((args, WRONG_PASS, "refuses it (WRONGPASS)") for args in COMMANDS),
+    (("run", "--once"), "", "requires a password and none is set"),
+]
+
+
+@pytest.mark.parametrize("args,password,says", PASSWORD_CASES)
 def test_a_password_redis_refuses_exits_2_at_once(service_env: ServiceRun,
                                                   locked_redis: OwnRedis, args: tuple[str, ...],
                                                   password: str, says: str) -> None:
@@ -122,7 +123,7 @@ def test_a_password_redis_refuses_exits_2_at_once(service_env: ServiceRun,
     assert says in done.stderr
 
 
-@pytest.mark.parametrize("args", COMMANDS)
+@pytest.mark.parametrize("args", [("run", "--once"), ("worker",)])
 def test_a_database_redis_refuses_exits_2_at_once(service_env: ServiceRun, redis_address: str,
                                                   args: tuple[str, ...]) -> None:
     databases = int(redis.Redis.from_url(f"redis://{redis_address}").config_get(
@@ -172,12 +173,21 @@ BAD_SETTINGS = [  # (the variable named, the settings)
 ]
 
 
-@pytest.mark.parametrize("args", [("check-config",), ("run", "--once"), ("backfill",)])
 @pytest.mark.parametrize("named,values", BAD_SETTINGS)
-def test_a_bad_setting_is_one_line_naming_it(service_env: ServiceRun, args: tuple[str, ...],
-                                             named: str, values: dict[str, str]) -> None:
-    done = run_bounded(service_env, *args, **{**unreachable_gitlab(), **values})
+def test_a_bad_setting_is_one_line_naming_it(service_env: ServiceRun, named: str,
+                                             values: dict[str, str]) -> None:
+    done = run_bounded(service_env, "run", "--once", **{**unreachable_gitlab(), **values})
     assert_one_line(done, named)
+
+
+@pytest.mark.parametrize("args", [("check-config",), ("backfill",), ("worker",), ("status",)])
+def test_every_command_names_a_bad_setting(service_env: ServiceRun,
+                                           args: tuple[str, ...]) -> None:
+    """Every command loads its settings through the same checks (one bad value each suffices:
+    the messages themselves are pinned by tests/unit/test_config.py)."""
+    done = run_bounded(service_env, *args, **unreachable_gitlab(),
+                       OBJECT_SWEEP_INTERVAL=str(91 * 86_400))
+    assert_one_line(done, "OBJECT_VERSION_TTL")
 
 
 def test_enum_settings_take_any_case(service_env: ServiceRun) -> None:
