@@ -207,6 +207,10 @@ class WebhookReceiver:
                 return self._answer(kind, 408, "body not received in time", close=True)
             except web.HTTPRequestEntityTooLarge:
                 return self._answer(kind, 413, "body too large", close=True)
+            except web.RequestPayloadError:
+                # The body does not decode (a Content-Encoding it is not in, broken chunks):
+                # the sender's mistake, not the receiver's.
+                return self._answer(kind, 400, "malformed body", close=True)
             response = await self._accept(request, event, kind, body)
             if len(body) > KEEP_ALIVE_MAX_BODY:
                 response.force_close()  # an idle aiohttp connection keeps its last body
