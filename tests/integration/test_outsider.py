@@ -148,7 +148,7 @@ def test_hostile_pages_every_event_once(gitlab: StandIn, broker: Broker, own_red
         gitlab.fault(r"/users/\d+/events", kind)
     gitlab.fault(r"/projects\?", "500")
     gitlab.fault(r"/users\?", "html")
-    gitlab.fault(r"/projects/2/events.*page=2", "slow", seconds=2)
+    gitlab.fault(r"/projects/2/events.*[?&]page=2", "slow", seconds=2)
     configure(service_env, gitlab, broker.bootstrap, own_redis.address, topic)
     first = run_once(service_env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -350,3 +350,52 @@ def test_events_across_gitlab_midnight_in_its_zone(tmp_path: Path, broker: Broke
         assert any(e["created_at"][11:13] == "23" for e in events)
         assert any(e["created_at"][11:13] == "00" for e in events)
         assert_exactly_once(counts, gl.truth())
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+@pytest.mark.skipif(not LIBFAKETIME.exists(), reason="Debian's faketime is not installed")
+def test_host_clock_stepped_back_during_a_read_loses_nothing(gitlab: StandIn,
+                                                             service_env: ServiceRun,
+                                                             tmp_path: Path) -> None:
+    """The service host's clock stepped back 15 minutes (NTP, a resumed VM) while a project's
+    events are read: the events created during that read must still arrive, and polling
+    goes on at its interval. The project was last active 57 minutes ago, so GitLab does not
+    move its ``last_activity_at`` for them: a cursor saved 15 minutes in GitLab's future
+    made the project look settled (and out of the listing window) for good. (The file sink
+    and the SQLite store: libfaketime stalls librdkafka.)"""
+    clock = tmp_path / "faketime"
+    clock.write_text("+0\n")
+    now = datetime.now(UTC)
+    gitlab.add(*[{"project_id": 1, "author_id": 100,
+                  "created_at": (now - timedelta(minutes=57, seconds=-i)).isoformat()}
+                 for i in range(50)])
+    gitlab.fault(r"/projects/1/events.*[?&]page=2", "slow", seconds=4)
+    configure(service_env, gitlab, "", "", "unused", SYNC_USERS="false",
+              SCHEDULING_POLL_INTERVAL="1")
+    service_env.env.update({"LD_PRELOAD": str(LIBFAKETIME),
+                            "FAKETIME_TIMESTAMP_FILE": str(clock), "FAKETIME_NO_CACHE": "1",
+                            "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+    proc = service_env.start("run")
+    try:
+        wait_until(lambda: gitlab.ctl("stats")["faults_left"] == 0, 30,
+                   "the read of project 1 at its second page")
+        clock.write_text("-900\n")
+        during = set(gitlab.add(*[{"project_id": 1, "author_id": 100} for _ in range(5)]))
+        out = Path(service_env.env["OUTPUT_FILE"])
+
+        def ids() -> set[int]:
+            if not out.exists():
+                return set()
+            return {json.loads(line)["value"]["id"] for line in out.read_bytes().splitlines()}
+
+        wait_until(lambda: len(ids()) >= 50, 30, "the first read delivered")
+        rounds = service_env.all_logs().count('"round_finished"')
+        wait_until(lambda: service_env.all_logs().count('"round_finished"') >= rounds + 4, 60,
+                   "four more rounds")
+        missing = during - ids()
+    finally:
+        rc = stop(proc)
+    assert rc == 0
+    assert not missing, f"lost {sorted(missing)} (created while the host clock stepped back)"
