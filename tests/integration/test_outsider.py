@@ -399,3 +399,68 @@ def test_host_clock_stepped_back_during_a_read_loses_nothing(gitlab: StandIn,
         rc = stop(proc)
     assert rc == 0
     assert not missing, f"lost {sorted(missing)} (created while the host clock stepped back)"
+
+
+def test_event_list_changing_while_it_is_read(gitlab: StandIn, broker: Broker,
+                                              own_redis: OwnRedis, service_env: ServiceRun
+                                              ) -> None:
+    """New events arrive between the pages of one read (offset pages shift: a page repeats
+    the end of the one before), and some events are hidden by GitLab's visibility filter
+    after paging (short pages with a next one): every visible event once."""
+    own_redis.start()
+    topic = f"out-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    ids = gitlab.add(*[{"project_id": 1, "author_id": 100 + i % 3,
+                        "created_at": (now - timedelta(hours=2, seconds=-i)).isoformat()}
+                       for i in range(130)])
+    gitlab.ctl("insert_on_read", {"path": r"/projects/1/events", "page": 3,
+                                  "events": [{"project_id": 1, "author_id": 101}] * 30})
+    gitlab.ctl("insert_on_read", {"path": r"/users/100/events", "page": 2,
+                                  "events": [{"project_id": None, "author_id": 100}] * 25})
+    hidden = set(ids[5:40])
+    gitlab.ctl("hidden", {"ids": sorted(hidden)})
+    configure(service_env, gitlab, broker.bootstrap, own_redis.address, topic)
+    for _ in range(2):
+        done = run_once(service_env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    truth = gitlab.truth() - hidden
+    assert len(truth) == 130 + 30 + 25 - len(hidden)
+    assert_exactly_once(delivered(broker.bootstrap, topic, len(truth)), truth)
+
+
+def test_two_instances_one_killed_mid_round(gitlab: StandIn, broker: Broker,
+                                            own_redis: OwnRedis, service_env: ServiceRun
+                                            ) -> None:
+    """Two instances on one Redis, live activity, one killed -9 mid-round and started
+    again, Redis killed and restarted meanwhile: nothing missing, repeats at most what was in
+    flight."""
+    own_redis.persistent = True
+    own_redis.start()
+    topic = f"out-{uuid.uuid4().hex[:8]}"
+    gitlab.add(*spread(1500, 30, 8, datetime.now(UTC) - timedelta(hours=10), 20))
+    gitlab.fault(r"/events", "slow", times=10_000, seconds=0.05)
+    configure(service_env, gitlab, broker.bootstrap, own_redis.address, topic,
+              OPERATIONS_PER_SECOND="20")
+    second_env = {"METRICS_PORT": str(free_port()), "LOG_PORT": str(free_port())}
+    first = service_env.start("run")
+    second = service_env.start("run", **second_env)
+    try:
+        with Feeder(gitlab, projects=30, users=8):
+            wait_until(lambda: produced(service_env) > 150, 90, "a round delivering")
+            first.kill()
+            first.wait(10)
+            first = service_env.start("run")
+            time.sleep(2)
+            own_redis.kill()
+            time.sleep(2)
+            own_redis.start()
+            time.sleep(10)
+        counts = settle(service_env, gitlab, broker.bootstrap, topic, timeout_s=150)
+    finally:
+        rcs = [stop(first), stop(second)]
+    assert rcs == [0, 0], service_env.all_logs()[-3000:]
+    truth = gitlab.truth()
+    assert not truth - set(counts), f"missing {sorted(truth - set(counts))[:10]}"
+    doubled = sum(n - 1 for n in counts.values())
+    assert doubled <= 16 * 20, f"{doubled} repeats"
+    print(f"repeats with two instances, one killed: {doubled}")

@@ -3,16 +3,22 @@ test_outsider.py for the attacks against the whole process)."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 from pathlib import Path
 
 import httpx
 import orjson
+from aiohttp import web
 
+from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
 from gitlab_producer.metrics import Metrics
+from gitlab_producer.simulator.server import free_port
 from gitlab_producer.sinks.base import Message
 from gitlab_producer.sinks.file import FileSink
+from gitlab_producer.store.sqlite_store import SQLiteStore
 from tests.unit.test_webhook_receiver import serving
+from tests.waits import wait_until_async
 
 HEADERS = {"X-Gitlab-Token": "s3cret", "X-Gitlab-Event": "Push Hook"}
 
@@ -42,3 +48,39 @@ async def test_webhook_with_a_body_that_does_not_decode_is_a_400_not_a_500(
                             headers={**HEADERS, "Content-Encoding": "gzip"})
     assert bad.status_code == 400, bad.text
     assert good.status_code == 200, good.text
+
+
+async def test_a_compressed_hook_reserves_what_it_may_decompress_to(tmp_path: Path) -> None:
+    """``WEBHOOK_MAX_INFLIGHT_BYTES`` bounds the hook bodies held at once. A gzip body of
+    24 KiB decompresses to 24 MiB: reserving its declared (compressed) length let 40 such
+    requests at once hold 1.2 GB (measured: VmHWM 66 MB -> 1,225 MB). It must reserve the
+    most it may grow to, ``WEBHOOK_MAX_BODY``, as a body of unknown length does."""
+    config = WebhookConfig("s3cret", "", 300, 3600, "gl.test", max_body=1024 * 1024,
+                           body_timeout_s=5.0, max_inflight_bytes=3 * 1024 * 1024)
+    store = SQLiteStore(tmp_path / "state.sqlite3")
+    sink = FileSink(str(tmp_path / "hooks.jsonl"), "bus.hooks")
+    receiver = WebhookReceiver(config, store, sink, Metrics())
+    runner = web.AppRunner(build_webhook_app(receiver, config.max_body))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    packed = gzip.compress(b'{"object_kind": "push", "x": "' + b"a" * 900_000 + b'"}')
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /webhooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitlab-Token: s3cret\r\n"
+            b"X-Gitlab-Event: Push Hook\r\nContent-Encoding: gzip\r\n"
+            + f"Content-Length: {len(packed)}\r\n\r\n".encode() + packed[:len(packed) // 2])
+        await writer.drain()
+        await wait_until_async(lambda: _used(receiver), 5, "the hook's reservation")
+        assert receiver._budget.used >= config.max_body
+    finally:
+        writer.close()
+        await runner.cleanup()
+        await sink.close()
+        await store.close()
+    del reader
+
+
+async def _used(receiver: WebhookReceiver) -> bool:
+    return receiver._budget.used > 0

@@ -190,7 +190,10 @@ class WebhookReceiver:
         declared = request.content_length
         if declared is not None and declared > limit:
             return self._answer(kind, 413, "body too large", close=True)
-        reserved = limit if declared is None else declared
+        # A compressed body is decompressed as it is read: its declared length says nothing
+        # of what it holds in memory (24 KiB of gzip are 24 MiB), so it reserves the most.
+        encoded = request.headers.get("Content-Encoding", "identity").lower() != "identity"
+        reserved = limit if declared is None or encoded else declared
         deadline = asyncio.get_running_loop().time() + self.config.body_timeout_s
         try:
             async with asyncio.timeout_at(deadline):
