@@ -11,12 +11,16 @@ import httpx
 import orjson
 from aiohttp import web
 
+from gitlab_producer.gitlab.events import Event
 from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.simulator.server import free_port
 from gitlab_producer.sinks.base import Message
 from gitlab_producer.sinks.file import FileSink
+from gitlab_producer.store.base import StoreError
 from gitlab_producer.store.sqlite_store import SQLiteStore
+from gitlab_producer.sync.delivery import Deliverer
+from tests.unit.test_store_and_delivery import RecordingSink
 from tests.unit.test_webhook_receiver import serving
 from tests.waits import wait_until_async
 
@@ -84,3 +88,33 @@ async def test_a_compressed_hook_reserves_what_it_may_decompress_to(tmp_path: Pa
 
 async def _used(receiver: WebhookReceiver) -> bool:
     return receiver._budget.used > 0
+
+
+class _FlakyMarks(SQLiteStore):
+    """A store whose first ``failures`` mark writes fail, as a Redis killed mid-page does."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    async def mark_sent(self, event_ids: list[int], ttl_s: int) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("redis: Connection refused")
+        await super().mark_sent(event_ids, ttl_s)
+
+
+async def test_marks_of_an_acknowledged_page_are_retried_not_dropped(tmp_path: Path) -> None:
+    """Kafka acknowledged the page, then the store failed for a moment (Redis killed and
+    restarted with AOF): giving up on the marks made the next round produce the page again
+    (10 events doubled in the outsider's Redis-kill test). The marks are written once the
+    store answers again, and the page counts as delivered."""
+    store = _FlakyMarks(tmp_path / "state.sqlite3", failures=2)
+    sink = RecordingSink()
+    deliverer = Deliverer(store, sink, 3600, Metrics(), "gl.test")
+    events = [Event(i, 1, 2, 1_700_000_000.0 + i, b'{"id": %d}' % i) for i in (1, 2, 3)]
+    assert await deliverer.deliver(events) == 3
+    assert await store.unseen([1, 2, 3]) == []
+    assert await Deliverer(store, sink, 3600, Metrics(), "gl.test").deliver(events) == 0
+    assert len(sink.sent) == 3
+    await store.close()
