@@ -379,7 +379,9 @@ class Service:
                 await on_round(result)
             if once or self.stop.is_set() or rounds == max_rounds:
                 break
-            delay = max(0.0, self.settings.scheduling_poll_interval - result.duration_s)
+            interval = self.settings.scheduling_poll_interval
+            # Clamped: a duration taken across a host clock stepped back must not stall polling.
+            delay = min(interval, max(0.0, interval - result.duration_s))
             failures = failures + 1 if result.error else 0
             if failures:
                 delay = max(delay, retry_delay(failures))

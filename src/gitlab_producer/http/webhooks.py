@@ -190,7 +190,10 @@ class WebhookReceiver:
         declared = request.content_length
         if declared is not None and declared > limit:
             return self._answer(kind, 413, "body too large", close=True)
-        reserved = limit if declared is None else declared
+        # A compressed body is decompressed as it is read: its declared length says nothing
+        # of what it holds in memory (24 KiB of gzip are 24 MiB), so it reserves the most.
+        encoded = request.headers.get("Content-Encoding", "identity").lower() != "identity"
+        reserved = limit if declared is None or encoded else declared
         deadline = asyncio.get_running_loop().time() + self.config.body_timeout_s
         try:
             async with asyncio.timeout_at(deadline):
@@ -207,6 +210,10 @@ class WebhookReceiver:
                 return self._answer(kind, 408, "body not received in time", close=True)
             except web.HTTPRequestEntityTooLarge:
                 return self._answer(kind, 413, "body too large", close=True)
+            except web.RequestPayloadError:
+                # The body does not decode (a Content-Encoding it is not in, broken chunks):
+                # the sender's mistake, not the receiver's.
+                return self._answer(kind, 400, "malformed body", close=True)
             response = await self._accept(request, event, kind, body)
             if len(body) > KEEP_ALIVE_MAX_BODY:
                 response.force_close()  # an idle aiohttp connection keeps its last body

@@ -35,7 +35,7 @@ class FileSink:
             "topic": message.topic or self.topic,
             "key": message.key.decode(),
             "headers": {k: v.decode() for k, v in message.headers},
-            "value": None if message.value is None else orjson.Fragment(message.value),
+            "value": None if message.value is None else orjson.Fragment(_one_line(message.value)),
         }) + b"\n"
 
     async def send(self, messages: Sequence[Message]) -> None:
@@ -57,3 +57,12 @@ class FileSink:
     async def close(self) -> None:
         if self._owned and not self._out.closed:
             self._out.close()
+
+
+def _one_line(value: bytes) -> bytes:
+    """The value on one line. It is valid JSON, where a raw line break can only be whitespace
+    between tokens (inside a string it is always escaped), so a space means the same; a body
+    sent with a trailing newline or pretty-printed would otherwise split its record."""
+    if b"\n" not in value and b"\r" not in value:
+        return value
+    return value.replace(b"\r", b" ").replace(b"\n", b" ")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from gitlab_producer.gitlab.events import Event
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.sinks.base import DeliveryError, Message, Sink, send_fitting
-from gitlab_producer.store.base import Store
+from gitlab_producer.store.base import Store, StoreError
 from gitlab_producer.store.claims import Claims
 from gitlab_producer.store.redis_claims import HELD, MINE, RedisClaims, poll_delays
 
@@ -34,6 +34,10 @@ def to_message(event: Event, instance: bytes) -> Message:
             ("source", instance),
         ),
     )
+
+
+# Seconds the marks of an acknowledged page are retried against a failing store.
+MARK_RETRY_S = 15.0
 
 
 class Deliverer:
@@ -101,6 +105,23 @@ class Deliverer:
         await claim.wait_for_others()
         return len(fresh), held
 
+    async def _mark(self, event_ids: list[int]) -> None:
+        """Mark acknowledged events, retrying a store that fails for a moment (a Redis
+        restarted): they were delivered, so giving up on their marks means producing them
+        again next round. Bounded (``MARK_RETRY_S``, well inside a claim's 30 s life), then
+        the error goes up and the page repeats as before."""
+        deadline = time.monotonic() + MARK_RETRY_S
+        delay = 0.1
+        while True:
+            try:
+                await self.store.mark_sent(event_ids, self.ttl_s)
+                return
+            except StoreError:
+                if time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     def store_keys(self, event_ids: list[int]) -> list[bytes]:
         assert self.shared is not None
         return self.shared.store.event_keys(event_ids)
@@ -120,7 +141,7 @@ class Deliverer:
         except DeliveryError:
             self.metrics.delivery_failures.inc(len(messages))
             raise
-        await self.store.mark_sent([e.id for e in events], self.ttl_s)
+        await self._mark([e.id for e in events])
         for observer in self.observers:
             observer(events)
         events = [e for i, e in enumerate(events) if i not in refused]

@@ -200,8 +200,9 @@ async def read_events(ctx: SyncContext, work: Work,
 
     A page is delivered while the next one is fetched (one delivery in flight per reader):
     GitLab still sees one request at a time from each reader. The cursor is the start in
-    GitLab's time (converted at the end, when the skew is surely known)."""
+    GitLab's time (the earlier of its conversions at the start and at the end)."""
     started = ctx.client.clock.wall()
+    started_gitlab = ctx.client.clock.now()
     lower = lower_bound(ctx.rules, work.cursor, ctx.since)
     path = f"{work.kind}s/{work.entity_id}/events"
     params = {"after": after_param(lower), "sort": "desc", "per_page": ctx.per_page}
@@ -236,7 +237,10 @@ async def read_events(ctx: SyncContext, work: Work,
             delivering.exception()
         raise
     ctx.metrics.entities_synced.labels(work.kind).inc()
-    return Cursor(ctx.client.clock.to_gitlab(started), work.activity)
+    # The earlier of the start converted now and as GitLab's time then: the skew learnt at
+    # the end corrects a start taken before GitLab ever answered, the one at the start
+    # keeps a host clock stepped back during the read from moving the cursor into the future.
+    return Cursor(min(ctx.client.clock.to_gitlab(started), started_gitlab), work.activity)
 
 
 def covered_by_projects(ctx: SyncContext) -> Callable[[Events], Awaitable[Events]]:

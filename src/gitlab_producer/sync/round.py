@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ class RoundResult:
     produced: int = 0
     error: str = ""
     duration_s: float = 0.0
+    started_gitlab: float = math.inf  # GitLab's time at the start, as the skew was known then
 
 
 class SyncRound:
@@ -80,12 +82,13 @@ class SyncRound:
 
     async def run(self) -> RoundResult:
         """The round; a store, sink or GitLab failure fails it (never raises them)."""
-        result = RoundResult(started=time.time())
+        result = RoundResult(started=time.time(), started_gitlab=self.ctx.client.clock.now())
+        began = time.monotonic()  # a host clock stepped back must not make it negative
         try:
             await self._run(result)
         except RECOVERABLE as exc:  # outside the task group: reading or writing round state
             result.ok, result.error = False, f"{type(exc).__name__}: {exc}"
-        result.duration_s = time.time() - result.started
+        result.duration_s = time.monotonic() - began
         return result
 
     async def _run(self, result: RoundResult) -> None:
@@ -136,7 +139,9 @@ class SyncRound:
         """A round that succeeded becomes the base of the next one's windows."""
         if result.ok:
             # In GitLab's time: the next round's windows compare it with GitLab's timestamps.
-            base = repr(self.ctx.client.clock.to_gitlab(result.started))
+            # The earlier conversion (see read_events): never a base in GitLab's future.
+            base = repr(min(self.ctx.client.clock.to_gitlab(result.started),
+                            result.started_gitlab))
             await self.ctx.store.set_meta(LAST_ROUND_KEY, base)
             if listed_users:
                 await self.ctx.store.set_meta(LAST_USER_LISTING_KEY, base)
