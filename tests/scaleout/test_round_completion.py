@@ -26,7 +26,7 @@ from gitlab_producer.simulator.server import SimulatorThread, running_simulator
 from gitlab_producer.store import RedisStore
 from gitlab_producer.sync.delivery import Deliverer
 from gitlab_producer.sync.entities import SyncContext, Work
-from gitlab_producer.sync.round import LAST_ROUND_KEY
+from gitlab_producer.sync.round import LAST_ROUND_KEY, RoundResult, SyncRound
 from gitlab_producer.sync.round_state import RoundState
 from gitlab_producer.sync.shared_rounds import (
     ENTITY,
@@ -283,3 +283,40 @@ async def test_a_lost_batch_given_up_keeps_every_entity_for_retry(
             assert summary.counts["failed"]["project"] == 2
             assert {3, 5} <= set(await one.ctx.store.retries("project"))
             assert await one.ctx.store.get_meta(LAST_ROUND_KEY) is None
+
+
+async def test_a_batch_reads_its_entities_at_once_within_the_read_slots(
+        redis_address: str, redis_prefix: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's entities are read at the same time, as many as the instance's read slots (the
+    in-process round's readers: ``GITLAB_CONCURRENCY`` per kind), not one after the other."""
+    settings = settings_for(redis_address, redis_prefix)  # 2 reads at once
+    sink = SwitchableSink(tmp_path / "events.jsonl")
+    reading, most = 0, 0
+    two_in = asyncio.Event()
+
+    async def read_one(self: SyncRound, work: Work, result: RoundResult) -> None:
+        nonlocal reading, most
+        reading += 1
+        most = max(most, reading)
+        if reading >= 2:
+            two_in.set()
+        with contextlib.suppress(TimeoutError):  # bounded: one after the other never gets 2
+            await asyncio.wait_for(two_in.wait(), 2)
+        await asyncio.sleep(0.01)
+        reading -= 1
+        result.synced[work.kind] += 1
+
+    monkeypatch.setattr(SyncRound, "read_one", read_one)
+    with running_simulator(QUIET) as sim:
+        async with instance(sim, settings, sink, asyncio.Event()) as one:
+            n = await open_round(one.state, 1.0)
+            args = job_args("project", [(Work("project", p, "", None), None)
+                                        for p in range(1, 7)])
+            await one.state.add_jobs(n, {job_key(n, args): args})
+            await one.state.done(n, discover_key(n), "discovered", "round")
+            await one.read_entities(Call(1, 10, _no_beat), {"round": n, **args})
+            summary = await one.state.summary(n)
+            assert summary is not None and summary.complete and summary.ok, summary
+            assert summary.counts["synced"]["project"] == 6
+    assert most == 2  # at once, and never more than the read slots

@@ -72,8 +72,13 @@ WAIT_POLL_S = 0.25  # how often a waiting instance looks at the round
 SUPERVISE_S = 5.0  # how often it looks for lost jobs
 ADD_BATCH = 100  # entities recorded by one script
 # Entities per job at most: the engine costs about half a millisecond of CPU per job, which on
-# a job per entity came to a third of what the round itself costs per event.
-ENTITY_BATCH = 10
+# a job per entity came to a third of what the round itself costs per event. A job reads its
+# entities at once (the instance's read slots bound them), so a batch need not be small for
+# the instance to read at full concurrency.
+ENTITY_BATCH = 25
+# The entities recorded together are split into at least this many jobs, so that other
+# instances have a share of them.
+JOBS_PER_ADD = 4
 FILL_S = 0.05  # how long a discovery reader lets a listing page fill a batch
 WAIT_FOR_RUN_S = 1.0  # a worker started before any `run` instance looks again this often
 
@@ -256,6 +261,9 @@ class SharedRounds:
         self.handlers: dict[str, Handler] = {DISCOVER: self._counted(self.discover),
                                              ENTITY: self._counted(self.read_entities)}
         self.concurrency = s.gitlab_concurrency * (2 if s.sync_users else 1) + 1
+        # The entities this instance reads at once, whatever the jobs: as many as the
+        # in-process round's readers.
+        self._reads = asyncio.Semaphore(self.concurrency - 1)
         self._worker: Any = None
         self._serving: asyncio.Task[Any] | None = None
         self._suspects: set[str] = set()  # open, not pending at the last look
@@ -394,12 +402,12 @@ class SharedRounds:
                            ) -> None:
         """Record entities to read in round ``number`` (with their retry entries) as batch
         jobs and enqueue them (those not done already). A batch holds at most
-        :data:`ENTITY_BATCH` entities of one kind, fewer when there are few, so that every
-        instance's job slots have work."""
+        :data:`ENTITY_BATCH` entities of one kind, fewer when there are few (at least
+        :data:`JOBS_PER_ADD` jobs), so that other instances have work too."""
         jobs: dict[str, dict[str, Any]] = {}
         for kind in dict.fromkeys(w.kind for w, _ in works):
             group = [(w, retry) for w, retry in works if w.kind == kind]
-            size = max(1, min(ENTITY_BATCH, math.ceil(len(group) / self.concurrency)))
+            size = max(1, min(ENTITY_BATCH, math.ceil(len(group) / JOBS_PER_ADD)))
             for start in range(0, len(group), size):
                 batch = group[start:start + size]
                 jobs[batch_key(number, kind, [w.entity_id for w, _ in batch])] = \
@@ -441,9 +449,10 @@ class SharedRounds:
         self.ctx.metrics.round_jobs.labels("discover").inc()
 
     async def read_entities(self, call: Call, kwargs: dict[str, Any]) -> None:
-        """A batch job: read its entities one after the other, then record the job done with
-        every outcome in one script. Run again (a takeover, a requeue), it reads each entity
-        from its stored cursor: those the earlier run finished have nothing new."""
+        """A batch job: read its entities at once (within the instance's read slots), then
+        record the job done with every outcome in one script. Run again (a takeover, a
+        requeue), it reads each entity from its stored cursor: those the earlier run finished
+        have nothing new."""
         number = int(kwargs["round"])
         kind = str(kwargs["kind"])
         key = job_key(number, kwargs)
@@ -461,14 +470,18 @@ class SharedRounds:
                 reader.retries.pending[kind][work.entity_id] = Pending.loads(retry)
         result = RoundResult(started=time.time())
         error = ""
-        async with beating(call):
-            for work, _ in works:
-                try:
-                    await reader.read_one(work, result)
-                except FatalGitLabError as exc:  # the token: the others would fail alike
-                    result.failed[kind] += 1
-                    error = str(exc)
-                    break
+
+        async def read(work: Work) -> None:
+            async with self._reads:
+                await reader.read_one(work, result)
+
+        try:
+            async with beating(call), asyncio.TaskGroup() as group:
+                for work, _ in works:
+                    group.create_task(read(work))
+        except* FatalGitLabError as fatal:  # the token: the others would fail alike
+            result.failed[kind] += 1
+            error = str(fatal.exceptions[0])
         counts = {f"{outcome}:{kind}": found[kind] for outcome, found in
                   (("synced", result.synced), ("skipped", result.skipped),
                    ("failed", result.failed)) if found[kind]}
