@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections import deque
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -48,6 +49,9 @@ from gitlab_producer.store.redis_store import connect
 
 log = get_logger(__name__)
 DEFAULT_MARGIN = 0.03  # see the module docstring
+LATE_SHARE = 0.5  # of the margin's slack, how late after its slot a request may still go
+MISSES_BEFORE_SENDING = 3  # slots a request gives up in a row before it goes late anyway
+ROUND_TRIPS_KEPT = 32  # recent reservation round trips; the quickest bounds Redis's TIME
 USE_KEY_TTL_MS = 120_000
 
 # KEYS[1]: tat, KEYS[2]: pause-until, KEYS[3]: prefix of the per-second use counters.
@@ -88,6 +92,15 @@ return {math.floor(slot - now), string.format('%d', paused), string.format('%d',
 """.replace("USE_TTL", str(USE_KEY_TTL_MS))
 
 
+class Slot(NamedTuple):
+    """A reserved slot on this process's monotonic clock: ``start``, never before the slot
+    (the request sleeps until then), and ``earliest``, the soonest the slot can have been
+    (how late the request is, is counted from here)."""
+
+    start: float
+    earliest: float
+
+
 def budget_keys(prefix: str) -> tuple[str, str, str]:
     """(tat key, pause-until key, prefix of the per-second use counters)."""
     return f"{prefix}budget:tat", f"{prefix}budget:paused", f"{prefix}budget:used:"
@@ -102,6 +115,9 @@ class SharedBudget(RateLimiter):
         self._redis = client
         self._keys = budget_keys(prefix)
         self._interval_us = round(1_000_000 * (1.0 + margin) / per_second)
+        # ``per_second`` slots span 1 + margin seconds: margin seconds of slack per window.
+        self._late_s = margin * LATE_SHARE
+        self._round_trips: deque[float] = deque(maxlen=ROUND_TRIPS_KEPT)
         self._script: AsyncScript = client.register_script(RESERVE_SCRIPT)
         self._metrics = metrics or Metrics()
         self._metrics.budget_limit.set(per_second)
@@ -109,25 +125,30 @@ class SharedBudget(RateLimiter):
         self._paused_until_local = 0.0  # monotonic time to which the newest known pause runs
         self._degraded = False
         self._flushes: set[asyncio.Task[None]] = set()
-        self._reservations: Coalescer[None, float | None] = Coalescer(self._reserve)
+        self._reservations: Coalescer[None, Slot | None] = Coalescer(self._reserve)
 
     async def acquire(self) -> float:
         """Wait for this request's slot in the shared budget; returns the seconds waited."""
-        waited = 0.0
+        waited, misses = 0.0, 0
         while True:
-            (reserved,) = await self._reservations([None])
-            if reserved is None:
+            (slot,) = await self._reservations([None])
+            if slot is None:
                 return waited + await super().acquire()
-            wait_s = reserved
+            wait_s = max(0.0, slot.start - time.monotonic())
             self._metrics.budget_reserved.inc()
             self._metrics.budget_wait.observe(wait_s)
-            # Never early: the answer arrived after Redis's TIME, so this is at or after the slot.
-            slot_at = time.monotonic() + wait_s
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
                 waited += wait_s
+            if (self._late_s > 0 and time.monotonic() - slot.earliest > self._late_s
+                    and misses < MISSES_BEFORE_SENDING):
+                # This late, the request would crowd the slots after it into one second (a
+                # busy event loop or CPU): the slot goes unused, the request takes another.
+                misses += 1
+                self._metrics.budget_missed.inc()
+                continue
             # A pause that began (on any instance) after this slot was handed out applies too.
-            if self._paused_until_local <= slot_at:
+            if self._paused_until_local <= slot.start:
                 return waited
 
     def pause(self, seconds: float) -> None:
@@ -147,19 +168,21 @@ class SharedBudget(RateLimiter):
         if self._pending_pause_s > 0:
             await self._call(0)
 
-    async def _reserve(self, requests: list[None]) -> list[float | None]:
-        """Consecutive slots for the requests waiting now: each one's wait in seconds, or
-        None for all when Redis is unreachable."""
-        answer = await self._call(len(requests))
-        if answer is None:
+    async def _reserve(self, requests: list[None]) -> list[Slot | None]:
+        """Consecutive slots for the requests waiting now, or None for all when Redis is
+        unreachable."""
+        first = await self._call(len(requests))
+        if first is None:
             return [None] * len(requests)
         interval_s = self._interval_us / 1e6
-        return [answer + i * interval_s for i in range(len(requests))]
+        return [Slot(first.start + i * interval_s, first.earliest + i * interval_s)
+                for i in range(len(requests))]
 
-    async def _call(self, count: int) -> float | None:
-        """Reserve ``count`` slots (0: only send a pending pause): the first one's wait in
-        seconds, or None: Redis unreachable."""
+    async def _call(self, count: int) -> Slot | None:
+        """Reserve ``count`` slots (0: only send a pending pause): the first one, or None:
+        Redis unreachable."""
         pause_s, self._pending_pause_s = self._pending_pause_s, 0.0
+        sent = time.monotonic()
         try:
             raw: Any = await self._script(keys=list(self._keys), args=[
                 self._interval_us, round(pause_s * 1_000_000), count])
@@ -171,14 +194,21 @@ class SharedBudget(RateLimiter):
                             detail="limiting this process alone until Redis answers")
             self._metrics.budget_fallbacks.inc()
             return None
+        answered = time.monotonic()
         if self._degraded:
             self._degraded = False
             log.info("shared_budget_restored")
+        self._round_trips.append(answered - sent)
+        # Redis read its clock between ``sent`` and ``answered``, at least half the quickest
+        # recent round trip from either: the network's part of a trip. A trip slower than
+        # that (the answer waited for this busy event loop, or the call for the CPU) may
+        # hide lateness, which the slot's ``earliest`` then counts.
+        leg = min(self._round_trips) / 2
         wait_us, paused_us, now_us = (int(v) for v in raw)
         if paused_us > now_us:
             self._paused_until_local = max(self._paused_until_local,
-                                           time.monotonic() + (paused_us - now_us) / 1e6)
-        return wait_us / 1e6
+                                           answered - leg + (paused_us - now_us) / 1e6)
+        return Slot(answered - leg + wait_us / 1e6, sent + leg + wait_us / 1e6)
 
 
 async def budget_use(client: aioredis.Redis, prefix: str, seconds: int = 10
