@@ -147,8 +147,8 @@ class Metrics:
             "OPERATIONS_PER_SECOND: the token's request budget across all instances", registry=r)
         self.budget_reserved = Counter(
             "gitlab_producer_budget_reserved_total",
-            "Request slots this instance reserved in the shared budget (sum over instances / "
-            "limit = the budget's use)", registry=r)
+            "Request slots this instance reserved in the shared budget and sent a request in "
+            "(sum over instances / limit = the budget's use)", registry=r)
         self.budget_wait = Histogram(
             "gitlab_producer_budget_wait_seconds",
             "How long a request waited for its slot in the shared budget", registry=r,
