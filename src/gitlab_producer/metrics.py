@@ -147,12 +147,16 @@ class Metrics:
             "OPERATIONS_PER_SECOND: the token's request budget across all instances", registry=r)
         self.budget_reserved = Counter(
             "gitlab_producer_budget_reserved_total",
-            "Request slots this instance reserved in the shared budget (sum over instances / "
-            "limit = the budget's use)", registry=r)
+            "Request slots this instance reserved in the shared budget and sent a request in "
+            "(sum over instances / limit = the budget's use)", registry=r)
         self.budget_wait = Histogram(
             "gitlab_producer_budget_wait_seconds",
             "How long a request waited for its slot in the shared budget", registry=r,
             buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.budget_missed = Counter(
+            "gitlab_producer_budget_missed_total",
+            "Slots this instance left unused: its request woke too late for them (it took "
+            "another)", registry=r)
         self.budget_fallbacks = Counter(
             "gitlab_producer_budget_fallbacks_total",
             "Requests limited by this process alone because Redis did not answer", registry=r)

@@ -57,10 +57,16 @@ def test_three_processes_hold_the_limit_and_use_it(
     steady = [per_second.get(s, 0) for s in range(first + RAMP_S, first + RAMP_S + STEADY_S)]
     # GitLab's windows: calendar seconds, by arrival.
     assert int(str(served["max_arrivals_per_second"])) <= RATE, per_second
-    # Not asserted: the busiest sliding second (``max_in_any_second``). On this 2-core machine
-    # shared by several test runs (load average 3-6) one request in a while reached the
-    # simulator 44-47 ms after its slot, after it left the budget, so that a sliding second
-    # held 21 or 22 requests in about 1 run of 3 while every calendar second held <= 20.
+    # Any one second (an outside tester's sliding window), with two arrivals of slack: the
+    # simulator's thread shares the 2 cores with the three instances, and on the loaded test
+    # machine it read a request now and then 30-50 ms after it was written (its loop stalled
+    # with nothing to run), next to the following ones: each such reading puts one arrival
+    # over the limit by one. Measured at load average 9-11: 0-2 such arrivals in 4 runs of 5
+    # (the fifth: 2, one of them by two); the budget's own guard off, 4-21 in 3 runs of 4; no
+    # margin, ~145.
+    crowded: dict[str, int] = served["in_last_second_at_arrival"]  # type: ignore[assignment]
+    over = {int(n): count for n, count in crowded.items() if int(n) > RATE}
+    assert max(over, default=RATE) <= RATE + 1 and sum(over.values()) <= 2, over
     assert sum(steady) / len(steady) >= 0.95 * RATE, steady
     # ... and leaves slack for jitter: exactly the limit in every second (no margin) lets a
     # request late by a millisecond the 21st of a second (measured without the margin: a

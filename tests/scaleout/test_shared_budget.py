@@ -15,7 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gitlab_producer.gitlab.shared_budget import SharedBudget, budget_use
+from gitlab_producer.gitlab.shared_budget import (
+    MISSES_BEFORE_SENDING,
+    SharedBudget,
+    budget_keys,
+    budget_use,
+)
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.simulator.server import free_port, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
@@ -164,5 +169,65 @@ async def test_requests_waiting_at_once_get_consecutive_evenly_spaced_slots(
         gaps = [b - a for a, b in itertools.pairwise(waits)]
         assert all(abs(g - 0.02) < 0.002 for g in gaps), gaps
         assert waits[-1] >= 19 * 0.02 - 0.01
+    finally:
+        await budget.aclose()
+
+
+def _answers_read_late(budget: SharedBudget, late_s: float, times: int) -> None:
+    """The next ``times`` reservation answers are read ``late_s`` after they came: this event
+    loop was busy (or had no CPU) when Redis answered."""
+    script = budget._script
+    left = times
+
+    async def read_late(*args: object, **kwargs: object) -> object:
+        nonlocal left
+        answer = await script(*args, **kwargs)  # type: ignore[arg-type]
+        if left > 0:
+            left -= 1
+            time.sleep(late_s)  # blocking the loop is the point
+        return answer
+
+    budget._script = read_late  # type: ignore[assignment]
+
+
+def _missed(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("gitlab_producer_budget_missed_total") or 0.0
+
+
+async def test_a_request_too_late_for_its_slot_takes_another(redis_address: str,
+                                                              redis_prefix: str) -> None:
+    """Sent ~100 ms after its slot (3% margin at 20/s: 30 ms of slack per second), a request
+    would make the second before the next 20 slots hold 21: it gives the slot up. The answer
+    was read late, so the late start is seen only against Redis's clock."""
+    metrics = Metrics()
+    budget = SharedBudget(connect(redis_address, db=TEST_REDIS_DB), RATE, redis_prefix, metrics)
+    try:
+        for _ in range(3):  # quick round trips first: they place Redis's clock on this one's
+            await budget.acquire()
+        _answers_read_late(budget, 0.15, 1)
+        await asyncio.wait_for(budget.acquire(), 10)
+        assert _missed(metrics) == 1
+        await asyncio.wait_for(budget.acquire(), 10)  # on time again: nothing given up
+        assert _missed(metrics) == 1
+        # The slot given up is not counted as used (the per-second use the status shows).
+        client = connect(redis_address, db=TEST_REDIS_DB)
+        keys = await client.keys(f"{budget_keys(redis_prefix)[2]}*")
+        assert sum(int(v) for v in await client.mget(keys)) == 5
+        await client.aclose()
+    finally:
+        await budget.aclose()
+
+
+async def test_a_request_late_for_every_slot_goes_after_a_few(redis_address: str,
+                                                               redis_prefix: str) -> None:
+    """An event loop always this late would otherwise never send: after a few slots given up
+    the request goes anyway."""
+    metrics = Metrics()
+    budget = SharedBudget(connect(redis_address, db=TEST_REDIS_DB), RATE, redis_prefix, metrics)
+    try:
+        await budget.acquire()
+        _answers_read_late(budget, 0.15, 100)
+        await asyncio.wait_for(budget.acquire(), 10)
+        assert _missed(metrics) == MISSES_BEFORE_SENDING
     finally:
         await budget.aclose()

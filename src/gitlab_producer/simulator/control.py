@@ -115,6 +115,9 @@ class Stats:
     # (a sliding window: calendar seconds miss a burst that straddles two of them).
     recent: deque[float] = field(default_factory=deque)
     max_in_any_second: int = 0
+    # How many arrivals found the second up to them holding n requests (themselves included):
+    # one request read late shows as one arrival over a limit, a budget too loose as many.
+    in_last_second: Counter[int] = field(default_factory=Counter)
 
     def arrived(self, now: float) -> None:
         self.arrivals[int(now)] += 1
@@ -122,6 +125,7 @@ class Stats:
         while self.recent and self.recent[0] <= now - 1.0:
             self.recent.popleft()
         self.max_in_any_second = max(self.max_in_any_second, len(self.recent))
+        self.in_last_second[len(self.recent)] += 1
 
     def snapshot(self) -> dict[str, object]:
         by_route: dict[str, dict[str, int]] = {}
@@ -132,6 +136,8 @@ class Stats:
             "by_route": by_route,
             "max_per_second": max(self.per_second.values(), default=0),
             "max_in_any_second": self.max_in_any_second,
+            "in_last_second_at_arrival": {str(k): v for k, v in
+                                          sorted(self.in_last_second.items())},
             "token_in_query": self.token_in_query,
             "seconds": len(self.per_second),
             "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
