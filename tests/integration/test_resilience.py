@@ -18,7 +18,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gitlab_producer.simulator.server import SimulatorThread, running_simulator
+from gitlab_producer.simulator.server import SimulatorThread, free_port, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
 from tests.conftest import Broker, OwnBroker, OwnRedis, ServiceRun, consume
 
@@ -177,30 +177,48 @@ def test_a_restarted_broker_is_written_to_again(
 
 def test_ready_through_a_long_first_catch_up_not_when_it_stalls(
         service_env: ServiceRun, broker: Broker, redis_address: str, redis_prefix: str) -> None:
+    # Two processes side by side, each with a GitLab of its own, so that the two waits of
+    # LIMIT_S overlap: one's first catch-up moves on (ready past the old rule, a success
+    # within 30 s), the other's GitLab fails once its catch-up is under way (not ready when
+    # nothing has moved for 30 s).
     spec = WorldSpec(projects=150, users=30, events=12000, history_days=2.0, seed=37)
-    with running_simulator(spec) as sim:
+    with running_simulator(spec) as sim, running_simulator(spec) as failing:
         configure(service_env, sim, broker.bootstrap, redis_address, redis_prefix)
-        service_env.env.update({"REDIS_DB": "13", "OPERATIONS_PER_SECOND": "6"})
-        started = time.monotonic()
+        # Neither stop is under test: in-flight pages need not wait out the default 8 s.
+        service_env.env.update({"REDIS_DB": "13", "OPERATIONS_PER_SECOND": "6",
+                                "SHUTDOWN_GRACE": "1"})
+        stalled_env = ServiceRun(dict(service_env.env), service_env.cwd, service_env.logs)
+        configure(stalled_env, failing, broker.bootstrap, redis_address,
+                  f"{redis_prefix}stalled:")
+        stalled_env.env.update({"REDIS_DB": "13", "OPERATIONS_PER_SECOND": "6",
+                                "METRICS_PORT": str(free_port()), "LOG_PORT": str(free_port()),
+                                "STATE_PATH": str(service_env.cwd / "stalled.sqlite3")})
         proc = service_env.start("run")
+        log = service_env.logs[-1]
+        stalled = stalled_env.start("run")
         try:
             wait_until(lambda: readyz(service_env)[0] == 200, 30, "ready at start")
+            ready_at = time.monotonic()  # its round watch began no later
+            wait_until(lambda: readyz(stalled_env)[0] == 200, 30, "the other ready at start")
+            wait_until(lambda: httpx.get(f"{failing.url}/_simulator/stats").json()["total"]
+                       >= 5, 30, "the other's catch-up under way")
+            httpx.post(f"{failing.url}/_simulator/settings", timeout=10,
+                       json={"fault_rate": 1.0, "fault_kinds": ["error500"]})
             # Rounds are due every 1 s: the old rule wanted a success within 30 s.
-            while time.monotonic() - started < 34:
+            while time.monotonic() - ready_at < 34:
                 status, body = readyz(service_env)
                 assert status == 200, body
                 time.sleep(1)
-            assert '"round_finished"' not in service_env.all_logs()  # still the first round
-            httpx.post(f"{sim.url}/_simulator/settings", timeout=10,
-                       json={"fault_rate": 1.0, "fault_kinds": ["error500"]})
-            wait_until(lambda: "gitlab" in readyz(service_env)[1]["problems"], 30,
+            assert '"round_finished"' not in log.read_text()  # still the first round
+            wait_until(lambda: "gitlab" in readyz(stalled_env)[1]["problems"], 30,
                        "GitLab failing is seen")
-            wait_until(lambda: "rounds" in readyz(service_env)[1]["problems"], 60,
+            wait_until(lambda: "rounds" in readyz(stalled_env)[1]["problems"], 60,
                        "the stalled round is seen")
-            assert readyz(service_env)[0] == 503
+            assert readyz(stalled_env)[0] == 503
         finally:
-            code = stop(proc)
-        assert code == 0, service_env.all_logs()[-3000:]
+            stalled.send_signal(signal.SIGTERM)
+            codes = stop(proc), stalled.wait(15)
+        assert codes == (0, 0), service_env.all_logs()[-3000:]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -120,7 +120,7 @@ EVENING_ARGS = ("--projects", "8", "--users", "30", "--events", "800", "--histor
                 "--seed", "31")
 
 
-@pytest.mark.parametrize("utc_start,sim_args", [((7, 59, 15), SIM_ARGS),
+@pytest.mark.parametrize("utc_start,sim_args", [((7, 59, 35), SIM_ARGS),
                                                 ((3, 0, 0), EVENING_ARGS)],
                          ids=["midnight", "evening"])
 def test_server_at_utc_minus_8(
@@ -128,10 +128,11 @@ def test_server_at_utc_minus_8(
     tmp_path: Path, utc_start: tuple[int, int, int], sim_args: tuple[str, ...],
 ) -> None:
     # GitLab at UTC-8, its clock moved back to an hour when its date is the day before the UTC
-    # date: to 23:59:15 there (07:59:15 UTC), so that its midnight falls inside the test with
-    # live events on both sides of it; or to 19:00 there (03:00 UTC), so that its date stays
-    # the same all along while UTC's day has long begun, and users' days must not be taken
-    # as ended. (The service keeps the real clock: it follows GitLab's, from the Date header.)
+    # date: to 23:59:35 there (07:59:35 UTC), so that its midnight falls inside the test with
+    # live events on both sides of it (they start within a few seconds, 25 a second: some 500
+    # before midnight, 150 after); or to 19:00 there (03:00 UTC), so that its date stays the
+    # same all along while UTC's day has long begun, and users' days must not be taken as
+    # ended. (The service keeps the real clock: it follows GitLab's, from the Date header.)
     start, back_s = gitlab_moved_back_to(*utc_start)
     local_midnight_ms = int((start.replace(hour=8, minute=0, second=0)).timestamp() * 1000)
     crossing = utc_start[0] == 7
@@ -145,7 +146,9 @@ def test_server_at_utc_minus_8(
 
         def live_enough() -> bool:
             if crossing:
-                return max(row[3] for row in truth(sim.url)) >= local_midnight_ms + 15_000
+                live_rows = [row for row in truth(sim.url) if row[0] > first_live]
+                after = sum(1 for row in live_rows if row[3] >= local_midnight_ms)
+                return after >= 150 and len(live_rows) >= 600
             return int(sim.get("/_simulator/stats")["events"]) >= first_live + 600
 
         expected, got = live_run(service_env, sim.url, topic, broker, live_enough)

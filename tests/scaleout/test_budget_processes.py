@@ -35,7 +35,8 @@ def test_three_processes_hold_the_limit_and_use_it(
         service_env.env.update({
             "GITLAB_BASE_URL": f"{sim.url}/api/v4", "GITLAB_PRIVATE_TOKEN": "sim-token",
             "SYNC_SINCE": "2000-01-01T00:00:00+00:00", "REDIS_ADDRESS": own_redis.address,
-            "REDIS_KEY_PREFIX": "budget-test:", "OPERATIONS_PER_SECOND": str(RATE)})
+            "REDIS_KEY_PREFIX": "budget-test:", "OPERATIONS_PER_SECOND": str(RATE),
+            "SHUTDOWN_GRACE": "1"})  # stopped mid-round, which is not under test here
         for index in range(3):  # each writes its own file: only the requests matter here
             stopper += start_instances(service_env, 1,
                                        OUTPUT_FILE=str(service_env.cwd / f"out-{index}.jsonl"))

@@ -16,6 +16,7 @@ from gitlab_producer.service import SINCE_KEY, Service
 from gitlab_producer.simulator.server import free_port
 from gitlab_producer.store import SQLiteStore
 from tests.conftest import simulator_process
+from tests.waits import wait_until_async
 
 
 async def test_default_since_waits_for_gitlabs_clock(tmp_path: Path) -> None:
@@ -29,7 +30,12 @@ async def test_default_since_waits_for_gitlabs_clock(tmp_path: Path) -> None:
             metrics_port=free_port(), log_port=free_port(), gitlab_max_retries=0,
             sync_users=False)
         run = asyncio.create_task(Service(settings, ops_host="127.0.0.1").run(once=True))
-        await asyncio.sleep(0.5)  # the token check and the first clock read went unanswered
+
+        async def unanswered() -> bool:  # the token check and the first clock read
+            stats = await asyncio.to_thread(sim.get, "/_simulator/stats")
+            return sum(stats["arrivals_per_second"].values()) >= 2
+
+        await wait_until_async(unanswered, 30, "two requests left unanswered")
         httpx.post(f"{sim.url}/_simulator/settings", json={"fault_rate": 0.0}, timeout=10)
         code = await asyncio.wait_for(run, 60)
     store = SQLiteStore(settings.state_path)

@@ -30,7 +30,7 @@ from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.discovery import UnknownProject, discover
-from gitlab_producer.objects.engine import LocalDispatcher, SaqDispatcher
+from gitlab_producer.objects.engine import LocalDispatcher, SaqDispatcher, stop_at_once
 from gitlab_producer.objects.planner import stages_for
 from gitlab_producer.objects.progress import Snapshot, open_view
 from gitlab_producer.objects.stages import Importer, ImportOptions
@@ -227,6 +227,7 @@ class Backfill:
         importer.on_project_end = window.ended  # a project finished here frees its slot at once
         started = last_supervision = time.monotonic()
         shown = -POLL_S
+        finished = False
         try:
             while True:
                 await window.top_up(importer)
@@ -263,7 +264,8 @@ class Backfill:
             if isinstance(dispatcher, LocalDispatcher):
                 await serving
             else:
-                await worker.stop()
+                # Every project ended: none of this import's jobs is in flight here.
+                await (stop_at_once(worker) if finished else worker.stop())
                 await cancel_and_wait(serving)
 
     async def _progress(self, state: StateStore, window: ProjectWindow) -> Snapshot:

@@ -249,6 +249,15 @@ class SaqDispatcher:
                       shutdown_grace_period_s=shutdown_grace_s)
 
 
+async def stop_at_once(worker: Any) -> None:
+    """Stop a SAQ worker of :meth:`SaqDispatcher.worker` without its grace, for when none of
+    its jobs is in flight: SAQ's grace waits for every task of the worker, its endless upkeep
+    timers included, so a grace always lasts to its end (a job taken meanwhile is cancelled
+    and goes back to the queue, as at the grace's end)."""
+    worker._shutdown_grace_period_s = 0
+    await worker.stop()
+
+
 @functools.cache
 def _quickly_sweeping_queue() -> Any:
     """SAQ's Redis queue whose sweep waits :data:`SWEEP_ABORT_WAIT_S` per stuck job."""

@@ -328,9 +328,12 @@ def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
-async def serve(sim: Simulator, host: str, port: int) -> web.AppRunner:
-    """Start serving; the caller keeps the loop running and later calls ``runner.cleanup()``."""
-    runner = web.AppRunner(build_app(sim), access_log=None, handle_signals=False)
+async def serve(sim: Simulator, host: str, port: int,
+                shutdown_timeout: float = 60.0) -> web.AppRunner:
+    """Start serving; the caller keeps the loop running and later calls ``runner.cleanup()``,
+    which waits up to ``shutdown_timeout`` for requests in flight, then cancels them."""
+    runner = web.AppRunner(build_app(sim), access_log=None, handle_signals=False,
+                           shutdown_timeout=shutdown_timeout)
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=1024).start()
     sim.world.base_url = f"http://{host}:{port}"
@@ -355,7 +358,8 @@ class SimulatorThread:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        runner = await serve(self.sim, "127.0.0.1", self.port)
+        # A slow fault still sleeping when the test is over is nobody's answer any more.
+        runner = await serve(self.sim, "127.0.0.1", self.port, shutdown_timeout=0.5)
         self._ready.set()
         await self._stop.wait()
         await runner.cleanup()
