@@ -119,7 +119,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             return run_async(backfill.work())
         if args.command == "status":
             return run_async(backfill.status())
-        return run_async(backfill.run())
+        # As a catch-up round (cmd_run): fewer, longer collections; the import's pages make
+        # many short-lived containers (278 collections of the default gen-0 threshold in a
+        # 2,000-project backfill of projects and issues).
+        return run_async(backfill.run(), tune_gc=True)
     except ConfigError as exc:
         config_exit(exc)
 
