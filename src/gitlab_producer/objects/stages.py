@@ -19,13 +19,12 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import orjson
 
 from gitlab_producer.artifact_paths import UnsafePathError
-from gitlab_producer.artifact_store import ArtifactStore
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.errors import (
     FatalGitLabError,
@@ -70,6 +69,9 @@ from gitlab_producer.objects.streams import Scope, stream
 from gitlab_producer.objects.users import Lookups, UserCache
 from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store.base import StoreError
+
+if TYPE_CHECKING:  # fsspec's import is not needed unless attachments are stored
+    from gitlab_producer.artifact_store import ArtifactStore
 
 log = get_logger(__name__)
 RUN_JOB, WAIT_STAGE = "run_job", "wait_stage"
