@@ -126,7 +126,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         return run_command(backfill.work())
     if args.command == "status":
         return run_command(backfill.status())
-    return run_command(backfill.run())
+    # As a catch-up round (cmd_run): fewer, longer collections; the import's pages make
+    # many short-lived containers (278 collections of the default gen-0 threshold in a
+    # 2,000-project backfill of projects and issues).
+    return run_command(backfill.run(), tune_gc=True)
 
 
 def cmd_instances(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import unquote, urlparse
 
-import fsspec
 import yaml
 from pydantic import (
     BaseModel,
@@ -221,6 +220,8 @@ class Settings(BaseSettings):
     @field_validator("artifact_store_url")
     @classmethod
     def _store(cls, value: str) -> str:
+        import fsspec  # here: a start-up without an artifact store need not import it
+
         # Chained URLs (simplecache::s3://...) name one backend per link.
         for link in value.split("::"):
             protocol = fsspec.core.split_protocol(link)[0] or "file"

@@ -19,13 +19,11 @@ from typing import Any
 
 import orjson
 
-from gitlab_producer.artifact_store import ArtifactStore
 from gitlab_producer.config import ConfigError, Settings, split_list
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.connect import client_from_settings
 from gitlab_producer.gitlab.errors import GitLabError
 from gitlab_producer.http.ops import OpsState, start_ops
-from gitlab_producer.instances import heartbeat, registry_for
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects.delivery import ObjectDeliverer
@@ -39,7 +37,6 @@ from gitlab_producer.objects.status import project_summary
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.startup import Ports, service_ports, start_checks
 from gitlab_producer.store import Store, StoreError, open_store
-from gitlab_producer.sync.shared_rounds import round_jobs_served
 from gitlab_producer.tasks import cancel_and_wait
 
 log = get_logger(__name__)
@@ -153,7 +150,11 @@ class Backfill:
                                     s.object_version_ttl, metrics=client.metrics)
         options = ImportOptions(kinds, s.backfill_waiter_interval, s.user_cache_ttl,
                                 s.backfill_attachments, s.artifact_topic)
-        artifacts = ArtifactStore(s.artifact_store_url) if s.backfill_attachments else None
+        artifacts = None
+        if s.backfill_attachments:
+            from gitlab_producer.artifact_store import ArtifactStore
+
+            artifacts = ArtifactStore(s.artifact_store_url)
         return Importer(StateStore(store), client, deliverer, dispatcher, options, artifacts)
 
     # -- backfill ------------------------------------------------------------------------
@@ -292,6 +293,11 @@ class Backfill:
     # -- worker --------------------------------------------------------------------------
     async def work(self) -> int:
         """Serve the engine's jobs until SIGTERM (any number of these share one Redis)."""
+        # Imported here: the worker's parts (the instance registry, the shared rounds' jobs)
+        # cost a backfill's start-up some 0.1 s of imports it never uses.
+        from gitlab_producer.instances import heartbeat, registry_for
+        from gitlab_producer.sync.shared_rounds import round_jobs_served
+
         s = self.settings
         if not s.redis_address:
             raise ConfigError("REDIS_ADDRESS: the worker serves jobs from Redis; without it, "

@@ -21,7 +21,6 @@ The in-process dispatcher keeps its queue in memory for exactly that reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import heapq
 import itertools
@@ -71,6 +70,11 @@ class Dispatcher(Protocol):
 
     async def pending(self, keys: Iterable[str]) -> set[str]:
         """The keys among ``keys`` that are queued, scheduled or running."""
+
+
+def _wake(sleeper: asyncio.Future[None]) -> None:
+    if not sleeper.done():
+        sleeper.set_result(None)
 
 
 async def _no_heartbeat() -> None:
@@ -152,11 +156,18 @@ class LocalDispatcher:
                 if self._heap and self._heap[0].at <= now:
                     self._wake_one()  # more is ready: another sleeper takes it
                 return entry
-            delay = (self._heap[0].at - now) if self._heap else None
-            sleeper = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            sleeper = loop.create_future()
             self._sleepers.append(sleeper)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sleeper, delay)
+            # A timer that wakes the sleeper (asyncio.wait_for costs a future, a callback and
+            # a cancellation more, for each of the servers' thousands of naps).
+            timer = (loop.call_later(self._heap[0].at - now, _wake, sleeper) if self._heap
+                     else None)
+            try:
+                await sleeper
+            finally:
+                if timer is not None:
+                    timer.cancel()
         return None
 
     async def _serve(self, stop: asyncio.Event) -> None:

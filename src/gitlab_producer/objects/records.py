@@ -4,6 +4,7 @@ kind, project, version, operation, source and the CloudEvents Kafka binding's ``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from datetime import UTC, datetime
 
@@ -34,24 +35,35 @@ def content_hash(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+@functools.lru_cache(maxsize=1024)
+def _fixed(kind: str, op: str, source: str) -> tuple[tuple[str, bytes], ...]:
+    """The headers that depend only on the kind, the operation and the source, encoded once
+    (in the order of :func:`to_message`: kind, op, source, ce_specversion, ce_source,
+    ce_type)."""
+    return (("kind", kind.encode()), ("op", op.encode()), ("source", source.encode()),
+            ("ce_specversion", SPEC_VERSION), ("ce_source", f"//{source}/api/v4".encode()),
+            ("ce_type", f"com.gitlab.{kind}.{op}".encode()))
+
+
 def to_message(record: ObjectRecord, topic: str, source: str, op: str) -> Message:
     """The Kafka record of ``record`` on ``topic``; ``op`` is snapshot, update or delete."""
     ce_id = hashlib.sha256(f"{record.key}@{record.version}".encode()).hexdigest()[:32]
     when = record.updated_at or datetime.now(UTC).isoformat(timespec="milliseconds")
-    headers: list[tuple[str, bytes]] = [
-        ("kind", record.kind.encode()),
+    kind, op_h, source_h, spec, ce_source, ce_type = _fixed(record.kind, op, source)
+    key = record.key.encode()
+    headers = (
+        kind,
         ("project_id", b"" if record.project_id is None else str(record.project_id).encode()),
         ("updated_at", record.updated_at.encode()) if record.updated_at else
         ("content_hash", record.content_hash.encode()),
-        ("op", op.encode()),
-        ("source", source.encode()),
-        ("ce_specversion", SPEC_VERSION),
+        op_h,
+        source_h,
+        spec,
         ("ce_id", ce_id.encode()),
-        ("ce_source", f"//{source}/api/v4".encode()),
-        ("ce_type", f"com.gitlab.{record.kind}.{op}".encode()),
+        ce_source,
+        ce_type,
         ("ce_time", when.encode()),
-        ("ce_subject", record.key.encode()),
+        ("ce_subject", key),
         ("content-type", b"application/json"),
-    ]
-    return Message(key=record.key.encode(), value=record.raw, headers=tuple(headers),
-                   topic=topic)
+    )
+    return Message(key=key, value=record.raw, headers=headers, topic=topic)

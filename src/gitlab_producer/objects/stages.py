@@ -19,13 +19,12 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import orjson
 
 from gitlab_producer.artifact_paths import UnsafePathError
-from gitlab_producer.artifact_store import ArtifactStore
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.errors import (
     FatalGitLabError,
@@ -70,6 +69,9 @@ from gitlab_producer.objects.streams import Scope, stream
 from gitlab_producer.objects.users import Lookups, UserCache
 from gitlab_producer.sinks.base import DeliveryError, Message
 from gitlab_producer.store.base import StoreError
+
+if TYPE_CHECKING:  # fsspec's import is not needed unless attachments are stored
+    from gitlab_producer.artifact_store import ArtifactStore
 
 log = get_logger(__name__)
 RUN_JOB, WAIT_STAGE = "run_job", "wait_stage"
@@ -187,23 +189,31 @@ class Importer:
         await self.state.save_project(project)
         return project
 
-    async def _enter(self, project: ProjectRecord, stage: int) -> None:
+    async def _enter(self, project: ProjectRecord, stage: int) -> dict[str, JobRecord]:
         """Make ``stage`` the project's current one with its jobs queued (the caller saves
-        the project and dispatches them). A job of a stage entered again runs again."""
+        the project and dispatches them); returns their records, as saved. A job of a stage
+        entered again runs again."""
         project.stage, project.stage_started, project.waiter_gen = stage, time.time(), 0
         failed_stages = set(project.retrying.values())
         jobs = [j for j, s in project.retrying.items() if s == stage]
+        known: dict[str, JobRecord] = {}
         if not project.retrying or rederived(stage, failed_stages):
             spec = BY_NUMBER[stage]
-            main = (await self._new_job(project.project_id, stage, spec.task,
-                                        {"streams": list(spec.streams)})).id
-            jobs += [] if main in jobs else [main]
+            main = await self._new_job(project.project_id, stage, spec.task,
+                                       {"streams": list(spec.streams)})
+            known[main.id] = main  # as _new_job found or saved it: not read again
+            jobs += [] if main.id in jobs else [main.id]
         project.jobs = jobs
+        queued: dict[str, JobRecord] = {}
         for job_id in jobs:
-            job = await self.state.job(job_id)
-            if job is not None and job.status in TERMINAL_JOB:
+            job = known.get(job_id) or await self.state.job(job_id)
+            if job is None:
+                continue
+            if job.status in TERMINAL_JOB:
                 job.status, job.attempts, job.error, job.gen = QUEUED, 0, "", job.gen + 1
                 await self.state.save_job(job)
+            queued[job_id] = job
+        return queued
 
     async def _new_job(self, project_id: int, stage: int, task: str, args: dict[str, Any],
                        suffix: str = "main") -> JobRecord:
@@ -295,13 +305,15 @@ class Importer:
         kinds = self.options.stage_kinds
         nxt = (next_retry_stage(project.stage, set(project.retrying.values()), kinds)
                if project.retrying else next_stage(project.stage, kinds))
-        await self._enter(project, nxt)
+        queued = await self._enter(project, nxt)
         await self.state.save_project(project)
         log.info("stage_started", project_id=project.project_id, stage=STAGE_NAMES[nxt],
                  retry=bool(project.retrying))
         for job_id in project.jobs:
-            job = await self.state.job(job_id)
-            if job is not None and job.status not in TERMINAL_JOB:
+            # The records _enter saved queued: no read again (a job runs only once its
+            # stage is saved, and its handler checks its record's status and generation).
+            job = queued.get(job_id)
+            if job is not None:
                 await self._dispatch(job)
         if nxt != FINISH:
             # Its jobs just started: the first look is one interval away (a single job

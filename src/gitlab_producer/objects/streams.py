@@ -9,6 +9,7 @@ each value URL-encoded as one path segment (a tag ``rel/1.0`` becomes ``rel%2F1.
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,15 +76,23 @@ class Stream:
 _FORMATTER = string.Formatter()
 
 
+@functools.lru_cache(maxsize=512)
+def _parsed(template: str) -> tuple[tuple[str, str | None], ...]:
+    """A template's literals and placeholder names (parsed once: a backfill fills a key per
+    object)."""
+    return tuple((literal, name) for literal, name, _spec, _conv in _FORMATTER.parse(template))
+
+
 def fill(template: str, scope: Mapping[str, Any], item: Mapping[str, Any]) -> str:
     """``template`` with each ``{name}`` replaced by the scope's or the item's value, encoded
     as one path segment (``safe=""``: slashes too)."""
     out = []
-    for literal, name, _spec, _conv in _FORMATTER.parse(template):
+    for literal, name in _parsed(template):
         out.append(literal)
         if name is not None:
             value = scope[name] if name in scope else item[name]
-            out.append(quote(str(value), safe=""))
+            # An int's decimal text (digits, "-") is its own encoding.
+            out.append(str(value) if type(value) is int else quote(str(value), safe=""))
     return "".join(out)
 
 

@@ -15,6 +15,11 @@ import orjson
 
 from gitlab_producer.sinks.base import DeliveryError, Message
 
+# A batch up to this size is written to a file on the event loop's thread: into the page
+# cache, a page of objects costs less than the hand-off to a thread and back (one per page of
+# a backfill); larger ones, and stdout (a pipe may block), go to a thread.
+INLINE_BYTES = 256 * 1024
+
 
 class FileSink:
     """Writes messages as JSON lines; ``path`` ``-`` means stdout."""
@@ -42,7 +47,10 @@ class FileSink:
         data = b"".join(self._line(m) for m in messages)
         async with self._lock:
             try:
-                await asyncio.to_thread(self._write, data)
+                if self._owned and len(data) <= INLINE_BYTES:
+                    self._write(data)
+                else:
+                    await asyncio.to_thread(self._write, data)
             except OSError as exc:
                 raise DeliveryError(f"file sink: {exc}") from exc
 
