@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
-# How often a task that is still running after its cancellation is cancelled again.
-RECANCEL_S = 1.0
+# How long a cancelled task has to end before it is cancelled again.
+RECANCEL_S = 0.1
 
 
 async def cancel_and_wait(task: asyncio.Task[object]) -> None:
-    """Cancel ``task`` and wait until it has ended (its cancellation is not an error).
+    """Cancel ``task`` and wait until it has ended (its cancellation is not an error; another
+    exception it ended with is raised).
 
-    A task whose cancellation was swallowed (the library it awaited turned it into an error
-    the task then suppressed, and went on) is cancelled again every :data:`RECANCEL_S`:
-    seen in a round job's heartbeat, which kept beating after its job's reads were done, so
-    the job stayed active, neither finished nor swept, and the round never completed."""
-    while not task.done():
+    A cancellation can be lost: redis-py's asyncio client (8.1) lets a command cancelled
+    mid-flight return normally in most cases, so a loop of Redis calls went on, and the caller
+    waited for it forever (a round job whose lease refresh was cancelled that way never
+    finished, and its heartbeat kept it from being swept). The task is cancelled again until
+    it ends: the next cancellation meets its next wait."""
+    try:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=RECANCEL_S)
+    except asyncio.CancelledError:  # the caller is cancelled: the task must not outlive it
         task.cancel()
-        await asyncio.wait({task}, timeout=RECANCEL_S)
-    with contextlib.suppress(asyncio.CancelledError):
+        raise
+    if not task.cancelled():
         task.result()

@@ -63,12 +63,14 @@ async def test_a_waiting_instance_returns_only_after_the_owner_marked(
 
 async def test_a_failed_owner_releases_and_the_other_instance_delivers(
         stores: list[RedisStore]) -> None:
-    failing = RecordingSink(fail=True, delay_s=0.2)
+    # The owner's send fails after a second: time for the other to meet its claims (on a
+    # loaded machine a fixed 50 ms head start was not always enough for the owner to claim).
+    failing = RecordingSink(fail=True, delay_s=1.0)
     good = RecordingSink()
     metrics = Metrics()
     one, other = instance(stores[0], failing, "a"), instance(stores[1], good, "b", metrics)
     first = asyncio.create_task(one.deliver([event(1), event(2)]))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(failing.sending.wait(), 10)  # claimed, and sending
     assert await asyncio.wait_for(other.deliver([event(2), event(3)]), 10) == 2
     with pytest.raises(DeliveryError):
         await first

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from gitlab_producer.gitlab.shared_budget import (
     MISSES_BEFORE_SENDING,
@@ -26,6 +27,7 @@ from gitlab_producer.simulator.server import free_port, running_simulator
 from gitlab_producer.simulator.world import WorldSpec
 from gitlab_producer.store.redis_store import connect
 from tests.conftest import TEST_REDIS_DB
+from tests.scaleout.budget_checks import assert_sent_within_the_budget, slots_per_second
 
 pytestmark = pytest.mark.integration
 RATE = 20
@@ -65,13 +67,16 @@ def test_three_instances_share_one_budget_and_use_it(redis_address: str,
             assert proc.returncode == 0, err[-2000:]
             sent.append(int(out.split()[-1]))
         stats = httpx.get(f"{sim.url}/_simulator/stats", timeout=10).json()
+    host, _, port = redis_address.rpartition(":")
+    slots = slots_per_second(redis.Redis(host=host, port=int(port), db=TEST_REDIS_DB),
+                             redis_prefix)
     assert all(n > 20 for n in sent)  # each instance took part
     assert stats["by_route"]["projects_list"] == {"200": sum(sent)}
-    assert stats["max_per_second"] <= RATE  # GitLab's windows: calendar seconds
-    # Any one second: one request of slack for an arrival the simulator's thread recorded late
-    # on a loaded machine (see test_instances.py).
-    assert stats["max_in_any_second"] <= RATE + 1
-    per_second = [v for _, v in sorted(stats["per_second"].items(), key=lambda kv: int(kv[0]))]
+    # The limit, and no request before its slot (late ones: see budget_checks.py; a sliding
+    # second of the simulator held 22 at 20/s in 1 of 3 runs of tests/scaleout under load).
+    arrivals = {int(s): n for s, n in stats["arrivals_per_second"].items()}
+    assert_sent_within_the_budget(arrivals, slots, RATE)
+    per_second = [n for _, n in sorted(slots.items())]
     full = per_second[1:-1]  # the first and last seconds are partial
     assert len(full) >= 5
     assert sum(full) / len(full) >= 0.95 * RATE, per_second

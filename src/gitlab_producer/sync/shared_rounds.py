@@ -279,8 +279,9 @@ class SharedRounds:
         self._worker = self.dispatcher.worker(self.handlers, self.concurrency, 0)
         self._worker.SIGNALS = []  # SAQ would take SIGTERM from the service (its own stop)
         self._serving = asyncio.create_task(self._worker.start())
+        # The worker's id is how SAQ's records of running jobs name this instance.
         log.info("shared_rounds_serving", queue=f"{self.settings.redis_key_prefix}rounds",
-                 concurrency=self.concurrency)
+                 concurrency=self.concurrency, worker=str(self._worker.id))
 
     async def close(self) -> None:
         """Stop serving: running jobs get ``SHUTDOWN_GRACE`` (the service's stop interrupts
