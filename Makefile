@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/gitlab-producer demo
 
 test: $(STAMP) redis-server-installed faketime-installed
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
