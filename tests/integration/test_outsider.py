@@ -219,11 +219,10 @@ def settle(env: ServiceRun, gl: StandIn, bootstrap: str, topic: str, timeout_s: 
     return delivered(bootstrap, topic, len(truth))
 
 
-def test_redis_killed_mid_round_and_restarted(gitlab: StandIn, broker: Broker,
-                                              own_redis: OwnRedis, service_env: ServiceRun
-                                              ) -> None:
-    """A persistent Redis killed -9 while a round delivers, restarted 3 s later: nothing
-    missing, nothing doubled."""
+def start_a_long_round(gitlab: StandIn, broker: Broker, own_redis: OwnRedis,
+                       service_env: ServiceRun) -> tuple[str, subprocess.Popen[bytes]]:
+    """A persistent Redis and the service reading 1,500 events through slow event pages at
+    15 requests/s: a round long enough to be cut in the middle. Returns (topic, process)."""
     own_redis.persistent = True
     own_redis.start()
     topic = f"out-{uuid.uuid4().hex[:8]}"
@@ -232,6 +231,15 @@ def test_redis_killed_mid_round_and_restarted(gitlab: StandIn, broker: Broker,
     configure(service_env, gitlab, broker.bootstrap, own_redis.address, topic,
               OPERATIONS_PER_SECOND="15")
     proc = service_env.start("run")
+    return topic, proc
+
+
+def test_redis_killed_mid_round_and_restarted(gitlab: StandIn, broker: Broker,
+                                              own_redis: OwnRedis, service_env: ServiceRun
+                                              ) -> None:
+    """A persistent Redis killed -9 while a round delivers, restarted 3 s later: nothing
+    missing, nothing doubled."""
+    topic, proc = start_a_long_round(gitlab, broker, own_redis, service_env)
     try:
         with Feeder(gitlab):
             wait_until(lambda: produced(service_env) > 200, 60, "a round delivering")
@@ -251,14 +259,7 @@ def test_service_killed_mid_round_and_restarted(gitlab: StandIn, broker: Broker,
                                                 ) -> None:
     """The service killed -9 while a round delivers, started again: nothing missing; what
     repeats is at most what was in flight (a page per reader)."""
-    own_redis.persistent = True
-    own_redis.start()
-    topic = f"out-{uuid.uuid4().hex[:8]}"
-    gitlab.add(*spread(1500, 12, 6, datetime.now(UTC) - timedelta(hours=10), 20))
-    gitlab.fault(r"/events", "slow", times=10_000, seconds=0.05)
-    configure(service_env, gitlab, broker.bootstrap, own_redis.address, topic,
-              OPERATIONS_PER_SECOND="15")
-    proc = service_env.start("run")
+    topic, proc = start_a_long_round(gitlab, broker, own_redis, service_env)
     try:
         with Feeder(gitlab):
             wait_until(lambda: produced(service_env) > 300, 60, "a round delivering")
