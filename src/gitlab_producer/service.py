@@ -30,7 +30,7 @@ from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.connect import client_from_settings
 from gitlab_producer.gitlab.errors import FatalGitLabError, GitLabError, RetriesExhaustedError
 from gitlab_producer.http.artifacts import ArtifactUploads
-from gitlab_producer.http.ops import OpsState, RoundWatch, start_ops
+from gitlab_producer.http.ops import OpsState, RoundWatch, reachability_checks, start_ops
 from gitlab_producer.http.webhooks import (
     DRAIN_TIMEOUT_S,
     WebhookConfig,
@@ -139,21 +139,11 @@ class Service:
         return client.clock.now()
 
     def _ready_checks(self, client: GitLabClient, store: Store, sink: Sink) -> OpsState:
-        async def gitlab() -> str | None:
-            return None if client.reachable is not False else "last GitLab request failed"
-
-        async def store_ok() -> str | None:
-            await store.ping()
-            return None
-
-        async def sink_ok() -> str | None:
-            await sink.ping()
-            return None
-
         self.watch = RoundWatch(3 * max(self.settings.scheduling_poll_interval, 10.0),
                                 lambda: client.answered_at)
-        return OpsState(self.metrics, CONTROL, {"gitlab": gitlab, "store": store_ok,
-                                               "sink": sink_ok, "rounds": self.watch},
+        checks = reachability_checks(lambda: client.reachable, store, sink)
+        checks["rounds"] = self.watch
+        return OpsState(self.metrics, CONTROL, checks,
                         self.settings.log_level_token.get_secret_value())
 
     def _install_signals(self) -> None:

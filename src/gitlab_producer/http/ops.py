@@ -17,6 +17,7 @@ import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -41,6 +42,28 @@ class OpsState:
 
 
 STATE_KEY = web.AppKey("ops", OpsState)
+
+
+class Pingable(Protocol):
+    async def ping(self) -> None: ...
+
+
+def reachability_checks(gitlab_reachable: Callable[[], bool | None], store: Pingable,
+                        sink: Pingable) -> dict[str, Check]:
+    """The readiness checks every command serves: GitLab's last request did not fail (None:
+    no answer yet, which is not a failure), and the store and the sink answer."""
+    async def gitlab() -> str | None:
+        return None if gitlab_reachable() is not False else "last GitLab request failed"
+
+    async def store_ok() -> str | None:
+        await store.ping()
+        return None
+
+    async def sink_ok() -> str | None:
+        await sink.ping()
+        return None
+
+    return {"gitlab": gitlab, "store": store_ok, "sink": sink_ok}
 
 
 class RoundWatch:

@@ -23,7 +23,7 @@ from gitlab_producer.config import ConfigError, Settings, split_list
 from gitlab_producer.gitlab.client import GitLabClient
 from gitlab_producer.gitlab.connect import client_from_settings
 from gitlab_producer.gitlab.errors import GitLabError
-from gitlab_producer.http.ops import OpsState, start_ops
+from gitlab_producer.http.ops import OpsState, reachability_checks, start_ops
 from gitlab_producer.logs import CONTROL, get_logger
 from gitlab_producer.metrics import Metrics
 from gitlab_producer.objects.delivery import ObjectDeliverer
@@ -125,21 +125,9 @@ class Backfill:
                          ) -> list[Any]:
         """Metrics, health and readiness on METRICS_PORT, the log level on LOG_PORT (0: off;
         give each process on one machine its own ports)."""
-        async def gitlab() -> str | None:
-            return None if client.reachable is not False else "last GitLab request failed"
-
-        async def store_ok() -> str | None:
-            await store.ping()
-            return None
-
-        async def sink_ok() -> str | None:
-            await sink.ping()
-            return None
-
         s = self.settings
-        state = OpsState(self.metrics, CONTROL, {"gitlab": gitlab, "store": store_ok,
-                                                 "sink": sink_ok},
-                         s.log_level_token.get_secret_value())
+        checks = reachability_checks(lambda: client.reachable, store, sink)
+        state = OpsState(self.metrics, CONTROL, checks, s.log_level_token.get_secret_value())
         return await start_ops(state, ports, s.metrics_port, s.metrics_url, s.log_port)
 
     async def _importer(self, store: Store, client: GitLabClient, dispatcher: Any,

@@ -23,6 +23,7 @@ from gitlab_producer.simulator.paging import (
     offset_page,
     per_page_of,
 )
+from gitlab_producer.simulator.routing import compile_routes, match_route
 from gitlab_producer.simulator.world import World
 
 JSON = "application/json"
@@ -383,8 +384,8 @@ def ref_artifacts(req: ApiRequest) -> web.Response:
 
 
 SEG = r"([^/]+)"
-ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = tuple(
-    (name, re.compile(pattern), handler) for name, pattern, handler in (
+ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = compile_routes(
+    (
         ("projects_list", r"projects", projects_list),
         ("project_events", rf"projects/{SEG}/events", project_events),
         ("members", rf"projects/{SEG}/members/all", members_all),
@@ -404,11 +405,7 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = tuple(
 
 def route(raw_path: str) -> tuple[str, Handler, list[str]] | None:
     """Match a raw path below ``/api/v4/`` to (route name, handler, captured raw segments)."""
-    for name, pattern, handler in ROUTES:
-        match = pattern.fullmatch(raw_path)
-        if match:
-            return name, handler, [g for g in match.groups() if g is not None]
-    return None
+    return match_route(ROUTES, raw_path)
 
 
 def handle(world: World, raw_path: str, query: MultiMapping[str], method: str,

@@ -59,6 +59,7 @@ from gitlab_producer.simulator.objects_work_api import (
     resource_events,
 )
 from gitlab_producer.simulator.paging import PagingError
+from gitlab_producer.simulator.routing import compile_routes, match_route
 from gitlab_producer.simulator.world import World
 
 Handler = Callable[[ObjRequest], web.StreamResponse]
@@ -67,8 +68,8 @@ SEG = r"([^/]+)"
 P = rf"projects/{SEG}"
 THING = rf"{P}/(issues|merge_requests)/(\d+)"
 # The routes a full-history import reads most come first (the patterns do not overlap).
-ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = tuple(
-    (name, re.compile(pattern), handler) for name, pattern, handler in (
+ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = compile_routes(
+    (
         ("notes", rf"{THING}/notes", notes),
         ("discussions", rf"{THING}/discussions", discussions),
         ("resource_events", rf"{THING}/resource_(state|label|milestone)_events(?:/(\d+))?",
@@ -116,11 +117,7 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = tuple(
 
 def route(raw_path: str) -> tuple[str, Handler, list[str]] | None:
     """Match a raw path below ``/api/v4/`` to (route name, handler, captured raw segments)."""
-    for name, pattern, handler in ROUTES:
-        match = pattern.fullmatch(raw_path)
-        if match:
-            return name, handler, [g for g in match.groups() if g is not None]
-    return None
+    return match_route(ROUTES, raw_path)
 
 
 def handle(world: World, objects: ObjectWorld, raw_path: str, query: MultiMapping[str],
