@@ -135,9 +135,10 @@ class RedisClaims:
                     await self._own_call(keys, self.ttl_ms)
 
 
-def poll_delays() -> Iterator[float]:
-    """Waits between looks at keys another instance holds: doubling, capped."""
-    delay = FIRST_POLL_S
+def poll_delays(first_s: float = FIRST_POLL_S, cap_s: float = MAX_POLL_S) -> Iterator[float]:
+    """Waits between tries, doubling from ``first_s`` up to ``cap_s`` (by default: between
+    looks at keys another instance holds)."""
+    delay = first_s
     while True:
         yield delay
-        delay = min(MAX_POLL_S, delay * 2)
+        delay = min(cap_s, delay * 2)

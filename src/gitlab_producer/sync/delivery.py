@@ -111,8 +111,7 @@ class Deliverer:
         again next round. Bounded (``MARK_RETRY_S``, well inside a claim's 30 s life), then
         the error goes up and the page repeats as before."""
         deadline = time.monotonic() + MARK_RETRY_S
-        delay = 0.1
-        while True:
+        for delay in poll_delays(0.1, 2.0):
             try:
                 await self.store.mark_sent(event_ids, self.ttl_s)
                 return
@@ -120,7 +119,6 @@ class Deliverer:
                 if time.monotonic() + delay > deadline:
                     raise
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
     def store_keys(self, event_ids: list[int]) -> list[bytes]:
         assert self.shared is not None
