@@ -244,7 +244,7 @@ def test_redis_killed_mid_round_and_restarted(gitlab: StandIn, broker: Broker,
         with Feeder(gitlab):
             wait_until(lambda: produced(service_env) > 200, 60, "a round delivering")
             own_redis.kill()
-            time.sleep(3)
+            time.sleep(3)  # the outage itself
             own_redis.start()
             wait_until(lambda: produced(service_env) > 1700, 120, "delivery resumed")
         counts = settle(service_env, gitlab, broker.bootstrap, topic)
@@ -454,11 +454,15 @@ def test_two_instances_one_killed_mid_round(gitlab: StandIn, broker: Broker,
             first.kill()
             first.wait(10)
             first = service_env.start("run")
-            time.sleep(2)
+            health = f"http://127.0.0.1:{service_env.env['METRICS_PORT']}/healthz"
+            wait_until(lambda: httpx.get(health, timeout=2).status_code == 200, 30,
+                       "the restarted instance serving", ignore=(httpx.HTTPError,))
             own_redis.kill()
-            time.sleep(2)
+            time.sleep(2)  # the outage itself
             own_redis.start()
-            time.sleep(10)
+            before = produced(service_env)
+            wait_until(lambda: produced(service_env) > before + 100, 90,
+                       "delivery resumed after Redis came back")
         counts = settle(service_env, gitlab, broker.bootstrap, topic, timeout_s=150)
     finally:
         rcs = [stop(first), stop(second)]

@@ -11,10 +11,12 @@ from gitlab_producer.tasks import cancel_and_wait
 
 async def test_a_task_that_swallowed_its_cancellation_is_cancelled_again() -> None:
     swallowed = 0
+    beating = asyncio.Event()
 
     async def beat() -> None:
         nonlocal swallowed
         while True:
+            beating.set()
             try:
                 await asyncio.sleep(0.01)
             except asyncio.CancelledError:  # once, as a library that made it an error would
@@ -23,7 +25,7 @@ async def test_a_task_that_swallowed_its_cancellation_is_cancelled_again() -> No
                 swallowed += 1
 
     task = asyncio.create_task(beat())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(beating.wait(), 5)  # cancelled inside its loop, not before it ran
     # Bounded without cancelling the waiter (wait_for would wait for it to take its own
     # cancellation, which is the very wait that must not hang).
     waiter = asyncio.create_task(cancel_and_wait(task))

@@ -5,6 +5,7 @@ user for its next try)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,15 @@ from gitlab_producer.objects.users import Lookups, UserCache
 from gitlab_producer.sinks.base import DeliveryError
 from gitlab_producer.store.sqlite_store import SQLiteStore
 from tests.unit.test_objects_delivery import FakeExecutor
+from tests.waits import wait_until_async
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """Bounded (5 s): until ``check()`` holds, letting the jobs run meanwhile."""
+    async def probe() -> bool:
+        return check()
+
+    await wait_until_async(probe, 5, what, interval_s=0.005)
 
 
 class SlowExecutor(FakeExecutor):
@@ -25,9 +35,11 @@ class SlowExecutor(FakeExecutor):
         super().__init__(missing=set())
         self.failing = failing or set()
         self.release = asyncio.Event()
+        self.waiting: list[int] = []  # users whose read waits for ``release``
 
     async def read_one(self, stream: Any, scope: Any, progress: Progress,
                        fields: dict[str, str]) -> dict[str, Any]:
+        self.waiting.append(int(fields["user"]))
         await self.release.wait()
         if int(fields["user"]) in self.failing:
             self.asked.append(int(fields["user"]))
@@ -42,9 +54,9 @@ async def test_a_user_being_read_by_another_job_is_not_asked_again(tmp_path: Pat
     first = UserCache(store, executor, 100, shared)  # type: ignore[arg-type]
     second = UserCache(store, executor, 100, shared)  # type: ignore[arg-type]
     one = asyncio.create_task(first.import_users([1, 2], Progress()))
-    await asyncio.sleep(0.05)
+    await until(lambda: executor.waiting == [1], "the first job reading user 1 (2 claimed)")
     two = asyncio.create_task(second.import_users([2, 3], Progress()))
-    await asyncio.sleep(0.05)
+    await until(lambda: 3 in executor.waiting, "the second job reading user 3")
     assert not two.done()  # waits for user 2
     executor.release.set()
     await asyncio.wait_for(asyncio.gather(one, two), 5)
@@ -61,9 +73,9 @@ async def test_a_failed_lookup_fails_the_jobs_waiting_for_it(tmp_path: Path) -> 
     first = UserCache(store, executor, 100, shared)  # type: ignore[arg-type]
     second = UserCache(store, executor, 100, shared)  # type: ignore[arg-type]
     one = asyncio.create_task(first.import_users([2], Progress()))
-    await asyncio.sleep(0.05)
+    await until(lambda: executor.waiting == [2], "the first job reading user 2")
     two = asyncio.create_task(second.import_users([2], Progress()))
-    await asyncio.sleep(0.05)
+    await until(lambda: second.stats.hits == 1, "the second job waiting for user 2")
     executor.release.set()
     with pytest.raises(GitLabError):
         await asyncio.wait_for(one, 5)
