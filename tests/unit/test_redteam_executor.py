@@ -17,8 +17,8 @@ from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.executor import Executor, Progress
 from gitlab_producer.objects.objsync import NoPositions
 from gitlab_producer.objects.streams import KINDS, Scope, stream
-from gitlab_producer.simulator.server import free_port
 from gitlab_producer.store.sqlite_store import SQLiteStore
+from tests.local_http import listening
 from tests.unit.test_objects_delivery import ListSink
 
 
@@ -32,14 +32,8 @@ async def endless() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with listening(app) as port:
         yield f"http://127.0.0.1:{port}/api/v4"
-    finally:
-        await runner.cleanup()
 
 
 async def test_an_endless_object_list_is_abandoned_after_max_pages(
@@ -71,14 +65,8 @@ async def odd_threads() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with listening(app) as port:
         yield f"http://127.0.0.1:{port}/api/v4"
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_malformed_note_in_a_thread_is_skipped_not_fatal(

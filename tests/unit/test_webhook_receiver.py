@@ -9,13 +9,12 @@ from pathlib import Path
 
 import httpx
 import orjson
-from aiohttp import web
 
 from gitlab_producer.http.webhooks import WebhookConfig, WebhookReceiver, build_webhook_app
 from gitlab_producer.metrics import Metrics
-from gitlab_producer.simulator.server import free_port
 from gitlab_producer.sinks.file import FileSink
 from gitlab_producer.store.sqlite_store import SQLiteStore
+from tests.local_http import listening
 
 
 @contextlib.asynccontextmanager
@@ -25,14 +24,10 @@ async def serving(tmp_path: Path, metrics: Metrics) -> AsyncIterator[tuple[str, 
     sink = FileSink(str(tmp_path / "hooks.jsonl"), "bus.hooks")
     receiver = WebhookReceiver(WebhookConfig("s3cret", "", 300, 3600, "gl.test"), store, sink,
                                metrics)
-    runner = web.AppRunner(build_webhook_app(receiver, 4096))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        yield f"http://127.0.0.1:{port}/webhooks/gitlab", receiver
+        async with listening(build_webhook_app(receiver, 4096)) as port:
+            yield f"http://127.0.0.1:{port}/webhooks/gitlab", receiver
     finally:
-        await runner.cleanup()
         await sink.close()
         await store.close()
 
@@ -95,17 +90,13 @@ async def test_signatures_are_checked_against_gitlabs_clock(tmp_path: Path) -> N
         sink = FileSink(str(tmp_path / f"hooks-{len(statuses)}.jsonl"), "bus.hooks")
         receiver = WebhookReceiver(WebhookConfig("s3cret", "signing-key", 300, 3600, "gl"),
                                    store, sink, Metrics(), now=now)
-        runner = web.AppRunner(build_webhook_app(receiver, 4096))
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
-            async with httpx.AsyncClient(timeout=10) as client:
+            async with listening(build_webhook_app(receiver, 4096)) as port, \
+                    httpx.AsyncClient(timeout=10) as client:
                 answer = await client.post(f"http://127.0.0.1:{port}/webhooks/gitlab",
                                            content=body, headers=headers)
             statuses.append(answer.status_code)
         finally:
-            await runner.cleanup()
             await sink.close()
             await store.close()
     assert statuses == [200, 401]  # GitLab's clock: accepted; the host's: 15 min too old
