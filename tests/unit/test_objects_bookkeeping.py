@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 
 from gitlab_producer.gitlab.client import GitLabClient
-from gitlab_producer.gitlab.ratelimit import RateLimiter
-from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.engine import Call, LocalDispatcher
-from gitlab_producer.objects.stages import RUN_JOB, Importer, ImportOptions
+from gitlab_producer.objects.stages import RUN_JOB, Importer
 from gitlab_producer.objects.state import JobRecord, ProjectRecord, StateStore
 from gitlab_producer.store.base import StoreError
 from gitlab_producer.store.sqlite_store import SQLiteStore
-from tests.unit.test_objects_delivery import ListSink
+from tests.unit.offline_importer import offline_importer
 
 
 async def _nothing() -> None:
@@ -24,11 +22,7 @@ async def _nothing() -> None:
 
 
 def _importer(store: SQLiteStore, dispatcher: LocalDispatcher) -> tuple[Importer, GitLabClient]:
-    client = GitLabClient("http://127.0.0.1:9/api/v4", "t", RateLimiter(10))
-    importer = Importer(StateStore(store), client,
-                        ObjectDeliverer(store, ListSink(), "p", "s", 60), dispatcher,
-                        ImportOptions(frozenset({"projects", "issues"}), 60.0, 60))
-    return importer, client
+    return offline_importer(store, dispatcher, frozenset({"projects", "issues"}), 60.0)
 
 
 async def _project_read(state: StateStore) -> None:

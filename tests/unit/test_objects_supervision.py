@@ -5,24 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gitlab_producer.gitlab.client import GitLabClient
-from gitlab_producer.gitlab.ratelimit import RateLimiter
-from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.engine import LocalDispatcher
-from gitlab_producer.objects.stages import RUN_JOB, WAIT_STAGE, Importer, ImportOptions
-from gitlab_producer.objects.state import JobRecord, ProjectRecord, StateStore
-from gitlab_producer.objects.streams import KINDS
+from gitlab_producer.objects.stages import RUN_JOB, WAIT_STAGE
+from gitlab_producer.objects.state import JobRecord, ProjectRecord
 from gitlab_producer.store.sqlite_store import SQLiteStore
-from tests.unit.test_objects_delivery import ListSink
+from tests.unit.offline_importer import offline_importer
 
 
 async def test_keep_waiting_restarts_what_was_lost_and_doubles_nothing(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
-    state = StateStore(store)
     dispatcher = LocalDispatcher()
-    client = GitLabClient("http://127.0.0.1:9/api/v4", "t", RateLimiter(10))
-    importer = Importer(state, client, ObjectDeliverer(store, ListSink(), "p", "s", 60),
-                        dispatcher, ImportOptions(frozenset(KINDS), 1.0, 60))
+    importer, client = offline_importer(store, dispatcher)
+    state = importer.state
     await state.save_job(JobRecord("7:s6:main", 7, 6, "list_issues", gen=2))
     await state.save_job(JobRecord("7:s6:done", 7, 6, "list_issues", status="done"))
     await state.save_project(ProjectRecord(7, stage=6, jobs=["7:s6:main", "7:s6:done"],
@@ -41,11 +35,9 @@ async def test_a_project_amid_the_old_retry_stage_continues_as_a_retry_pass(
     """A state saved by an earlier version at its single retry stage (0) is picked up: its
     jobs run again in their own stages, followed by the stages deriving from theirs."""
     store = SQLiteStore(tmp_path / "s.db")
-    state = StateStore(store)
     dispatcher = LocalDispatcher()
-    client = GitLabClient("http://127.0.0.1:9/api/v4", "t", RateLimiter(10))
-    importer = Importer(state, client, ObjectDeliverer(store, ListSink(), "p", "s", 60),
-                        dispatcher, ImportOptions(frozenset(KINDS), 1.0, 60))
+    importer, client = offline_importer(store, dispatcher)
+    state = importer.state
     await state.save_job(JobRecord("7:s4:main", 7, 4, "list_merge_requests", gen=1))
     await state.save_job(JobRecord("7:s6:main", 7, 6, "list_issues", status="done"))
     await state.save_project(ProjectRecord(7, stage=0, jobs=["7:s4:main"]))

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gitlab_producer.gitlab.client import GitLabClient
-from gitlab_producer.gitlab.ratelimit import RateLimiter
 from gitlab_producer.objects.backfill import ProjectWindow
-from gitlab_producer.objects.delivery import ObjectDeliverer
 from gitlab_producer.objects.engine import LocalDispatcher
-from gitlab_producer.objects.stages import RUN_JOB, Importer, ImportOptions
-from gitlab_producer.objects.state import COMPLETE, ProjectRecord, StateStore
-from gitlab_producer.objects.streams import KINDS
+from gitlab_producer.objects.stages import RUN_JOB
+from gitlab_producer.objects.state import COMPLETE, ProjectRecord
 from gitlab_producer.store.sqlite_store import SQLiteStore
-from tests.unit.test_objects_delivery import ListSink
+from tests.unit.offline_importer import offline_importer
 
 
 def started(dispatcher: LocalDispatcher) -> set[int]:
@@ -24,11 +20,9 @@ def started(dispatcher: LocalDispatcher) -> set[int]:
 
 async def test_at_most_the_limit_run_and_an_ended_project_frees_its_slot(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
-    state = StateStore(store)
     dispatcher = LocalDispatcher()
-    client = GitLabClient("http://127.0.0.1:9/api/v4", "t", RateLimiter(10))
-    importer = Importer(state, client, ObjectDeliverer(store, ListSink(), "p", "s", 60),
-                        dispatcher, ImportOptions(frozenset(KINDS), 1.0, 60))
+    importer, client = offline_importer(store, dispatcher)
+    state = importer.state
     await state.save_project(ProjectRecord(1, stage=11, status=COMPLETE))
     window = ProjectWindow([1, 2, 3, 4, 5, 6], limit=3)
     await window.top_up(importer)
