@@ -45,7 +45,7 @@ from gitlab_producer.objects.objsync import ObjectSync, object_sync_for
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.startup import (
     Ports,
-    refused_database,
+    redis_refusal,
     refused_password,
     service_ports,
     start_checks,
@@ -103,8 +103,9 @@ class Service:
         except StoreAuthError:  # a Redis that did not answer the start-up checks, then did
             raise ConfigError(refused_password(self.settings)) from None
         except StoreError as exc:
-            if "DB index is out of range" in str(exc):  # retrying cannot help
-                raise ConfigError(refused_database(self.settings)) from None
+            refusal = redis_refusal(self.settings, exc)  # a database it lacks: retrying cannot help
+            if refusal is not None:
+                raise refusal from None
             raise
         if stored:
             return float(stored)

@@ -43,7 +43,8 @@ class Ports:
 
     @classmethod
     def bind(cls, host: str, wanted: Sequence[tuple[str, int]]) -> Ports:
-        """Bind and listen on each ``(variable, port)`` (0: off; a port twice: once)."""
+        """Bind each ``(variable, port)`` (0: off; a port twice: once); listening begins
+        when :meth:`serve` hands its socket to a server."""
         ports = cls(host)
         try:
             for variable, port in wanted:
