@@ -31,6 +31,7 @@ Figure = dict[str, Any]
 ROOT = Path(__file__).resolve().parents[1]
 # main just before the scale-out was merged (d9824d4): the in-process limiter and claims.
 BASELINE_REF = "d9824d4^1"
+IN_PROCESS = "in-process today"
 
 
 def _since(days: float) -> str:
@@ -64,11 +65,12 @@ def scaleout_overhead(projects: int = 1000, users: int = 250, events: int = 100_
     budget, claims across instances, the instance heartbeat) against the same first round on
     the code before them (:data:`BASELINE_REF`: the in-process limiter and claims).
     ``BENCH_SCALEOUT_BEFORE=<ref>`` also measures an earlier state of the scale-out code in
-    the same runs (before/after a change). Runs alternate between the codes on fresh
-    simulators and brokers; medians of ``runs`` each. The budget at the harness's 10,000/s
-    (above what the round reaches), so that it is pure overhead: its worst case. Then the
-    engine's cost per job (:func:`engine_job_overhead`)."""
-    refs = {"baseline": BASELINE_REF}
+    the same runs (before/after a change); ``BENCH_SCALEOUT_RUNS`` sets ``runs``. Runs
+    alternate between the codes on fresh simulators and brokers; medians of ``runs`` each.
+    The budget at the harness's 10,000/s (above what the round reaches), so that it is pure
+    overhead: its worst case. Then the engine's cost per job (:func:`engine_job_overhead`)."""
+    runs = int(os.environ.get("BENCH_SCALEOUT_RUNS", runs))
+    refs = {"baseline": BASELINE_REF, IN_PROCESS: ""}
     before = os.environ.get("BENCH_SCALEOUT_BEFORE", "")
     if before:
         refs["scale-out before"] = before
@@ -82,8 +84,13 @@ def scaleout_overhead(projects: int = 1000, users: int = 250, events: int = 100_
                 with simulator(projects, users, events, history_days=3) as sim, \
                         broker() as kafka:
                     topic = f"bench-{uuid.uuid4().hex[:6]}"
-                    env = service_env(sim, kafka, topic, _since(3.1), PYTHONPATH=src)
-                    done = run_service(env, "--once")
+                    if code == IN_PROCESS:  # this tree, its scale-out parts swapped out
+                        env = service_env(sim, kafka, topic, _since(3.1),
+                                          PYTHONPATH=f"{src}:{ROOT}")
+                        done = run_service(env, "--once", module="bench.inprocess_run")
+                    else:
+                        env = service_env(sim, kafka, topic, _since(3.1), PYTHONPATH=src)
+                        done = run_service(env, "--once")
                     assert done.code == 0, done.log[-2000:]
                     truth = sim.get("/_simulator/truth")["count"]
                     ids, _ = consume_ids(kafka.bootstrap, topic, truth)
@@ -99,7 +106,7 @@ def scaleout_overhead(projects: int = 1000, users: int = 250, events: int = 100_
              f"= {BASELINE_REF} ({sys.version.split()[0]})")
     figures = []
     for code in refs:
-        if code == "baseline":
+        if code in ("baseline", IN_PROCESS):
             continue
         ratio = medians[code] / medians["baseline"]
         name = "scale-out parts: CPU per event vs in-process"
@@ -107,6 +114,16 @@ def scaleout_overhead(projects: int = 1000, users: int = 250, events: int = 100_
                         "value": round(ratio, 3), "unit": "x", "limit": "<= 1.10",
                         "ratio": round(ratio / 1.10, 3),
                         "detail": f"{where}; {code} = {refs[code] or 'this tree'}; {detail}"})
+    pairs = [new / old for new, old in zip(cpus["scale-out"], cpus[IN_PROCESS], strict=True)]
+    ratio = statistics.median(cpus["scale-out"]) / statistics.median(cpus[IN_PROCESS])
+    figures.append({
+        "figure": "scale-out parts: CPU per event vs this tree's in-process round",
+        "value": round(ratio, 3), "unit": "x", "limit": "<= 1.10", "ratio": round(ratio / 1.10, 3),
+        "detail": f"{where}; {IN_PROCESS} = this tree run by bench/inprocess_run.py (the "
+                  f"in-process round, this process's own limiter and claims, same Redis store); "
+                  f"per run, scale-out / {IN_PROCESS}: "
+                  f"{', '.join(f'{v:.2f}' for v in pairs)} "
+                  f"(median {statistics.median(pairs):.3f})"})
     return figures + engine_job_overhead()
 
 

@@ -211,13 +211,21 @@ def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
                          "enable.auto.commit": False})
     try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         found: list[Any] = []
         deadline = time.monotonic() + timeout_s
+        assigned = False
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
+            if not assigned:
+                # A broker may answer a topic's metadata without its partitions for a while
+                # (one just created, or its leader not placed yet): ask again until it has them.
+                assigned = _assign_from_beginning(consumer, topic, TopicPartition,
+                                                  OFFSET_BEGINNING)
+                if not assigned:
+                    if expected == 0 and time.monotonic() - quiet_since >= settle_s:
+                        return found  # no such topic: nothing there
+                    time.sleep(0.2)
+                    continue
             batch = [m for m in consumer.consume(5000, 0.2) if m.error() is None]
             if batch:
                 found.extend(batch)
@@ -226,10 +234,22 @@ def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
                 return found
         if len(found) < expected:
             raise AssertionError(f"{topic}: {len(found)} of {expected} messages after "
-                                 f"{timeout_s} s")
+                                 f"{timeout_s} s" + ("" if assigned else
+                                                     " (the broker reported no partitions)"))
         return found
     finally:
         consumer.close()
+
+
+def _assign_from_beginning(consumer: Any, topic: str, partition: Any, beginning: int) -> bool:
+    """Assign every partition of ``topic`` from its first offset; False while the broker
+    reports none."""
+    metadata = consumer.list_topics(topic, timeout=10)
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        return False
+    consumer.assign([partition(topic, p, beginning) for p in found.partitions])
+    return True
 
 
 # -- clocks -----------------------------------------------------------------------------------

@@ -49,6 +49,14 @@ that the same script honours (the next slot is never before it) and raises. Slot
 before a pause began are checked again after their wait, against the newest pause this
 instance learned of (every reservation's answer carries it).
 
+At a limit far above what this instance asks for (the slots a fraction of that slack apart,
+``OPERATIONS_PER_SECOND`` in the hundreds or more), a round trip per request is the budget's
+whole cost: so when the budget was idle for longer than it would take, a reservation takes a
+few spare slots beyond its own (one round trip), and this instance's next requests use them
+while they are no more than the slack late; a spare that is later than that is given up like
+a missed slot. Only an idle budget lends spares, so they never take slots another instance
+was about to use, and a busy budget (the requests waiting for their slots) hands out one each.
+
 When Redis cannot be reached the budget falls back to this process's own limiter (at the
 full rate: the store is down too, so rounds fail and few requests go out) and says so once.
 """
@@ -57,7 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
@@ -74,24 +82,28 @@ from gitlab_producer.store.redis_store import connect
 log = get_logger(__name__)
 DEFAULT_MARGIN = 0.03  # see the module docstring
 LATE_SHARE = 0.75  # of the margin's slack, how late after its slot a request may still go
+SPARES_MAX = 8  # spare slots one reservation may take beyond its own (an idle budget only)
+SPARE_SHARE = 0.25  # spare slots span at most this share of the slack a request may be late
 MISSES_BEFORE_SENDING = 3  # slots a request gives up in a row before it goes late anyway
 OFFSETS_KEPT = 32  # recent answers that place Redis's clock on this process's
 USE_KEY_TTL_MS = 120_000
 
 # KEYS[1]: tat, KEYS[2]: pause-until, KEYS[3]: prefix of the per-second use counters.
 # ARGV[1]: interval (us); ARGV[2]: pause to start now (us, 0: none); ARGV[3]: how many
-# consecutive slots to reserve (0: only pause); ARGV[4...]: the seconds of slots given up since
-# the last call (their use counts one less). Returns {wait_us of the first slot,
-# paused_until_us, now_us}; slot i starts i intervals after the first.
+# consecutive slots to reserve (0: only pause); ARGV[4]: how many spare slots to add when the
+# budget was idle for all of them; ARGV[5...]: pairs of a second and how many of its slots were
+# given up since the last call (its use counts that many less). Returns {wait_us of the first
+# slot, paused_until_us, now_us, slots reserved}; slot i starts i intervals after the first.
 RESERVE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local pause = tonumber(ARGV[2])
 local count = tonumber(ARGV[3])
-for i = 4, #ARGV do
+local spares = tonumber(ARGV[4])
+for i = 5, #ARGV, 2 do
   if redis.call('EXISTS', KEYS[3] .. ARGV[i]) == 1 then
-    redis.call('DECRBY', KEYS[3] .. ARGV[i], 1)
+    redis.call('DECRBY', KEYS[3] .. ARGV[i], ARGV[i + 1])
   end
 end
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -100,10 +112,13 @@ if pause > 0 and now + pause > paused then
   redis.call('SET', KEYS[2], string.format('%d', paused), 'PX', math.ceil(pause / 1000) + 1000)
 end
 if count < 1 then
-  return {0, string.format('%d', paused), string.format('%d', now)}
+  return {0, string.format('%d', paused), string.format('%d', now), 0}
 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local slot = math.max(now, tat, paused)
+if spares > 0 and slot == now and tat + (count + spares) * interval <= now then
+  count = count + spares
+end
 local after = slot + count * interval
 redis.call('SET', KEYS[1], string.format('%d', after), 'PX', math.ceil((after - now) / 1000) + 1000)
 local second, n = math.floor(slot / 1000000), 0
@@ -118,7 +133,7 @@ for i = 0, count - 1 do
 end
 redis.call('INCRBY', KEYS[3] .. string.format('%d', second), n)
 redis.call('PEXPIRE', KEYS[3] .. string.format('%d', second), USE_TTL)
-return {math.floor(slot - now), string.format('%d', paused), string.format('%d', now)}
+return {math.floor(slot - now), string.format('%d', paused), string.format('%d', now), count}
 """.replace("USE_TTL", str(USE_KEY_TTL_MS))
 
 
@@ -149,6 +164,9 @@ class SharedBudget(RateLimiter):
         self._late_s = margin * LATE_SHARE
         self._offsets: deque[float] = deque(maxlen=OFFSETS_KEPT)
         self._given_up: list[int] = []
+        self._spares: deque[Slot] = deque()  # slots reserved beyond their requests', in order
+        self._spares_wanted = min(SPARES_MAX, int(self._late_s * SPARE_SHARE * 1e6
+                                                  // self._interval_us))
         self._script: AsyncScript = client.register_script(RESERVE_SCRIPT)
         self._metrics = metrics or Metrics()
         self._metrics.budget_limit.set(per_second)
@@ -162,7 +180,9 @@ class SharedBudget(RateLimiter):
         """Wait for this request's slot in the shared budget; returns the seconds waited."""
         waited, misses = 0.0, 0
         while True:
-            (slot,) = await self._reservations([None])
+            slot = self._spare()
+            if slot is None:
+                (slot,) = await self._reservations([None])
             if slot is None:
                 return waited + await super().acquire()
             self._metrics.budget_wait.observe(slot.wait)
@@ -182,10 +202,23 @@ class SharedBudget(RateLimiter):
                 self._metrics.budget_reserved.inc()  # the slot a request goes out in
                 return waited
 
+    def _spare(self) -> Slot | None:
+        """The next spare slot this request may still go in (those too late for it are given
+        up), with its wait from now; None when there is none."""
+        now = time.monotonic()
+        while self._spares:
+            spare = self._spares.popleft()
+            if now - spare.start <= self._late_s:
+                return spare._replace(wait=max(0.0, spare.start - now))
+            self._given_up.append(spare.redis_us // 1_000_000)
+        return None
+
     def pause(self, seconds: float) -> None:
         """Stop every instance for ``seconds`` (GitLab said 429). Sent with this instance's
         next reservation, or at once by a task of its own when none comes first."""
         super().pause(seconds)
+        self._given_up += [spare.redis_us // 1_000_000 for spare in self._spares]
+        self._spares.clear()
         self._pending_pause_s = max(self._pending_pause_s, seconds)
         self._paused_until_local = max(self._paused_until_local, time.monotonic() + seconds)
         task = asyncio.get_running_loop().create_task(self._flush_pause())
@@ -200,24 +233,29 @@ class SharedBudget(RateLimiter):
             await self._call(0)
 
     async def _reserve(self, requests: list[None]) -> list[Slot | None]:
-        """Consecutive slots for the requests waiting now, or None for all when Redis is
-        unreachable."""
-        first = await self._call(len(requests))
-        if first is None:
+        """Consecutive slots for the requests waiting now (the spares Redis added after them
+        kept for the next requests), or None for all when Redis is unreachable."""
+        answer = await self._call(len(requests), self._spares_wanted)
+        if answer is None:
             return [None] * len(requests)
+        first, reserved = answer
         interval_s = self._interval_us / 1e6
-        return [Slot(first.start + i * interval_s, first.wait + i * interval_s,
-                     first.redis_us + i * self._interval_us) for i in range(len(requests))]
+        slots = [Slot(first.start + i * interval_s, first.wait + i * interval_s,
+                      first.redis_us + i * self._interval_us) for i in range(reserved)]
+        self._spares.extend(slots[len(requests):])
+        return list(slots[:len(requests)])
 
-    async def _call(self, count: int) -> Slot | None:
-        """Reserve ``count`` slots (0: only send a pending pause): the first one, or None:
-        Redis unreachable."""
+    async def _call(self, count: int, spares: int = 0) -> tuple[Slot, int] | None:
+        """Reserve ``count`` slots, and ``spares`` more if the budget was idle for all of
+        them (``count`` 0: only send a pending pause): the first slot and how many were
+        reserved, or None: Redis unreachable."""
         pause_s, self._pending_pause_s = self._pending_pause_s, 0.0
         given_up, self._given_up = self._given_up, []
         sent = time.monotonic()
         try:
             raw: Any = await self._script(keys=list(self._keys), args=[
-                self._interval_us, round(pause_s * 1_000_000), count, *given_up])
+                self._interval_us, round(pause_s * 1_000_000), count, spares,
+                *(n for pair in Counter(given_up).items() for n in pair)])
         except (RedisError, OSError) as exc:
             self._pending_pause_s = max(self._pending_pause_s, pause_s)
             self._given_up += given_up
@@ -231,7 +269,7 @@ class SharedBudget(RateLimiter):
         if self._degraded:
             self._degraded = False
             log.info("shared_budget_restored")
-        wait_us, paused_us, now_us = (int(v) for v in raw)
+        wait_us, paused_us, now_us, reserved = (int(v) for v in raw)
         # When Redis read its clock, on this process's: Redis's time plus the smallest recent
         # gap between the two clocks (an answer never comes before Redis read its clock, so
         # that is never early), kept between this call's start and its answer. Not simply
@@ -242,7 +280,7 @@ class SharedBudget(RateLimiter):
         if paused_us > now_us:
             self._paused_until_local = max(self._paused_until_local,
                                            read_at + (paused_us - now_us) / 1e6)
-        return Slot(read_at + wait_us / 1e6, wait_us / 1e6, now_us + wait_us)
+        return Slot(read_at + wait_us / 1e6, wait_us / 1e6, now_us + wait_us), reserved
 
 
 async def budget_use(client: aioredis.Redis, prefix: str, seconds: int = 10

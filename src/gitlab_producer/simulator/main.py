@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 import time
@@ -32,6 +33,10 @@ def simulate(args: argparse.Namespace) -> int:
     control = Control(rate_limit=args.rate_limit, route_budgets=budgets,
                       fault_rate=args.faults, seed=args.seed)
     sim = Simulator(world, control, args.token, args.live_rate, change_rate=args.change_rate)
+
+    # The world lives as long as the process: kept out of the collector's reach, a full
+    # collection no longer walks it and stalls requests (their arrival times) meanwhile.
+    gc.freeze()
 
     async def main() -> None:
         runner = await serve(sim, args.host, args.port)

@@ -136,6 +136,10 @@ class RedisStore:
     async def mark_sent(self, event_ids: Sequence[int], ttl_s: int) -> None:
         await self._set_marks(self.event_keys(event_ids), ttl_s)
 
+    async def mark_sent_keys(self, keys: Sequence[bytes], ttl_s: int) -> None:
+        """:meth:`mark_sent` for the events whose :meth:`event_keys` the caller holds."""
+        await self._set_marks(keys, ttl_s)
+
     async def unseen_keys(self, namespace: str, keys: Sequence[str]) -> list[str]:
         fresh = await self._unseen(self.namespaced_keys(namespace, keys))
         return [k for k, new in zip(keys, fresh, strict=True) if new]

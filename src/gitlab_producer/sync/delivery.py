@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from itertools import compress
 
 from gitlab_producer.gitlab.events import Event
 from gitlab_producer.metrics import Metrics
@@ -86,13 +87,13 @@ class Deliverer:
             elif claim.mine and self.shared is not None:
                 keys = self.store_keys(claim.mine)
                 outcomes = await self.shared.claim(keys)
-                for event_id, key, outcome in zip(claim.mine, keys, outcomes, strict=True):
-                    if outcome == MINE:
-                        fresh.append(event_id)
-                        fresh_keys.append(key)
-                    elif outcome == HELD:
-                        held.append(event_id)
-                self.metrics.claims_held_elsewhere.inc(len(held))
+                # Per event, on every page: C-level passes instead of a loop.
+                mine = [outcome == MINE for outcome in outcomes]
+                fresh, fresh_keys = list(compress(claim.mine, mine)), list(compress(keys, mine))
+                if HELD in outcomes:
+                    held = [i for i, outcome in zip(claim.mine, outcomes, strict=True)
+                            if outcome == HELD]
+                    self.metrics.claims_held_elsewhere.inc(len(held))
             self.metrics.events_duplicate.inc(len(claim.mine) - len(fresh) - len(held))
             if fresh:
                 await self._send([by_id[i] for i in fresh], fresh_keys)
@@ -105,15 +106,19 @@ class Deliverer:
         await claim.wait_for_others()
         return len(fresh), held
 
-    async def _mark(self, event_ids: list[int]) -> None:
+    async def _mark(self, event_ids: list[int], keys: list[bytes]) -> None:
         """Mark acknowledged events, retrying a store that fails for a moment (a Redis
         restarted): they were delivered, so giving up on their marks means producing them
         again next round. Bounded (``MARK_RETRY_S``, well inside a claim's 30 s life), then
-        the error goes up and the page repeats as before."""
+        the error goes up and the page repeats as before. ``keys``: their claims' keys
+        (shared claims), which are the marks' own."""
         deadline = time.monotonic() + MARK_RETRY_S
         for delay in poll_delays(0.1, 2.0):
             try:
-                await self.store.mark_sent(event_ids, self.ttl_s)
+                if keys and self.shared is not None:
+                    await self.shared.store.mark_sent_keys(keys, self.ttl_s)
+                else:
+                    await self.store.mark_sent(event_ids, self.ttl_s)
                 return
             except StoreError:
                 if time.monotonic() + delay > deadline:
@@ -139,12 +144,13 @@ class Deliverer:
         except DeliveryError:
             self.metrics.delivery_failures.inc(len(messages))
             raise
-        await self._mark([e.id for e in events])
+        await self._mark([e.id for e in events], claimed)
         for observer in self.observers:
             observer(events)
-        events = [e for i, e in enumerate(events) if i not in refused]
-        if not events:
-            return
+        if refused:
+            events = [e for i, e in enumerate(events) if i not in refused]
+            if not events:
+                return
         in_projects = sum(1 for e in events if e.project_id is not None)
         if in_projects:
             self.metrics.events_produced.labels("project").inc(in_projects)
