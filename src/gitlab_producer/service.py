@@ -52,6 +52,7 @@ from gitlab_producer.startup import (
 )
 from gitlab_producer.store import Store, StoreError, open_store
 from gitlab_producer.store.base import StoreAuthError
+from gitlab_producer.store.retrying import retry_delay, until_the_store_answers
 from gitlab_producer.sync.context import SINCE_KEY, sync_context
 from gitlab_producer.sync.entities import SyncContext
 from gitlab_producer.sync.round import LAST_ROUND_KEY, RoundResult, SyncRound
@@ -59,15 +60,8 @@ from gitlab_producer.sync.shared_rounds import SharedRounds, round_runner
 from gitlab_producer.sync.windows import iso
 
 log = get_logger(__name__)
-RETRY_FIRST_S = 1.0  # after a round or start-up step that failed as a whole, doubling ...
-RETRY_CAP_S = 60.0  # ... up to this
 BURST_CLOCK_TRIES = 3  # a burst run (--once) gives GitLab this many tries to answer at start
 T = TypeVar("T")
-
-
-def retry_delay(failures: int) -> float:
-    """Seconds before the next try after ``failures`` consecutive failures (>= 1)."""
-    return float(min(RETRY_CAP_S, RETRY_FIRST_S * 2 ** min(failures - 1, 16)))
 
 
 class Service:
@@ -175,17 +169,7 @@ class Service:
 
     async def _retrying(self, step: str, work: Callable[[], Awaitable[T]]) -> T:
         """``work()`` until the store answers it, backing off (the caller bounds it by stop)."""
-        failures = 0
-        while True:
-            try:
-                return await work()
-            except StoreError as exc:
-                failures += 1
-                delay = retry_delay(failures)
-                self.metrics.store_retries.inc()
-                log.warning("store_unreachable", step=step, error=str(exc),
-                            attempt=failures, retry_in_s=delay)
-                await asyncio.sleep(delay)
+        return await until_the_store_answers(step, work, self.metrics)
 
     async def _check_state(self, store: Store, since: float, client: GitLabClient) -> None:
         """Warn loudly when the store has lost what this process wrote into it (a Redis that

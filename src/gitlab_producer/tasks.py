@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 # How long a cancelled task has to end before it is cancelled again.
 RECANCEL_S = 0.1
 
@@ -26,3 +29,21 @@ async def cancel_and_wait(task: asyncio.Task[object]) -> None:
         raise
     if not task.cancelled():
         task.result()
+
+
+class Stopped(Exception):
+    """A stop signal came before the work was done (the work was cancelled)."""
+
+
+async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T:
+    """``work``'s result; :class:`Stopped` (``work`` cancelled) as soon as ``stop`` is set."""
+    task = asyncio.ensure_future(work)
+    stop_wait = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_wait.cancel()
+    if task.done():
+        return task.result()
+    await cancel_and_wait(task)
+    raise Stopped

@@ -37,7 +37,8 @@ from gitlab_producer.objects.status import project_summary
 from gitlab_producer.sinks import Sink, open_sink
 from gitlab_producer.startup import Ports, service_ports, start_checks
 from gitlab_producer.store import Store, StoreError, open_store
-from gitlab_producer.tasks import cancel_and_wait
+from gitlab_producer.store.retrying import until_the_store_answers
+from gitlab_producer.tasks import Stopped, cancel_and_wait, unless_stopped
 
 log = get_logger(__name__)
 POLL_S = 0.5
@@ -182,10 +183,14 @@ class Backfill:
             except GitLabError as exc:
                 log.error("backfill_failed", reason=f"listing projects: {exc}")
                 return EXIT_FAILED
-            plan = await state.plan()
-            started = plan.started if plan is not None else time.time()
-            await state.save_plan(Plan(projects, sorted(s.object_kinds), started))
-            await state.clear_fatal()
+            try:
+                plan = await state.plan()
+                started = plan.started if plan is not None else time.time()
+                await state.save_plan(Plan(projects, sorted(s.object_kinds), started))
+                await state.clear_fatal()
+            except StoreError as exc:  # a one-off run: fails as a GitLab unreachable does
+                log.error("backfill_failed", reason=f"the store: {exc}")
+                return EXIT_FAILED
             log.info("backfill_started", projects=len(projects), kinds=sorted(s.object_kinds),
                      engine="saq" if saq else "in-process", store="redis" if saq else "sqlite")
             if saq is not None:
@@ -297,17 +302,23 @@ class Backfill:
         saq = self._saq()
         importer: Importer | None = None
         try:
-            plan = await StateStore(store).plan()
+            # A Redis not answering yet (restarting, or started after the workers) is waited
+            # for, as the service's rounds wait for it; a stop signal meanwhile ends it.
+            plan = await unless_stopped(until_the_store_answers(
+                "backfill_plan", StateStore(store).plan, self.metrics), self.stop)
             kinds = frozenset(plan.kinds) if plan is not None else s.object_kinds
             importer = await self._importer(store, client, saq, kinds)
             await saq.connect()
             runners = await self._serve_ops(ports, client, store, importer.deliverer.sink)
-        except BaseException:
+        except BaseException as exc:
             if importer is not None:
                 await importer.deliverer.sink.close()
             await client.aclose()
             await saq.close()
             await store.close()
+            if isinstance(exc, Stopped):
+                log.info("worker_stopped", detail="stopped while waiting for the store")
+                return 0
             raise
         finally:
             ports.close()

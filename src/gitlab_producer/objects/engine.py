@@ -21,6 +21,7 @@ The in-process dispatcher keeps its queue in memory for exactly that reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import itertools
@@ -30,6 +31,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from redis.exceptions import RedisError
 
 from gitlab_producer.logs import get_logger
 
@@ -222,7 +225,10 @@ class SaqDispatcher:
         await self.queue.connect()
 
     async def close(self) -> None:
-        await self.queue.disconnect()
+        """Let go of the queue's connections. SAQ's disconnect talks to Redis: a Redis that
+        never answered (or is gone) must not turn a clean exit into a traceback."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.queue.disconnect()
 
     async def enqueue(self, function: str, key: str, kwargs: dict[str, Any],
                       at: float = 0.0) -> None:
