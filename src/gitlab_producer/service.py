@@ -58,6 +58,7 @@ from gitlab_producer.sync.entities import SyncContext
 from gitlab_producer.sync.round import LAST_ROUND_KEY, RoundResult, SyncRound
 from gitlab_producer.sync.shared_rounds import SharedRounds, round_runner
 from gitlab_producer.sync.windows import iso
+from gitlab_producer.tasks import Stopped, unless_stopped
 
 log = get_logger(__name__)
 BURST_CLOCK_TRIES = 3  # a burst run (--once) gives GitLab this many tries to answer at start
@@ -156,16 +157,10 @@ class Service:
 
     async def _unless_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
         """``work``'s result, or None (``work`` cancelled) as soon as a stop signal comes."""
-        task = asyncio.ensure_future(work)
-        stop_wait = asyncio.create_task(self.stop.wait())
-        await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        return None
+        try:
+            return await unless_stopped(work, self.stop)
+        except Stopped:
+            return None
 
     async def _retrying(self, step: str, work: Callable[[], Awaitable[T]]) -> T:
         """``work()`` until the store answers it, backing off (the caller bounds it by stop)."""

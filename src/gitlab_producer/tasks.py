@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -36,7 +37,8 @@ class Stopped(Exception):
 
 
 async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T:
-    """``work``'s result; :class:`Stopped` (``work`` cancelled) as soon as ``stop`` is set."""
+    """``work``'s result; :class:`Stopped` (``work`` cancelled) as soon as ``stop`` is set.
+    What the cancelled work raises on its way out is of no interest once stopped."""
     task = asyncio.ensure_future(work)
     stop_wait = asyncio.ensure_future(stop.wait())
     try:
@@ -45,5 +47,6 @@ async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T
         stop_wait.cancel()
     if task.done():
         return task.result()
-    await cancel_and_wait(task)
+    with contextlib.suppress(Exception):
+        await cancel_and_wait(task)
     raise Stopped

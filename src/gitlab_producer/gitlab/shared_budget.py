@@ -195,7 +195,7 @@ class SharedBudget(RateLimiter):
                 # busy event loop or CPU): the slot goes unused, the request takes another.
                 misses += 1
                 self._metrics.budget_missed.inc()
-                self._given_up.append(slot.redis_us // 1_000_000)  # sent with the next call
+                self._give_up(slot)
                 continue
             # A pause that began (on any instance) after this slot was handed out applies too.
             if self._paused_until_local <= slot.start:
@@ -210,15 +210,19 @@ class SharedBudget(RateLimiter):
             spare = self._spares.popleft()
             if now - spare.start <= self._late_s:
                 return spare._replace(wait=max(0.0, spare.start - now))
-            self._given_up.append(spare.redis_us // 1_000_000)
+            self._give_up(spare)
         return None
+
+    def _give_up(self, slot: Slot) -> None:
+        """``slot`` goes unused: its second's use counts one less (sent with the next call)."""
+        self._given_up.append(slot.redis_us // 1_000_000)
 
     def pause(self, seconds: float) -> None:
         """Stop every instance for ``seconds`` (GitLab said 429). Sent with this instance's
         next reservation, or at once by a task of its own when none comes first."""
         super().pause(seconds)
-        self._given_up += [spare.redis_us // 1_000_000 for spare in self._spares]
-        self._spares.clear()
+        while self._spares:
+            self._give_up(self._spares.popleft())
         self._pending_pause_s = max(self._pending_pause_s, seconds)
         self._paused_until_local = max(self._paused_until_local, time.monotonic() + seconds)
         task = asyncio.get_running_loop().create_task(self._flush_pause())
