@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,22 +281,33 @@ class SimulatorProcess:
 
 
 @contextlib.contextmanager
+def gitlab_process(log: Path, command: Callable[[int], list[str]], clock_shift_s: float = 0.0,
+                   ready_s: float = 60) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A GitLab stand-in as its own process: ``command(port)`` on a free port, its clock
+    optionally shifted; (its URL, the process) once it listens; stopped on exit."""
+    port = free_port()
+    with log.open("wb") as out:
+        # A session of its own: faketime runs the server as its child, and stopping only
+        # faketime would leave the server running.
+        proc = subprocess.Popen(clock_shifted(command(port), clock_shift_s),
+                                env={**os.environ, "FAKETIME_DONT_FAKE_MONOTONIC": "1"},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, ready_s)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        stop_process_group(proc)
+
+
+@contextlib.contextmanager
 def simulator_process(log: Path, *args: str, clock_shift_s: float = 0.0
                       ) -> Iterator[SimulatorProcess]:
     """The simulator CLI on a free port, its clock optionally shifted; stops on exit."""
-    port = free_port()
-    command = clock_shifted([sys.executable, "-m", "gitlab_producer", "simulate",
-                             "--port", str(port), *args], clock_shift_s)
-    with log.open("wb") as out:
-        # A session of its own: faketime runs the simulator as its child, and stopping only
-        # faketime would leave the simulator running.
-        proc = subprocess.Popen(command, env={**os.environ, "FAKETIME_DONT_FAKE_MONOTONIC": "1"},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_port(port, 60)
-        yield SimulatorProcess(f"http://127.0.0.1:{port}", proc)
-    finally:
-        stop_process_group(proc)
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "gitlab_producer", "simulate", "--port", str(port), *args]
+
+    with gitlab_process(log, command, clock_shift_s) as (url, proc):
+        yield SimulatorProcess(url, proc)
 
 
 def stop_process_group(proc: subprocess.Popen[bytes]) -> None:

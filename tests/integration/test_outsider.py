@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,15 +21,14 @@ from typing import Any
 import httpx
 import pytest
 
-from gitlab_producer.simulator.server import free_port, wait_for_port
+from gitlab_producer.simulator.server import free_port
 from tests.conftest import (
     Broker,
     OwnBroker,
     OwnRedis,
     ServiceRun,
-    clock_shifted,
     consume,
-    stop_process_group,
+    gitlab_process,
 )
 from tests.waits import wait_until
 
@@ -64,17 +62,12 @@ class StandIn:
 @contextlib.contextmanager
 def standin(log: Path, utc_offset: str = "+00:00", clock_shift_s: float = 0.0
             ) -> Iterator[StandIn]:
-    port = free_port()
-    command = clock_shifted([sys.executable, str(STANDIN), "--port", str(port),
-                             f"--utc-offset={utc_offset}", "--token", TOKEN], clock_shift_s)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, env={**os.environ, "FAKETIME_DONT_FAKE_MONOTONIC": "1"},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_port(port, 30)
-        yield StandIn(f"http://127.0.0.1:{port}", proc)
-    finally:
-        stop_process_group(proc)
+    def command(port: int) -> list[str]:
+        return [sys.executable, str(STANDIN), "--port", str(port), f"--utc-offset={utc_offset}",
+                "--token", TOKEN]
+
+    with gitlab_process(log, command, clock_shift_s, ready_s=30) as (url, proc):
+        yield StandIn(url, proc)
 
 
 @pytest.fixture
@@ -219,19 +212,26 @@ def settle(env: ServiceRun, gl: StandIn, bootstrap: str, topic: str, timeout_s: 
     return delivered(bootstrap, topic, len(truth))
 
 
-def start_a_long_round(gitlab: StandIn, broker: Broker, own_redis: OwnRedis,
-                       service_env: ServiceRun) -> tuple[str, subprocess.Popen[bytes]]:
-    """A persistent Redis and the service reading 1,500 events through slow event pages at
-    15 requests/s: a round long enough to be cut in the middle. Returns (topic, process)."""
+def a_long_round(gitlab: StandIn, broker: Broker, own_redis: OwnRedis, service_env: ServiceRun,
+                 projects: int = 12, users: int = 6, rate: int = 15) -> str:
+    """A persistent Redis and the service configured to read 1,500 events through slow event
+    pages at ``rate`` requests/s: a round long enough to be cut in the middle. Returns the
+    topic."""
     own_redis.persistent = True
     own_redis.start()
     topic = f"out-{uuid.uuid4().hex[:8]}"
-    gitlab.add(*spread(1500, 12, 6, datetime.now(UTC) - timedelta(hours=10), 20))
+    gitlab.add(*spread(1500, projects, users, datetime.now(UTC) - timedelta(hours=10), 20))
     gitlab.fault(r"/events", "slow", times=10_000, seconds=0.05)
     configure(service_env, gitlab, broker.bootstrap, own_redis.address, topic,
-              OPERATIONS_PER_SECOND="15")
-    proc = service_env.start("run")
-    return topic, proc
+              OPERATIONS_PER_SECOND=str(rate))
+    return topic
+
+
+def start_a_long_round(gitlab: StandIn, broker: Broker, own_redis: OwnRedis,
+                       service_env: ServiceRun) -> tuple[str, subprocess.Popen[bytes]]:
+    """:func:`a_long_round` and the service reading it. Returns (topic, process)."""
+    topic = a_long_round(gitlab, broker, own_redis, service_env)
+    return topic, service_env.start("run")
 
 
 def test_redis_killed_mid_round_and_restarted(gitlab: StandIn, broker: Broker,
@@ -438,13 +438,7 @@ def test_two_instances_one_killed_mid_round(gitlab: StandIn, broker: Broker,
     """Two instances on one Redis, live activity, one killed -9 mid-round and started
     again, Redis killed and restarted meanwhile: nothing missing, repeats at most what was in
     flight."""
-    own_redis.persistent = True
-    own_redis.start()
-    topic = f"out-{uuid.uuid4().hex[:8]}"
-    gitlab.add(*spread(1500, 30, 8, datetime.now(UTC) - timedelta(hours=10), 20))
-    gitlab.fault(r"/events", "slow", times=10_000, seconds=0.05)
-    configure(service_env, gitlab, broker.bootstrap, own_redis.address, topic,
-              OPERATIONS_PER_SECOND="20")
+    topic = a_long_round(gitlab, broker, own_redis, service_env, projects=30, users=8, rate=20)
     second_env = {"METRICS_PORT": str(free_port()), "LOG_PORT": str(free_port())}
     first = service_env.start("run")
     second = service_env.start("run", **second_env)

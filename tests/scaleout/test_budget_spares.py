@@ -40,6 +40,17 @@ async def used_slots(redis_address: str, prefix: str) -> int:
         await client.aclose()
 
 
+async def reserved_by_then(redis_address: str, prefix: str) -> None:
+    """Until some instance's reservation is in Redis (bounded: fails after 5 s)."""
+    client = connect(redis_address, db=TEST_REDIS_DB)
+    try:
+        async with asyncio.timeout(5):
+            while not await client.exists(budget_keys(prefix)[0]):
+                await asyncio.sleep(0.001)
+    finally:
+        await client.aclose()
+
+
 async def test_an_idle_budget_lends_spares_and_those_too_late_are_given_up(
         redis_address: str, redis_prefix: str) -> None:
     budget = SharedBudget(connect(redis_address, db=TEST_REDIS_DB), HIGH_RATE, redis_prefix,
@@ -68,7 +79,7 @@ async def test_a_busy_budget_lends_no_spares(redis_address: str, redis_prefix: s
     try:
         # Another instance's requests hold the next ~20 ms of slots.
         busy = asyncio.gather(*(other.acquire() for _ in range(200)))
-        await asyncio.sleep(0.002)
+        await reserved_by_then(redis_address, redis_prefix)
         waited = await asyncio.wait_for(budget.acquire(), 10)
         await asyncio.wait_for(busy, 10)
         assert waited > 0.005  # it queued behind the other's slots

@@ -90,19 +90,25 @@ async def test_a_fatal_producer_error_replaces_the_producer(broker: Broker) -> N
     assert sorted(m.value() for m in got) == [b"first", b"second"]
 
 
+async def delivered_within(sink: KafkaSink, value: bytes, timeout_s: float) -> None:
+    """Send ``value`` until the broker acknowledges it (each try fails at the sink's message
+    timeout); fails the test after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                await sink.send([Message(b"k", value, ())])
+                return
+            except DeliveryError:
+                continue
+
+
 async def test_timed_out_messages_replace_the_producer(broker: Broker) -> None:
     topic = f"timeout-{uuid.uuid4().hex[:8]}"
     sink = KafkaSink({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True,
                       "acks": "all", "linger.ms": 0, "message.timeout.ms": 1000}, topic)
     # Delivered before the pause (bounded): on a loaded machine the topic's creation alone
     # took longer than the 1 s timeout once, which also renews the producer.
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                await sink.send([Message(b"k", b"first", ())])
-                break
-            except DeliveryError:
-                continue
+    await delivered_within(sink, b"first", 30)
     renewed_before = sink.renewals
     broker.pause()
     try:
@@ -111,12 +117,6 @@ async def test_timed_out_messages_replace_the_producer(broker: Broker) -> None:
     finally:
         broker.resume()
     assert sink.renewals == renewed_before + 1
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                await sink.send([Message(b"k", b"again", ())])
-                break
-            except DeliveryError:
-                continue
+    await delivered_within(sink, b"again", 30)
     await sink.close()
     assert b"again" in {m.value() for m in consume(broker.bootstrap, topic, 2, timeout_s=30)}
